@@ -1,0 +1,45 @@
+"""unitscope: what the units and layers of a trained PyTorch network do.
+
+One streaming pass over a dataset feeds mergeable accumulators for every requested analysis::
+
+    import unitscope as us
+    model = us.load_model("digits-cnn")
+    data = us.load_dataset("digits", split="test")
+    run = us.analyze(model, data, layers="relu*", analyses=[us.Moments()])
+    run.table("moments")
+    run.save("runs/demo")
+"""
+
+__version__ = "0.1.0"
+
+from .analyses import ANALYSES, Analysis, Batch, Moments
+from .capture import Capture, CaptureError, LayerError, StopForward, capture, layer_names, resolve_layers
+from .data import ArrayDataset, load_dataset
+from .engine import EmptyDatasetError, InputError, analyze
+from .models import WeightsError, load_model
+from .results import Run, RunError, load_run
+
+__all__ = [
+    "ANALYSES",
+    "Analysis",
+    "ArrayDataset",
+    "Batch",
+    "Capture",
+    "CaptureError",
+    "EmptyDatasetError",
+    "InputError",
+    "LayerError",
+    "Moments",
+    "Run",
+    "RunError",
+    "StopForward",
+    "WeightsError",
+    "__version__",
+    "analyze",
+    "capture",
+    "layer_names",
+    "load_dataset",
+    "load_model",
+    "load_run",
+    "resolve_layers",
+]

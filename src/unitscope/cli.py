@@ -1,0 +1,156 @@
+"""The ``unitscope`` command: layers, run, merge, report, demo.
+
+Works the same under ``torchrun``: when ``WORLD_SIZE`` > 1 the process group is initialised
+(gloo on CPU, nccl on GPU), each rank streams its own shard and rank 0 writes the results.
+Errors print one line and the fix; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("unitscope")
+
+EXAMPLES = {
+    "layers": "examples:\n  unitscope layers digits-cnn\n  unitscope layers digits-cnn --all",
+    "run": ("examples:\n  unitscope run configs/moments.toml\n"
+            "  unitscope run grid.toml --run-id try2 --set seed=[0,1,2]\n"
+            "  torchrun --nproc_per_node 2 -m unitscope run grid.toml"),
+    "merge": ("examples:\n  unitscope merge runs/a/shard0 runs/a/shard1 --out runs/a/merged"),
+    "report": "examples:\n  unitscope report runs/demo/digits-cnn",
+    "demo": "examples:\n  unitscope demo\n  unitscope demo --quick --out /tmp/demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``unitscope`` command."""
+    parser = argparse.ArgumentParser(
+        prog="unitscope", description="What the units and layers of a trained PyTorch network do.")
+    parser.add_argument("--version", action="version", version=f"unitscope {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("layers", "list a model's layers (names to use in layers=...), types, shapes, parameters")
+    p.add_argument("model", help="a registered model name, e.g. digits-cnn")
+    p.add_argument("--weights", help="weights file to load")
+    p.add_argument("--input-shape", help="C,H,W for output shapes when the model declares none")
+    p.add_argument("--all", action="store_true", help="include container modules, not only leaves")
+
+    p = add("run", "run every experiment of a TOML/JSON config (lists expand to a grid)")
+    p.add_argument("config", help="config file (.toml or .json)")
+    p.add_argument("--out", help="base directory of run directories (default: the config's out, else runs)")
+    p.add_argument("--run-id", help="subdirectory grouping this grid (default: the config file's name)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (TOML value), repeatable")
+    p.add_argument("--force", action="store_true", help="rerun finished experiments")
+
+    p = add("merge", "merge shard run directories (analyze(shard=(i, k))) into one run")
+    p.add_argument("shards", nargs="+", help="run directories of the shards")
+    p.add_argument("--out", required=True, help="directory of the merged run")
+
+    p = add("report", "write RUN_DIR/report.html (self-contained)")
+    p.add_argument("run_dir")
+
+    p = add("demo", "train digits-cnn on the bundled digits, analyse it, write the report")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="fewer epochs, for a smoke test")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 error, 2 bad usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet or rank else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        _maybe_init_distributed()
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _maybe_init_distributed() -> None:
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .models.info import layer_info
+
+    model = load_model(args.model, weights=args.weights)
+    shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
+    info = layer_info(model, shape)
+    if not args.all:
+        info = info[info["leaf"]]
+    print(info.drop(columns=["leaf"]).to_string(index=False))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .experiments import run_config
+
+    results = run_config(args.config, out=args.out, run_id=args.run_id, overrides=args.set,
+                         force=args.force, progress=not args.quiet)
+    for path, status in results:
+        log.info("%-8s %s", status, path)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .results import merge_runs
+
+    run = merge_runs(args.shards)
+    path = run.save(args.out)
+    log.info("merged %d shards into %s", len(args.shards), path)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    log.info("wrote %s", write_report(args.run_dir))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, progress=not args.quiet)
+    return 0
+
+
+COMMANDS = {"layers": _cmd_layers, "run": _cmd_run, "merge": _cmd_merge,
+            "report": _cmd_report, "demo": _cmd_demo}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The pass: batches -> capture -> every analysis, on one device or sharded over ranks.
+
+One forward per batch in ``torch.inference_mode()`` feeds every requested analysis the same
+captured activations. Under ``torchrun`` each rank streams its own contiguous range of the
+dataset (no sampler padding, so counts are exact), the accumulators are synced, and rank 0
+writes the run. With ``out=`` a running pass checkpoints its accumulator states beside the run
+directory (``OUT.partial/``) and an interrupted pass resumes from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import __version__
+from .analyses.base import Analysis, Batch
+from .analyses.moments import Moments
+from .capture import Capture, LayerSpec, StopForward, resolve_layers
+from .data.arrays import dataset_fingerprint
+from .models.registry import model_fingerprint
+from .results import Run, is_complete
+from .stats.base import load_states, save_states
+
+log = logging.getLogger(__name__)
+
+
+class EmptyDatasetError(ValueError):
+    """The dataset (or this rank's shard of it) has no items."""
+
+
+class InputError(ValueError):
+    """The data does not fit the model (wrong shape or type)."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available here; use device='auto' or 'cpu'")
+    return dev
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous index range ``[start, stop)`` of rank ``rank`` among ``world``.
+
+    Shard sizes differ by at most one and nothing is padded or repeated, so counts are exact.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"shard {rank} of {world} does not exist; use 0 <= rank < world")
+    return rank * n // world, (rank + 1) * n // world
+
+
+def _world(shard: tuple[int, int] | None) -> tuple[int, int, bool]:
+    """(rank, world, synced): synced means a process group will all-reduce the states."""
+    if shard is not None:
+        rank, world = shard
+        shard_range(1, rank, world)
+        return rank, world, False
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _unpack(item: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(item, torch.Tensor):
+        return item, None
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        y = item[1] if len(item) > 1 and isinstance(item[1], torch.Tensor) else None
+        return item[0], y
+    if isinstance(item, dict) and isinstance(item.get("x"), torch.Tensor):
+        return item["x"], item.get("y")
+    raise InputError(f"dataset items must be a tensor, an (input, label) pair or a dict with 'x'; "
+                     f"got {type(item).__name__}")
+
+
+def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
+            analyses: Sequence[Analysis] | None = None, *, batch_size: int = 256,
+            device: str | torch.device = "auto", num_workers: int = 0, seed: int = 0,
+            progress: bool = True, calls: str = "error", shard: tuple[int, int] | None = None,
+            out: str | Path | None = None, checkpoint_every: int | None = None,
+            config: dict[str, Any] | None = None) -> Run:
+    """Run one streaming pass of ``model`` over ``data`` and feed every analysis.
+
+    Args:
+        model: any ``nn.Module``; it is put in eval mode for the pass and restored afterwards.
+        data: a map-style dataset of tensors or ``(input, label)`` pairs; item ``i`` keeps
+            global index ``i`` in every result.
+        layers: the layers analyses look at unless they name their own (see
+            :func:`unitscope.capture.resolve_layers`); ``None`` means every leaf module.
+        analyses: the analyses to run (default: ``[unitscope.Moments()]``).
+        batch_size: inputs per forward.
+        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda:1"``, ...
+        num_workers: DataLoader worker processes.
+        seed: seeds torch for anything random in the pass; recorded in the manifest.
+        progress: show a tqdm bar (rank 0 only).
+        calls: what to do with a module called several times in one forward (see
+            :class:`unitscope.capture.Capture`).
+        shard: ``(i, k)`` runs only the i-th of k contiguous shards, without a process group; the
+            shards' run directories are combined later with ``unitscope merge``. By default the
+            shard comes from an initialised ``torch.distributed`` group (``torchrun``).
+        out: when given, the run is saved there (rank 0), accumulator states are checkpointed to
+            ``OUT.partial/`` during the pass, and an interrupted pass resumes from them.
+        checkpoint_every: checkpoint after this many batches (default: every 30 seconds).
+        config: the resolved configuration to record in the manifest (the CLI passes it).
+
+    Returns:
+        A :class:`unitscope.Run`; ``run.table("moments")`` etc.
+
+    Example:
+        >>> import unitscope
+        >>> run = unitscope.analyze(unitscope.load_model("digits-cnn"),
+        ...                         unitscope.load_dataset("digits", "test"), layers="conv*",
+        ...                         progress=False)
+        >>> sorted(run.table("moments").layer.unique())
+        ['conv1', 'conv2', 'conv3']
+    """
+    analyses = list(analyses) if analyses is not None else [Moments()]
+    _check_analyses(analyses)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_total = len(data)
+    if n_total == 0:
+        raise EmptyDatasetError("the dataset is empty: there is nothing to analyse; check its root "
+                                "or split")
+    dev = resolve_device(device)
+    rank, world, synced = _world(shard)
+    start, stop = shard_range(n_total, rank, world)
+    torch.manual_seed(seed)
+
+    plan: dict[str, set[str]] = {}
+    specs: dict[str, Any] = {}
+    keys_of: dict[int, list[str]] = {}
+    reds = [a.reduce if isinstance(a.reduce, str) else f"fn{i}" for i, a in enumerate(analyses)]
+    for i, (a, red) in enumerate(zip(analyses, reds)):
+        names = resolve_layers(model, a.layers if a.layers is not None else layers)
+        specs[red] = a.reduce
+        plan.setdefault(red, set()).update(names)
+        keys_of[i] = names
+    all_layers = sorted({n for names in plan.values() for n in names})
+    needs_output = any(a.needs_output for a in analyses)
+
+    fingerprints = {"model": model_fingerprint(model), "data": dataset_fingerprint(data)}
+    run_key = _run_key(fingerprints, analyses, keys_of, batch_size, start, stop, seed)
+    partial = Path(f"{out}.partial") if out is not None else None
+    state_file = partial / f"rank{rank}-of{world}.safetensors" if partial else None
+    done = _resume(analyses, state_file, run_key) if state_file else 0
+    for i, a in enumerate(analyses):
+        a.start(keys_of[i])
+        a.to(dev)
+
+    was_training = model.training
+    model.eval()
+    old_device = next((p.device for p in model.parameters()), None)
+    model.to(dev)
+    t0 = time.perf_counter()
+    nonfinite = {red: dict.fromkeys(names, 0) for red, names in plan.items()}
+    samples = 0
+    try:
+        first = start + done * batch_size
+        subset = Subset(data, range(first, stop))
+        if len(subset) == 0 and stop > start and done == 0:
+            raise EmptyDatasetError(f"shard {rank} of {world} is empty")
+        loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=dev.type == "cuda")
+        bar = _progress(len(loader), done, progress and rank == 0)
+        cap = Capture(model, all_layers, specs, calls=calls, stop=not needs_output, targets=plan)
+        offset, last_ckpt, batches = first, time.monotonic(), done
+        with cap, torch.inference_mode():
+            for item in loader:
+                x, y = _unpack(item)
+                if batches == done:
+                    _check_input(model, x)
+                x = x.to(dev, non_blocking=True)
+                y = y.to(dev, non_blocking=True) if y is not None else None
+                index = torch.arange(offset, offset + len(x), device=dev)
+                output = _forward(model, x)
+                batch = Batch(x=x, y=y, index=index, output=output)
+                for red, store in cap.outputs.items():
+                    _count_nonfinite(store, nonfinite[red])
+                for a, red in zip(analyses, reds):
+                    a.update(cap.outputs[red], batch)
+                offset += len(x)
+                samples += len(x)
+                batches += 1
+                bar.update(1)
+                if state_file and _due(batches, last_ckpt, checkpoint_every):
+                    _checkpoint(analyses, state_file, run_key, batches)
+                    last_ckpt = time.monotonic()
+        bar.close()
+    finally:
+        model.train(was_training)
+        if old_device is not None:
+            model.to(old_device)
+    pass_s = time.perf_counter() - t0
+
+    if synced:
+        for a in analyses:
+            a.sync()
+    t1 = time.perf_counter()
+    counts = _total_nonfinite(nonfinite, synced)
+    for layer, count in counts.items():
+        if count:
+            log.warning("layer %s produced %d non-finite activations; they are counted in the "
+                        "'nonfinite' columns and left out of every statistic", layer, count)
+    manifest = _manifest(model, data, analyses, all_layers, fingerprints, dev, seed, batch_size,
+                         (rank, world, synced), (start, stop), counts, config)
+    run = Run(analyses, manifest)
+    manifest["timings"] = {"pass_s": pass_s, "compute_s": time.perf_counter() - t1,
+                           "samples": samples, "batches": batches - done,
+                           "resumed_batches": done}
+    if out is not None:
+        if not synced or rank == 0:
+            run.save(out)
+        if synced:
+            dist.barrier()
+        if state_file is not None:
+            state_file.unlink(missing_ok=True)
+        if partial is not None and (not synced or rank == 0):
+            shutil.rmtree(partial, ignore_errors=True)
+    return run
+
+
+def _check_analyses(analyses: list[Analysis]) -> None:
+    names = [a.name for a in analyses]
+    for a in analyses:
+        if not isinstance(a, Analysis):
+            raise TypeError(f"analyses must be unitscope analyses (e.g. unitscope.Moments()), got "
+                            f"{type(a).__name__}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"analysis {dup[0]!r} is given twice; run it once with all its layers")
+
+
+def _check_input(model: nn.Module, x: torch.Tensor) -> None:
+    expected = getattr(model, "input_shape", None)
+    if not torch.is_floating_point(x):
+        raise InputError(f"inputs must be floating point tensors, got {x.dtype}; convert images "
+                         "with torchvision.transforms.v2.ToDtype(torch.float32, scale=True)")
+    if expected is not None and tuple(x.shape[1:]) != tuple(expected):
+        raise InputError(f"inputs have shape {tuple(x.shape[1:])} but {type(model).__name__} expects "
+                         f"{tuple(expected)} (channels, height, width); resize the data or pick the "
+                         "matching model")
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    try:
+        out = model(x)
+    except StopForward:
+        return None
+    except RuntimeError as exc:
+        expected = getattr(model, "input_shape", None)
+        hint = f"; the model expects (N, {', '.join(map(str, expected))})" if expected else ""
+        raise InputError(f"the forward of {type(model).__name__} failed on a batch of shape "
+                         f"{tuple(x.shape)}{hint}: {exc}") from exc
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _count_nonfinite(store: dict[str, torch.Tensor], counts: dict[str, Any]) -> None:
+    for key, t in store.items():
+        if torch.is_floating_point(t):
+            counts[key] = counts.get(key, 0) + (~torch.isfinite(t)).sum()
+
+
+def _total_nonfinite(nonfinite: dict[str, dict[str, Any]], synced: bool) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in nonfinite.values():
+        for key, c in counts.items():
+            total[key] = max(total.get(key, 0), int(c))
+    if synced:
+        keys = sorted(total)
+        t = torch.tensor([total[k] for k in keys], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        total = dict(zip(keys, t.tolist()))
+    return total
+
+
+def _progress(total: int, done: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total + done, initial=done, disable=not enabled, unit="batch",
+                desc="unitscope", leave=False, file=sys.stderr)
+
+
+def _due(batches: int, last: float, every: int | None) -> bool:
+    if every is not None:
+        return batches % every == 0
+    return time.monotonic() - last > 30.0
+
+
+def _run_key(fingerprints: dict[str, str], analyses: list[Analysis], keys_of: dict[int, list[str]],
+             batch_size: int, start: int, stop: int, seed: int) -> str:
+    blob = json.dumps({"fp": fingerprints, "analyses": [[a.name, a.config()] for a in analyses],
+                       "layers": keys_of, "batch_size": batch_size, "range": [start, stop],
+                       "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _checkpoint(analyses: list[Analysis], path: Path, run_key: str, batches: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    accs = {f"{a.name}:{k}": acc for a in analyses for k, acc in a.accumulators.items()}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_states(tmp, accs, meta={"run_key": run_key, "batches": batches})
+    os.replace(tmp, path)
+
+
+def _resume(analyses: list[Analysis], path: Path, run_key: str) -> int:
+    """Load a matching checkpoint into ``analyses``; return the number of batches it covers."""
+    if not path.is_file():
+        return 0
+    try:
+        accs, meta = load_states(path)
+    except ValueError as exc:
+        log.warning("ignoring unreadable checkpoint %s (%s); starting the pass over", path, exc)
+        return 0
+    if meta.get("run_key") != run_key:
+        log.warning("checkpoint %s belongs to another configuration; starting the pass over", path)
+        return 0
+    for a in analyses:
+        prefix = f"{a.name}:"
+        a.accumulators = {k[len(prefix):]: v for k, v in accs.items() if k.startswith(prefix)}
+    log.info("resuming from %s after %d batches", path, meta["batches"])
+    return int(meta["batches"])
+
+
+def _manifest(model: nn.Module, data: Dataset, analyses: list[Analysis], layers: list[str],
+              fingerprints: dict[str, str], dev: torch.device, seed: int, batch_size: int,
+              world: tuple[int, int, bool], span: tuple[int, int], nonfinite: dict[str, int],
+              config: dict[str, Any] | None) -> dict[str, Any]:
+    import numpy
+    import pandas
+
+    rank, size, synced = world
+    return {
+        "status": "complete",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"unitscope": __version__, "torch": torch.__version__,
+                     "numpy": numpy.__version__, "pandas": pandas.__version__,
+                     "python": platform.python_version()},
+        "platform": platform.platform(),
+        "device": str(dev),
+        "seed": seed,
+        "batch_size": batch_size,
+        "world_size": size if synced else 1,
+        "shard": None if synced or size == 1 else {"index": rank, "count": size},
+        "model": {"class": type(model).__name__, "fingerprint": fingerprints["model"],
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "data": {"name": getattr(data, "name", type(data).__name__), "size": len(data),
+                 "fingerprint": fingerprints["data"], "range": list(span) if not synced else [0, len(data)]},
+        "layers": layers,
+        "analyses": [{"name": a.name, "config": a.config()} for a in analyses],
+        "nonfinite": nonfinite,
+        "config": config or {},
+    }
+
+
+def finished(out: str | Path) -> bool:
+    """Whether a finished run already sits at ``out`` (the CLI skips those)."""
+    return is_complete(out)

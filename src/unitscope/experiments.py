@@ -1,0 +1,218 @@
+"""Config files: validation, grid expansion, run naming, and running each experiment once.
+
+A config is a TOML (or JSON) table. A list value expands into one experiment per element,
+and several lists into their cartesian product, as the seed configs did. ``layers`` and
+``analyses`` are lists by nature, so a flat list is one value; give a list of lists to sweep
+them. A table named after an analysis (``[moments]``) holds its options, swept the same way.
+
+Example config::
+
+    experiment = "analyze"
+    model = "digits-cnn"
+    dataset = "digits"
+    split = "test"
+    layers = ["relu*", "fc"]
+    analyses = ["moments"]
+    seed = [0, 1]            # two experiments
+
+    [moments]
+    reduce = ["mean", "max"] # times two: four experiments
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from .analyses.base import ANALYSES, build_analysis
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS: Registry = Registry("experiment type")
+
+#: keys every experiment type accepts, with their defaults
+COMMON: dict[str, Any] = {
+    "experiment": "analyze", "model": None, "weights": None, "dataset": None, "split": "test",
+    "layers": None, "batch_size": 256, "device": "auto", "num_workers": 0, "seed": 0,
+    "calls": "error", "out": "runs",
+}
+LIST_KEYS = {"layers", "analyses"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message names the key and the fix."""
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        from ._toml import loads
+
+        return loads(text)
+    except Exception as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+
+
+def known_keys(experiment: str) -> set[str]:
+    """Every top-level key an experiment of this type accepts."""
+    return set(COMMON) | {"analyses"} | set(ANALYSES.names())
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` on an unknown experiment type, unknown key or missing key."""
+    exp = config.get("experiment", COMMON["experiment"])
+    if not isinstance(exp, str) or exp not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment type {exp!r}; known: {', '.join(EXPERIMENTS.names())}")
+    known = known_keys(exp)
+    for key in config:
+        if key not in known:
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+    for key in ("model", "dataset"):
+        if config.get(key) is None:
+            raise ConfigError(f"config key {key!r} is required (e.g. {key} = "
+                              f"\"{'digits-cnn' if key == 'model' else 'digits'}\")")
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        if "." in k:
+            table, key = k.split(".", 1)
+            out.setdefault(table, {})[key] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _is_sweep(key: str, value: Any) -> bool:
+    if not isinstance(value, list):
+        return False
+    if key.split(".")[-1] in LIST_KEYS and "." not in key:
+        return bool(value) and all(isinstance(v, list) for v in value)
+    return True
+
+
+def expand(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The experiments of a config: ``(resolved config, the swept values that name it)`` each."""
+    validate(config)
+    flat = _flatten({**{k: v for k, v in COMMON.items() if v is not None}, **config})
+    swept = {k: v for k, v in flat.items() if _is_sweep(k, v)}
+    for k, v in swept.items():
+        if not v:
+            raise ConfigError(f"config key {k!r} is an empty list: nothing to run")
+    fixed = {k: v for k, v in flat.items() if k not in swept}
+    experiments = []
+    for combo in itertools.product(*swept.values()):
+        chosen = dict(zip(swept, combo))
+        experiments.append((_unflatten({**fixed, **chosen}), chosen))
+    return experiments
+
+
+def run_name(config: dict[str, Any], swept: dict[str, Any]) -> str:
+    """A directory name from the model, the data and the swept parameters."""
+    parts = [f"{config['model']}_{config['dataset']}-{config['split']}"]
+    parts += [f"{k}={_short(v)}" for k, v in swept.items() if k not in ("model", "dataset", "split")]
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "-", "_".join(parts))
+
+
+def _short(v: Any) -> str:
+    return "+".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def run_config(path: str | Path, out: str | Path | None = None, run_id: str | None = None,
+               overrides: list[str] | None = None, force: bool = False,
+               progress: bool = True) -> list[tuple[Path, str]]:
+    """Run every experiment of a config file; return ``(run directory, status)`` pairs.
+
+    A finished experiment (complete run directory with the same resolved config) is skipped;
+    an interrupted one resumes from its checkpoint.
+    """
+    config = load_config(path)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        table, _, sub = key.partition(".")
+        if sub:
+            config.setdefault(table, {})[sub] = value
+        else:
+            config[key] = value
+    base = Path(out if out is not None else config.get("out", COMMON["out"]))
+    run_id = run_id or Path(path).stem
+    results = []
+    for resolved, swept in expand(config):
+        target = base / run_id / run_name(resolved, swept)
+        results.append((target, run_experiment(resolved, target, force=force, progress=progress)))
+    return results
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"key=value"`` with ``value`` read as TOML (so ``seed=3``, ``layers=["fc"]`` work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: write key=value, e.g. --set batch_size=64")
+    key, raw = item.split("=", 1)
+    from ._toml import loads
+
+    try:
+        value = loads(f"v = {raw}")["v"]
+    except Exception:
+        value = raw
+    return key.strip(), value
+
+
+def run_experiment(config: dict[str, Any], target: Path, force: bool = False,
+                   progress: bool = True) -> str:
+    """Run one resolved experiment into ``target``; return ``"done"`` or ``"skipped"``."""
+    from .results import is_complete
+
+    if is_complete(target) and not force:
+        recorded = json.loads((target / "manifest.json").read_text()).get("config", {})
+        if recorded == json.loads(json.dumps(config)):
+            return "skipped"
+        diff = sorted(k for k in set(recorded) | set(config) if recorded.get(k) != config.get(k))
+        raise ConfigError(f"{target} holds a finished run with another config (differs in "
+                          f"{', '.join(diff)}); use another --run-id, or --force to overwrite it")
+    EXPERIMENTS[config["experiment"]](config, target, progress)
+    return "done"
+
+
+@EXPERIMENTS.register("analyze")
+def _analyze(config: dict[str, Any], target: Path, progress: bool) -> None:
+    """One streaming pass with the listed analyses."""
+    from .data import load_dataset
+    from .engine import analyze
+    from .models import load_model
+
+    names = config.get("analyses") or ["moments"]
+    analyses = []
+    for name in names:
+        options = config.get(name, {})
+        try:
+            analyses.append(build_analysis(name, options))
+        except TypeError as exc:
+            raise ConfigError(f"[{name}] options {options}: {exc}") from exc
+    model = load_model(config["model"], weights=config.get("weights"))
+    data = load_dataset(config["dataset"], split=config["split"])
+    analyze(model, data, layers=config.get("layers"), analyses=analyses,
+            batch_size=config["batch_size"], device=config["device"],
+            num_workers=config["num_workers"], seed=config["seed"], calls=config["calls"],
+            progress=progress, out=target, config=config)

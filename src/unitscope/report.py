@@ -1,0 +1,105 @@
+"""A self-contained HTML report of a run directory: manifest, figures (embedded PNG) and tables.
+
+No network: figures are base64 PNGs and the page has no scripts. Each analysis family adds its
+section through :data:`SECTIONS`; an analysis without one still gets its tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .results import Run, load_run
+
+#: analysis name -> function(run) returning a list of matplotlib figures for its section
+SECTIONS: dict[str, Callable[[Run], list[Any]]] = {}
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
+th{background:#f4f4f4}img{max-width:100%;margin:.5em 0}.note{color:#666;font-size:.9em}
+"""
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_moments(run: Run, ax: Any = None) -> Any:
+    """Mean ± std of every unit, one panel per layer (from the ``moments`` table); returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    table = run.table("moments")
+    layers = list(dict.fromkeys(table["layer"]))
+    fig, axes = plt.subplots(len(layers), 1, figsize=(9, 1.6 * len(layers) + 0.6), squeeze=False)
+    for axis, layer in zip(axes[:, 0], layers):
+        rows = table[table["layer"] == layer]
+        axis.errorbar(rows["unit"], rows["mean"], yerr=rows["std"], fmt=".", ms=3, lw=0.6)
+        axis.set_ylabel(layer, rotation=0, ha="right", va="center")
+        axis.margins(x=0.01)
+    axes[-1, 0].set_xlabel("unit")
+    fig.suptitle("activation mean ± std per unit")
+    return fig
+
+
+SECTIONS["moments"] = lambda run: [plot_moments(run)]
+
+
+def _table_html(frame: pd.DataFrame, limit: int = 40) -> str:
+    note = f'<p class="note">first {limit} of {len(frame)} rows</p>' if len(frame) > limit else ""
+    return frame.head(limit).to_html(index=False, float_format=lambda v: f"{v:.4g}") + note
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/report.html`` for the run saved there and return its path."""
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    m = run.manifest
+    parts = [f"<h1>unitscope report: {html.escape(m['model']['class'])} on "
+             f"{html.escape(str(m['data']['name']))}</h1>"]
+    facts = {
+        "model": f"{m['model']['class']} ({m['model']['parameters']:,} parameters)",
+        "data": f"{m['data']['name']} ({m['data']['size']} items)",
+        "layers": ", ".join(m["layers"]),
+        "device / world size": f"{m['device']} / {m['world_size']}",
+        "seed": m["seed"],
+        "pass time": f"{m.get('timings', {}).get('pass_s', 0):.2f} s",
+        "versions": ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        "created": m["created"],
+    }
+    parts.append("<h2 id='manifest'>Manifest</h2><table>" + "".join(
+        f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+        for k, v in facts.items()) + "</table>")
+    bad = {k: v for k, v in m.get("nonfinite", {}).items() if v}
+    if bad:
+        parts.append("<p><b>Non-finite activations</b> (left out of every statistic): "
+                     f"{html.escape(str(bad))}</p>")
+    for analysis in run.analyses:
+        parts.append(f"<h2 id='{analysis.name}'>{html.escape(analysis.name)}</h2>")
+        for fig in SECTIONS.get(analysis.name, lambda r: [])(run):
+            parts.append(f"<img alt='{analysis.name} figure' src='data:image/png;base64,{_png(fig)}'>")
+        for name, frame in run.tables.items():
+            if name == analysis.name or name.startswith(f"{analysis.name}_"):
+                parts.append(_table_html(frame))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>unitscope report</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    out = run_dir / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,219 @@
+"""The run directory: what an analysis run leaves behind, written atomically, read back whole.
+
+::
+
+    RUN/
+      manifest.json          versions, seeds, world size, model and data fingerprints, timings
+      config.toml            the resolved configuration (when the run came from a config)
+      tables/<name>.parquet  tidy tables, one row per layer / unit / input
+      arrays/<name>.safetensors   what is not tabular (matrices, maps)
+      states/<name>.safetensors   accumulator states: resume, offline merge
+
+A save builds the directory beside its target and renames it into place, so an interrupted save
+leaves the previous run or nothing, never a half-written directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .analyses.base import Analysis, build_analysis
+from .stats.base import load_states, save_states
+
+SCHEMA_VERSION = 1
+
+
+class RunError(ValueError):
+    """A run directory that is missing, incomplete or unreadable."""
+
+
+class Run:
+    """The results of one pass: tidy tables, arrays, accumulator states and a manifest.
+
+    Example:
+        >>> run.table("moments").head()          # doctest: +SKIP
+        >>> run.save("runs/demo")                # doctest: +SKIP
+    """
+
+    def __init__(self, analyses: list[Analysis], manifest: dict[str, Any],
+                 tables: dict[str, pd.DataFrame] | None = None,
+                 arrays: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        self.analyses = analyses
+        self.manifest = manifest
+        if tables is None:
+            tables = {}
+            for a in analyses:
+                tables.update(a.tables())
+        if arrays is None:
+            arrays = {a.name: a.arrays() for a in analyses}
+            arrays = {k: v for k, v in arrays.items() if v}
+        self.tables = tables
+        self.arrays = arrays
+
+    def table(self, name: str) -> pd.DataFrame:
+        """The tidy table ``name`` (e.g. ``"moments"``) as a pandas DataFrame."""
+        if name not in self.tables:
+            have = ", ".join(sorted(self.tables)) or "none"
+            raise KeyError(f"this run has no table {name!r}; it has: {have}")
+        return self.tables[name]
+
+    def analysis(self, name: str) -> Analysis:
+        """The analysis object ``name``, with its accumulators (to merge, inspect or recompute)."""
+        for a in self.analyses:
+            if a.name == name:
+                return a
+        have = ", ".join(a.name for a in self.analyses) or "none"
+        raise KeyError(f"this run has no analysis {name!r}; it has: {have}")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the run directory to ``path`` atomically (replacing a previous run there)."""
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            (tmp / "tables").mkdir()
+            for name, frame in self.tables.items():
+                frame.to_parquet(tmp / "tables" / f"{name}.parquet", index=False)
+            if self.arrays:
+                from safetensors.torch import save_file
+
+                (tmp / "arrays").mkdir()
+                for name, arrays in self.arrays.items():
+                    save_file({k: v.detach().cpu().contiguous() for k, v in arrays.items()},
+                              str(tmp / "arrays" / f"{name}.safetensors"))
+            (tmp / "states").mkdir()
+            for a in self.analyses:
+                save_states(tmp / "states" / f"{a.name}.safetensors", a.accumulators,
+                            meta={"analysis": a.name, "config": a.config()})
+            if self.manifest.get("config"):
+                from ._toml import dumps
+
+                (tmp / "config.toml").write_text(dumps(self.manifest["config"]))
+            manifest = {**self.manifest, "schema_version": SCHEMA_VERSION}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        return path
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield a fresh sibling directory; on success it replaces ``path``, on error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.parent / f".{path.name}.old-{tag}"
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(path: Path) -> None:
+    """Finish a replacement that was interrupted between its two renames."""
+    if path.exists():
+        return
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if olds:
+        olds[-1].rename(path)
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a finished run (a manifest with status ``complete``)."""
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("status") == "complete"
+    except json.JSONDecodeError:
+        return False
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory written by :meth:`Run.save` back into a :class:`Run`.
+
+    Raises:
+        RunError: the directory does not exist or holds no readable manifest.
+    """
+    path = Path(path)
+    _recover(path)
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        raise RunError(f"{path} is not a unitscope run directory (no manifest.json); "
+                       "point to a directory written by run.save() or `unitscope run`")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{manifest_file} is corrupt ({exc}); rerun the analysis") from exc
+    tables = {p.stem: pd.read_parquet(p) for p in sorted((path / "tables").glob("*.parquet"))}
+    arrays: dict[str, dict[str, torch.Tensor]] = {}
+    if (path / "arrays").is_dir():
+        from safetensors.torch import load_file
+
+        arrays = {p.name.removesuffix(".safetensors"): load_file(str(p))
+                  for p in sorted((path / "arrays").glob("*.safetensors"))}
+    analyses = [load_analysis_states(p) for p in sorted((path / "states").glob("*.safetensors"))]
+    return Run(analyses, manifest, tables=tables, arrays=arrays)
+
+
+def load_analysis_states(path: str | Path) -> Analysis:
+    """Rebuild an analysis, accumulators included, from a ``states/<name>.safetensors`` file."""
+    accumulators, meta = load_states(path)
+    if "analysis" not in meta:
+        raise RunError(f"{path} holds accumulator states but names no analysis")
+    analysis = build_analysis(meta["analysis"], meta.get("config", {}))
+    analysis.accumulators = accumulators
+    return analysis
+
+
+def merge_runs(paths: list[str | Path]) -> Run:
+    """Combine the run directories of shards run separately (``analyze(shard=(i, k))``) into one run.
+
+    The shards must come from the same model, data and analyses and together cover the dataset
+    exactly once; their accumulators are merged, so the result equals one pass over everything.
+    """
+    if not paths:
+        raise RunError("nothing to merge: name the shard run directories")
+    runs = [load_run(p) for p in paths]
+    first = runs[0].manifest
+    for p, r in zip(paths, runs):
+        m = r.manifest
+        for key in ("model", "data"):
+            if m[key]["fingerprint"] != first[key]["fingerprint"]:
+                raise RunError(f"{p} analysed another {key} than {paths[0]} (fingerprints differ)")
+        if m["analyses"] != first["analyses"]:
+            raise RunError(f"{p} ran other analyses than {paths[0]}: {m['analyses']} vs {first['analyses']}")
+    spans = sorted((tuple(r.manifest["data"]["range"]), str(p)) for p, r in zip(paths, runs))
+    size, covered = first["data"]["size"], 0
+    for (start, stop), p in spans:
+        if start != covered:
+            what = ("overlaps the previous shard" if start < covered
+                    else f"leaves items {covered}..{start - 1} out")
+            raise RunError(f"shard {p} covers items {start}..{stop - 1}, which {what}")
+        covered = stop
+    if covered != size:
+        raise RunError(f"the shards cover items 0..{covered - 1} of {size}; "
+                       "the shards after that are missing")
+    analyses = runs[0].analyses
+    for r in runs[1:]:
+        for a, b in zip(analyses, r.analyses):
+            a.merge(b)
+    timings = [r.manifest.get("timings", {}) for r in runs]
+    manifest = {**first, "shard": None, "merged_from": [str(p) for p in paths],
+                "data": {**first["data"], "range": [0, size]},
+                "nonfinite": {k: sum(r.manifest["nonfinite"].get(k, 0) for r in runs)
+                              for k in first["nonfinite"]},
+                "timings": {"pass_s": sum(t.get("pass_s", 0.0) for t in timings),
+                            "samples": sum(t.get("samples", 0) for t in timings)}}
+    return Run(analyses, manifest)

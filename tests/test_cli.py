@@ -1,0 +1,141 @@
+"""The command line: version, layers, grid runs with skipping, merge, report, demo, error lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import unitscope
+from unitscope.cli import EXAMPLES, build_parser, main
+from unitscope.experiments import expand
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"unitscope {unitscope.__version__}"
+
+
+def test_help_of_every_command_has_examples(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == set(EXAMPLES)
+    for name in commands:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert "examples:" in capsys.readouterr().out
+
+
+def test_layers_lists_names_types_and_shapes(capsys):
+    assert main(["layers", "digits-cnn"]) == 0
+    out = capsys.readouterr().out
+    assert "conv2" in out and "Conv2d" in out and "(32, 8, 8)" in out and "4640" in out
+
+
+def test_unknown_model_is_one_line_with_the_known_names(capsys):
+    assert main(["layers", "digit-cnn"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "digits-cnn" in err and "Traceback" not in err
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_grid_expands_lists_but_not_layer_lists():
+    exps = expand({"model": "digits-cnn", "dataset": "digits", "layers": ["relu*", "fc"],
+                   "seed": [0, 1], "moments": {"reduce": ["mean", "max"]}})
+    assert len(exps) == 4
+    assert all(cfg["layers"] == ["relu*", "fc"] for cfg, _ in exps)
+    chosen = {(c["seed"], c["moments"]["reduce"]) for c, _ in exps}
+    assert chosen == {(0, "mean"), (0, "max"), (1, "mean"), (1, "max")}
+    assert len(expand({"model": "digits-cnn", "dataset": "digits", "layers": [["relu1"], ["fc"]]})) == 2
+
+
+def test_run_grid_then_skip_finished(tmp_path, capsys):
+    cfg = write(tmp_path / "grid.toml", 'model = "digits-cnn"\ndataset = "digits"\n'
+                'layers = ["relu*"]\nseed = [0, 1]\n[moments]\nreduce = ["mean", "max"]\n')
+    assert main(["run", str(cfg), "--out", str(tmp_path / "runs")]) == 0
+    dirs = sorted(p.name for p in (tmp_path / "runs" / "grid").iterdir())
+    assert dirs == ["digits-cnn_digits-test_seed=0_moments.reduce=max",
+                    "digits-cnn_digits-test_seed=0_moments.reduce=mean",
+                    "digits-cnn_digits-test_seed=1_moments.reduce=max",
+                    "digits-cnn_digits-test_seed=1_moments.reduce=mean"]
+    one = tmp_path / "runs" / "grid" / dirs[0]
+    assert (one / "config.toml").is_file()
+    manifest = json.loads((one / "manifest.json").read_text())
+    assert manifest["config"]["moments"] == {"reduce": "max"}
+    stamp = (one / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(tmp_path / "runs")]) == 0
+    assert (one / "manifest.json").stat().st_mtime_ns == stamp
+    assert capsys.readouterr().err.count("skipped") == 4
+
+
+def test_run_with_weights_and_overrides(tmp_path):
+    model = unitscope.load_model("digits-cnn")
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    cfg = write(tmp_path / "c.json", json.dumps({"model": "digits-cnn", "dataset": "digits",
+                                                 "weights": str(tmp_path / "w.pt")}))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "runs"), "--run-id", "x",
+                 "--set", 'layers=["fc"]', "--set", "batch_size=7"]) == 0
+    run = unitscope.load_run(tmp_path / "runs" / "x" / "digits-cnn_digits-test")
+    assert set(run.table("moments")["layer"]) == {"fc"} and run.manifest["batch_size"] == 7
+    assert run.manifest["model"]["fingerprint"] == unitscope.models.model_fingerprint(model)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('model = "digits-cnn"\ndataset = "digits"\nlayer = "fc"\n', "unknown config key 'layer'; known keys:"),
+    ('model = "digits-cnn"\n', "config key 'dataset' is required"),
+    ('model = "digits-cnn"\ndataset = "digits"\nexperiment = "nope"\n', "unknown experiment type"),
+    ('model = "digits-cnn"\ndataset = "digits"\nlayers = "nolayer"\n', "layer 'nolayer' matches no module"),
+    ('model = "digits-cnn"\ndataset = "digits"\n[moments]\nbins = 3\n', "[moments] options"),
+    ('model = "digits-cnn"\ndataset = "digits"\nseed = []\n', "empty list"),
+    ('model = = 1', "cannot parse"),
+])
+def test_bad_configs_fail_with_one_clear_line(tmp_path, capsys, text, message):
+    cfg = write(tmp_path / "bad.toml", text)
+    assert main(["run", str(cfg), "--out", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any((tmp_path / "runs").rglob("manifest.json"))
+
+
+def test_finished_run_with_another_config_is_not_overwritten(tmp_path, capsys):
+    cfg = write(tmp_path / "c.toml", 'model = "digits-cnn"\ndataset = "digits"\nlayers = "fc"\n')
+    assert main(["run", str(cfg), "--out", str(tmp_path)]) == 0
+    write(cfg, 'model = "digits-cnn"\ndataset = "digits"\nlayers = "relu1"\n')
+    assert main(["run", str(cfg), "--out", str(tmp_path)]) == 1
+    assert "differs in layers" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--out", str(tmp_path), "--force"]) == 0
+
+
+def test_merge_command(tmp_path, digits_model, digits_test):
+    shards = []
+    for i in range(2):
+        shards.append(str(tmp_path / f"s{i}"))
+        unitscope.analyze(digits_model, digits_test, layers="fc", shard=(i, 2), out=shards[-1],
+                          progress=False)
+    assert main(["merge", *shards, "--out", str(tmp_path / "m")]) == 0
+    assert (unitscope.load_run(tmp_path / "m").table("moments")["count"] == 360).all()
+    assert main(["merge", shards[0], "--out", str(tmp_path / "m2")]) == 1
+    assert not (tmp_path / "m2").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(unitscope.RunError):
+        main(["--debug", "report", str(tmp_path)])
+
+
+def test_demo_quick_writes_run_and_report(tmp_path):
+    assert main(["-q", "demo", "--quick", "--out", str(tmp_path)]) == 0
+    run = unitscope.load_run(tmp_path / "digits-cnn")
+    assert set(run.table("moments")["layer"]) == {"conv1", "conv2", "conv3", "relu1", "relu2", "relu3", "fc"}
+    page = (tmp_path / "digits-cnn" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "<h2 id='moments'>" in page
+    assert "http://" not in page and "https://" not in page
+    assert json.loads((tmp_path / "training.json").read_text())[-1]["epoch"] == 3
