@@ -6,7 +6,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$(bash "$root/scripts/env.sh")"
 cd "$root"
 start=$(date +%s)
-"$venv/bin/ruff" check src tests benchmarks
+"$venv/bin/ruff" check .
 "$venv/bin/python" -m pytest "$@"
 if [ "${CI:-}" = "true" ] && [ $(( $(date +%s) - start )) -lt 1800 ]; then
   "$venv/bin/python" -m pytest -m slow "$@" || rc=$?
