@@ -8,14 +8,18 @@ py="${PYTHON:-python3}"
 "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
   || { echo "unitscope needs Python >= 3.10 (set PYTHON=...)" >&2; exit 1; }
 key="$(sha256sum "$root/pyproject.toml" | cut -c1-16)"
-venv="${UNITSCOPE_VENV:-$HOME/.cache/unitscope/venv-$key}"
+venv="${UNITSCOPE_VENV:-$HOME/.cache/unitscope/env-$key}"
 if [ ! -f "$venv/.complete" ]; then
   echo "setting up $venv (once per pyproject.toml)" >&2
   rm -rf "$venv"
   "$py" -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip "setuptools>=68" wheel >&2
+  "$venv/bin/pip" install -q --upgrade pip "setuptools>=77" wheel >&2
   "$venv/bin/pip" install -q -e "$root[test]" >&2
   touch "$venv/.complete"
+  # keep the disk bounded: drop all but the two newest environments of older pyproject.toml files
+  if [ -z "${UNITSCOPE_VENV:-}" ]; then
+    ls -dt "$HOME"/.cache/unitscope/env-*/ 2>/dev/null | tail -n +3 | xargs -r rm -rf
+  fi
 fi
 # point the editable install at this checkout (another clone may have used the same venv)
 "$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >/dev/null 2>&1 \

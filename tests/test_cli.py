@@ -93,7 +93,8 @@ def test_run_with_weights_and_overrides(tmp_path):
     ('model = "digits-cnn"\n', "config key 'dataset' is required"),
     ('model = "digits-cnn"\ndataset = "digits"\nexperiment = "nope"\n', "unknown experiment type"),
     ('model = "digits-cnn"\ndataset = "digits"\nlayers = "nolayer"\n', "layer 'nolayer' matches no module"),
-    ('model = "digits-cnn"\ndataset = "digits"\n[moments]\nbins = 3\n', "[moments] options"),
+    ('model = "digits-cnn"\ndataset = "digits"\n[moments]\nbins = 3\n',
+     "[moments] options: unknown key 'bins'; known keys: layers, reduce"),
     ('model = "digits-cnn"\ndataset = "digits"\nseed = []\n', "empty list"),
     ('model = = 1', "cannot parse"),
 ])

@@ -187,3 +187,12 @@ def test_checkpoint_of_another_configuration_is_not_used(tmp_path, digits_model,
                             progress=False)
     assert run.manifest["timings"]["resumed_batches"] == 0
     assert (run.table("moments")["count"] == 360).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pass_equals_cpu_pass(digits_model, digits_test):
+    cpu = unitscope.analyze(digits_model, digits_test, layers="relu*", device="cpu", progress=False)
+    gpu = unitscope.analyze(digits_model, digits_test, layers="relu*", device="cuda", progress=False)
+    assert next(digits_model.parameters()).device.type == "cpu", "the model must be moved back"
+    assert_tables_close(gpu.table("moments"), cpu.table("moments"), rtol=1e-4, atol=1e-5)

@@ -174,8 +174,6 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     try:
         first = start + done * batch_size
         subset = Subset(data, range(first, stop))
-        if len(subset) == 0 and stop > start and done == 0:
-            raise EmptyDatasetError(f"shard {rank} of {world} is empty")
         loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=dev.type == "cuda")
         bar = _progress(len(loader), done, progress and rank == 0)

@@ -21,6 +21,7 @@ Example config::
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
@@ -206,10 +207,11 @@ def _analyze(config: dict[str, Any], target: Path, progress: bool) -> None:
     analyses = []
     for name in names:
         options = config.get(name, {})
-        try:
-            analyses.append(build_analysis(name, options))
-        except TypeError as exc:
-            raise ConfigError(f"[{name}] options {options}: {exc}") from exc
+        known = [p for p in inspect.signature(ANALYSES[name]).parameters if p != "self"]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConfigError(f"[{name}] options: unknown key {unknown[0]!r}; known keys: {', '.join(known)}")
+        analyses.append(build_analysis(name, options))
     model = load_model(config["model"], weights=config.get("weights"))
     data = load_dataset(config["dataset"], split=config["split"])
     analyze(model, data, layers=config.get("layers"), analyses=analyses,

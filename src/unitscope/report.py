@@ -46,7 +46,8 @@ def plot_moments(run: Run, ax: Any = None) -> Any:
 
     table = run.table("moments")
     layers = list(dict.fromkeys(table["layer"]))
-    fig, axes = plt.subplots(len(layers), 1, figsize=(9, 1.6 * len(layers) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(9, 1.4 * len(layers) + 0.6), squeeze=False,
+                             layout="constrained")
     for axis, layer in zip(axes[:, 0], layers):
         rows = table[table["layer"] == layer]
         axis.errorbar(rows["unit"], rows["mean"], yerr=rows["std"], fmt=".", ms=3, lw=0.6)
