@@ -16,7 +16,7 @@ from .analyses import ANALYSES, Analysis, Batch, Moments
 from .capture import Capture, CaptureError, LayerError, StopForward, capture, layer_names, resolve_layers
 from .data import ArrayDataset, load_dataset
 from .engine import EmptyDatasetError, InputError, analyze
-from .models import WeightsError, load_model
+from .models import WeightsError, layer_info, load_model, set_weights, switch_weights, weights
 from .results import Run, RunError, load_run
 
 __all__ = [
@@ -37,9 +37,13 @@ __all__ = [
     "__version__",
     "analyze",
     "capture",
+    "layer_info",
     "layer_names",
     "load_dataset",
     "load_model",
     "load_run",
     "resolve_layers",
+    "set_weights",
+    "switch_weights",
+    "weights",
 ]

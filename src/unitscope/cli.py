@@ -103,12 +103,11 @@ def _maybe_init_distributed() -> None:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from .models import load_model
-    from .models.info import layer_info
+    from .models import default_input_shape, layer_info, load_model
 
     model = load_model(args.model, weights=args.weights)
     shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
-    info = layer_info(model, shape)
+    info = layer_info(model, shape or default_input_shape(args.model))
     if not args.all:
         info = info[info["leaf"]]
     print(info.drop(columns=["leaf"]).to_string(index=False))

@@ -41,7 +41,14 @@ def load_model(name: str | nn.Module, weights: str | Path | None = None, **kwarg
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state dict file into ``model`` in place, with errors that say what does not fit."""
-    path = Path(path)
+    state = read_state_dict(Path(path))
+    check_state_dict(model, state, source=str(path))
+    model.load_state_dict(state)
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict (or the model part of a training checkpoint) with ``weights_only=True``."""
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     try:
@@ -61,9 +68,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} holds no state dict of tensors")
-    check_state_dict(model, state, source=str(path))
-    model.load_state_dict(state)
-    return model
+    return state
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
@@ -91,9 +96,48 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+#: input shape (C, H, W) a registered model is meant for (``unitscope layers`` uses it)
+INPUT_SHAPES: dict[str, tuple[int, ...]] = {}
+
+
+def default_input_shape(name: str | nn.Module) -> tuple[int, ...] | None:
+    """The input shape a model declares (``model.input_shape``) or its registry entry gives."""
+    if isinstance(name, nn.Module):
+        return getattr(name, "input_shape", None)
+    return INPUT_SHAPES.get(name)
+
+
 @MODELS.register("digits-cnn")
 def digits_cnn(num_classes: int = 10) -> nn.Module:
     """The small CNN for scikit-learn's 8×8 digits (:class:`unitscope.models.small.DigitsCNN`)."""
     from .small import DigitsCNN
 
     return DigitsCNN(num_classes=num_classes)
+
+
+@MODELS.register("shapes-cnn")
+def shapes_cnn(num_classes: int = 4) -> nn.Module:
+    """The small CNN for the generated 3×64×64 shapes (:class:`unitscope.models.small.ShapesCNN`)."""
+    from .small import ShapesCNN
+
+    return ShapesCNN(num_classes=num_classes)
+
+
+INPUT_SHAPES.update({"digits-cnn": (1, 8, 8), "shapes-cnn": (3, 64, 64)})
+
+
+def _torchvision(arch: str):
+    def build(num_classes: int = 1000) -> nn.Module:
+        import torchvision
+
+        extra = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
+
+    build.__doc__ = (f"torchvision's ``{arch}`` with random weights (never downloaded); pass "
+                     "``weights=`` to load a local file.")
+    return build
+
+
+for _arch in ("alexnet", "vgg11", "vgg16", "resnet18", "resnet50", "googlenet", "mobilenet_v2"):
+    MODELS.register(_arch)(_torchvision(_arch))
+    INPUT_SHAPES[_arch] = (3, 224, 224)
