@@ -12,7 +12,7 @@ from unitscope.models import MODELS, WeightsError, default_input_shape, layer_in
 TORCHVISION = ["alexnet", "vgg11", "vgg16", "resnet18", "googlenet"]
 
 
-@pytest.mark.parametrize("name", TORCHVISION + ["digits-cnn", "shapes-cnn"])
+@pytest.mark.parametrize("name", [*TORCHVISION, "digits-cnn", "shapes-cnn"])
 def test_every_registered_model_builds_runs_and_lists_layers(name):
     assert name in MODELS
     model = unitscope.load_model(name).eval()
@@ -44,9 +44,9 @@ def test_weight_views_by_name_attribute_and_index():
     assert w.conv1.b is None
     assert "layer4.1.bn2" in w.names()
     with pytest.raises(unitscope.LayerError, match="layer 'layer1.9'"):
-        w["layer1.9"]
+        _ = w["layer1.9"]
     with pytest.raises(AttributeError, match="has no weight"):
-        w.relu.w
+        _ = w.relu.w
     with pytest.raises(AttributeError, match="read-only"):
         w.conv1 = None
 
@@ -67,7 +67,8 @@ def test_set_weights_changes_exactly_the_addressed_values():
     unitscope.set_weights(model, "fc", 0.5, mode="bias")
     assert (model.fc.bias == 0.5).all() and torch.equal(model.fc.weight, before["fc.weight"])
     unitscope.set_weights(model, "conv1", donor)
-    assert torch.equal(model.conv1.weight, donor.conv1.weight) and torch.equal(model.conv1.bias, donor.conv1.bias)
+    assert torch.equal(model.conv1.weight, donor.conv1.weight)
+    assert torch.equal(model.conv1.bias, donor.conv1.bias)
     unitscope.set_weights(model, "conv3:1", torch.ones(32, 3, 3), mode="weight")
     assert (model.conv3.weight[1] == 1).all()
 
