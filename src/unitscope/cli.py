@@ -22,6 +22,8 @@ EXAMPLES = {
     "run": ("examples:\n  unitscope run configs/moments.toml\n"
             "  unitscope run grid.toml --run-id try2 --set seed=[0,1,2]\n"
             "  torchrun --nproc_per_node 2 -m unitscope run grid.toml"),
+    "train": ("examples:\n  unitscope train train.toml\n"
+              "  unitscope train grid.toml --set 'lr=[1e-3,3e-3]' --run-id lr-sweep"),
     "merge": ("examples:\n  unitscope merge runs/a/shard0 runs/a/shard1 --out runs/a/merged"),
     "report": "examples:\n  unitscope report runs/demo/digits-cnn",
     "demo": "examples:\n  unitscope demo\n  unitscope demo --quick --out /tmp/demo",
@@ -54,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (TOML value), repeatable")
     p.add_argument("--force", action="store_true", help="rerun finished experiments")
+
+    p = add("train", "train every experiment of a config (checkpoint per epoch, resumable)")
+    p.add_argument("config", help="config file (.toml or .json)")
+    p.add_argument("--out", help="base directory of run directories (default: the config's out, else runs)")
+    p.add_argument("--run-id", help="subdirectory grouping this grid (default: the config file's name)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (TOML value), repeatable")
+    p.add_argument("--force", action="store_true", help="retrain finished experiments")
 
     p = add("merge", "merge shard run directories (analyze(shard=(i, k))) into one run")
     p.add_argument("shards", nargs="+", help="run directories of the shards")
@@ -114,11 +124,11 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(args: argparse.Namespace, experiment: str | None = None) -> int:
     from .experiments import run_config
 
     results = run_config(args.config, out=args.out, run_id=args.run_id, overrides=args.set,
-                         force=args.force, progress=not args.quiet)
+                         force=args.force, progress=not args.quiet, experiment=experiment)
     for path, status in results:
         log.info("%-8s %s", status, path)
     return 0
@@ -147,7 +157,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"layers": _cmd_layers, "run": _cmd_run, "merge": _cmd_merge,
+def _cmd_train(args: argparse.Namespace) -> int:
+    return _cmd_run(args, experiment="train")
+
+
+COMMANDS = {"layers": _cmd_layers, "run": _cmd_run, "train": _cmd_train, "merge": _cmd_merge,
             "report": _cmd_report, "demo": _cmd_demo}
 
 

@@ -38,9 +38,14 @@ EXPERIMENTS: Registry = Registry("experiment type")
 
 #: keys every experiment type accepts, with their defaults
 COMMON: dict[str, Any] = {
-    "experiment": "analyze", "model": None, "weights": None, "dataset": None, "split": "test",
-    "layers": None, "batch_size": 256, "device": "auto", "num_workers": 0, "seed": 0,
-    "calls": "error", "out": "runs",
+    "experiment": "analyze", "model": None, "weights": None, "dataset": None, "seed": 0,
+    "device": "auto", "num_workers": 0, "out": "runs",
+}
+#: the further keys of each experiment type, with their defaults
+KEYS: dict[str, dict[str, Any]] = {
+    "analyze": {"split": "test", "layers": None, "batch_size": 256, "calls": "error", "analyses": None},
+    "train": {"epochs": 10, "lr": 1e-3, "batch_size": 64, "optimizer": "adam", "momentum": 0.9,
+              "weight_decay": 0.0, "scheduler": "none"},
 }
 LIST_KEYS = {"layers", "analyses"}
 
@@ -67,7 +72,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 def known_keys(experiment: str) -> set[str]:
     """Every top-level key an experiment of this type accepts."""
-    return set(COMMON) | {"analyses"} | set(ANALYSES.names())
+    keys = set(COMMON) | set(KEYS.get(experiment, {}))
+    return keys | set(ANALYSES.names()) if experiment == "analyze" else keys
 
 
 def validate(config: dict[str, Any]) -> None:
@@ -117,7 +123,9 @@ def _is_sweep(key: str, value: Any) -> bool:
 def expand(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """The experiments of a config: ``(resolved config, the swept values that name it)`` each."""
     validate(config)
-    flat = _flatten({**{k: v for k, v in COMMON.items() if v is not None}, **config})
+    exp = config.get("experiment", COMMON["experiment"])
+    defaults = {**COMMON, **KEYS[exp]}
+    flat = _flatten({**{k: v for k, v in defaults.items() if v is not None}, **config})
     swept = {k: v for k, v in flat.items() if _is_sweep(k, v)}
     for k, v in swept.items():
         if not v:
@@ -132,7 +140,8 @@ def expand(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]
 
 def run_name(config: dict[str, Any], swept: dict[str, Any]) -> str:
     """A directory name from the model, the data and the swept parameters."""
-    parts = [f"{config['model']}_{config['dataset']}-{config['split']}"]
+    split = f"-{config['split']}" if "split" in config else ""
+    parts = [f"{config['model']}_{config['dataset']}{split}"]
     parts += [f"{k}={_short(v)}" for k, v in swept.items() if k not in ("model", "dataset", "split")]
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "-", "_".join(parts))
 
@@ -143,13 +152,19 @@ def _short(v: Any) -> str:
 
 def run_config(path: str | Path, out: str | Path | None = None, run_id: str | None = None,
                overrides: list[str] | None = None, force: bool = False,
-               progress: bool = True) -> list[tuple[Path, str]]:
+               progress: bool = True, experiment: str | None = None) -> list[tuple[Path, str]]:
     """Run every experiment of a config file; return ``(run directory, status)`` pairs.
 
     A finished experiment (complete run directory with the same resolved config) is skipped;
-    an interrupted one resumes from its checkpoint.
+    an interrupted one resumes from its checkpoint. ``experiment`` forces the experiment type
+    (``unitscope train`` passes ``"train"``).
     """
     config = load_config(path)
+    if experiment is not None:
+        if config.get("experiment", experiment) != experiment:
+            raise ConfigError(f"{path} is an experiment of type {config['experiment']!r}; "
+                              f"run it with `unitscope run`")
+        config["experiment"] = experiment
     for item in overrides or []:
         key, value = parse_override(item)
         table, _, sub = key.partition(".")
@@ -218,3 +233,50 @@ def _analyze(config: dict[str, Any], target: Path, progress: bool) -> None:
             batch_size=config["batch_size"], device=config["device"],
             num_workers=config["num_workers"], seed=config["seed"], calls=config["calls"],
             progress=progress, out=target, config=config)
+
+
+@EXPERIMENTS.register("train")
+def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
+    """Train a model; checkpoints per epoch in ``target/checkpoints``, final weights, metrics table."""
+    from .data import load_dataset
+    from .models import load_model
+    from .train import train
+
+    model = load_model(config["model"], weights=config.get("weights"))
+    train_data = load_dataset(config["dataset"], split="train")
+    test_data = load_dataset(config["dataset"], split="test")
+    history = train(model, train_data, test_data, epochs=config["epochs"], lr=config["lr"],
+                    batch_size=config["batch_size"], optimizer=config["optimizer"],
+                    momentum=config["momentum"], weight_decay=config["weight_decay"],
+                    scheduler=config["scheduler"], seed=config["seed"], device=config["device"],
+                    num_workers=config["num_workers"], checkpoint_dir=target / "checkpoints",
+                    progress=progress)
+    _finish_training(target, model, history, config)
+
+
+def _finish_training(target: Path, model: Any, history: list[dict[str, Any]],
+                     config: dict[str, Any]) -> None:
+    """Write weights, metrics and the manifest beside the checkpoints (the manifest last)."""
+    import platform
+    import time
+
+    import pandas as pd
+    import torch
+
+    from . import __version__
+    from ._toml import dumps
+    from .models import model_fingerprint
+
+    target.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), target / ".weights.pt.tmp")
+    (target / ".weights.pt.tmp").replace(target / "weights.pt")
+    pd.DataFrame(history).to_parquet(target / "metrics.parquet", index=False)
+    (target / "config.toml").write_text(dumps(config))
+    manifest = {"status": "complete", "kind": "training", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "versions": {"unitscope": __version__, "torch": torch.__version__,
+                             "python": platform.python_version()},
+                "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
+                "final": history[-1] if history else {}, "config": config}
+    tmp = target / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(target / "manifest.json")
