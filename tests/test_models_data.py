@@ -13,7 +13,8 @@ from unitscope.registry import UnknownNameError
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(UnknownNameError, match="Did you mean 'digits-cnn'.*Known models: .*digits-cnn, googlenet"):
+    expected = "Did you mean 'digits-cnn'.*Known models: .*digits-cnn, googlenet"
+    with pytest.raises(UnknownNameError, match=expected):
         unitscope.load_model("digit-cnn")
     with pytest.raises(UnknownNameError, match="Known datasets: digits"):
         unitscope.load_dataset("mnist")
