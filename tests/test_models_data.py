@@ -16,8 +16,8 @@ def test_unknown_names_list_the_known_ones():
     expected = "Did you mean 'digits-cnn'.*Known models: .*digits-cnn, googlenet"
     with pytest.raises(UnknownNameError, match=expected):
         unitscope.load_model("digit-cnn")
-    with pytest.raises(UnknownNameError, match="Known datasets: digits"):
-        unitscope.load_dataset("mnist")
+    with pytest.raises(UnknownNameError, match="Known datasets: cifar10, cifar100, digits, fashion-mnist"):
+        unitscope.load_dataset("imagenet")
     with pytest.raises(ValueError, match="unknown split 'val'"):
         unitscope.load_dataset("digits", split="val")
 

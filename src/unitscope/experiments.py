@@ -17,6 +17,9 @@ Example config::
 
     [moments]
     reduce = ["mean", "max"] # times two: four experiments
+
+``dataset_options`` is a table of options for the dataset (``root = "..."`` for image folders
+and local torchvision data, ``n``/``size`` for shapes).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ EXPERIMENTS: Registry = Registry("experiment type")
 #: keys every experiment type accepts, with their defaults
 COMMON: dict[str, Any] = {
     "experiment": "analyze", "model": None, "weights": None, "dataset": None, "seed": 0,
-    "device": "auto", "num_workers": 0, "out": "runs",
+    "device": "auto", "num_workers": 0, "out": "runs", "dataset_options": None,
 }
 #: the further keys of each experiment type, with their defaults
 KEYS: dict[str, dict[str, Any]] = {
@@ -228,7 +231,7 @@ def _analyze(config: dict[str, Any], target: Path, progress: bool) -> None:
             raise ConfigError(f"[{name}] options: unknown key {unknown[0]!r}; known keys: {', '.join(known)}")
         analyses.append(build_analysis(name, options))
     model = load_model(config["model"], weights=config.get("weights"))
-    data = load_dataset(config["dataset"], split=config["split"])
+    data = load_dataset(config["dataset"], split=config["split"], **config.get("dataset_options", {}))
     analyze(model, data, layers=config.get("layers"), analyses=analyses,
             batch_size=config["batch_size"], device=config["device"],
             num_workers=config["num_workers"], seed=config["seed"], calls=config["calls"],
@@ -243,8 +246,9 @@ def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
     from .train import train
 
     model = load_model(config["model"], weights=config.get("weights"))
-    train_data = load_dataset(config["dataset"], split="train")
-    test_data = load_dataset(config["dataset"], split="test")
+    options = config.get("dataset_options", {})
+    train_data = load_dataset(config["dataset"], split="train", **options)
+    test_data = load_dataset(config["dataset"], split="test", **options)
     history = train(model, train_data, test_data, epochs=config["epochs"], lr=config["lr"],
                     batch_size=config["batch_size"], optimizer=config["optimizer"],
                     momentum=config["momentum"], weight_decay=config["weight_decay"],

@@ -1,6 +1,8 @@
 """Datasets by name: built-in synthetic and bundled data, image folders, local torchvision data."""
 
 from .arrays import ArrayDataset, dataset_fingerprint
-from .registry import DATASETS, load_dataset
+from .registry import DATASETS, DatasetError, DatasetNotFoundError, load_dataset
+from .shapes import ShapesDataset
 
-__all__ = ["DATASETS", "ArrayDataset", "dataset_fingerprint", "load_dataset"]
+__all__ = ["DATASETS", "ArrayDataset", "DatasetError", "DatasetNotFoundError", "ShapesDataset",
+           "dataset_fingerprint", "load_dataset"]
