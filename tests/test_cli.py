@@ -132,11 +132,19 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug", "report", str(tmp_path)])
 
 
-def test_demo_quick_writes_run_and_report(tmp_path):
+def test_demo_quick_writes_runs_and_reports(tmp_path):
     assert main(["-q", "demo", "--quick", "--out", str(tmp_path)]) == 0
     run = unitscope.load_run(tmp_path / "digits-cnn")
     assert set(run.table("moments")["layer"]) == {"conv1", "conv2", "conv3", "relu1", "relu2", "relu3", "fc"}
-    page = (tmp_path / "digits-cnn" / "report.html").read_text()
-    assert "data:image/png;base64," in page and "<h2 id='moments'>" in page
-    assert "http://" not in page and "https://" not in page
-    assert json.loads((tmp_path / "training.json").read_text())[-1]["epoch"] == 3
+    shapes = unitscope.load_run(tmp_path / "shapes-cnn").table("moments")
+    assert "relu4" in set(shapes["layer"]) and (shapes["count"] == 800).all()
+    for name in ("digits-cnn", "shapes-cnn"):
+        page = (tmp_path / name / "report.html").read_text()
+        assert "data:image/png;base64," in page and "<h2 id='moments'>" in page
+        assert "http://" not in page and "https://" not in page
+    history = json.loads((tmp_path / "training" / "digits-cnn" / "history.json").read_text())
+    assert history[-1]["epoch"] == 3
+    # a second demo reuses the finished trainings (checkpoints) instead of training again
+    stamp = (tmp_path / "training" / "shapes-cnn" / "epoch-002.pt").stat().st_mtime_ns
+    assert main(["-q", "demo", "--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "training" / "shapes-cnn" / "epoch-002.pt").stat().st_mtime_ns == stamp

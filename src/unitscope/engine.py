@@ -293,7 +293,8 @@ def _total_nonfinite(nonfinite: dict[str, dict[str, Any]], synced: bool) -> dict
 def _progress(total: int, done: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total + done, initial=done, disable=not enabled, unit="batch",
+    # disable=None lets tqdm switch itself off when stderr is not a terminal (logs, CI)
+    return tqdm(total=total + done, initial=done, disable=None if enabled else True, unit="batch",
                 desc="unitscope", leave=False, file=sys.stderr)
 
 

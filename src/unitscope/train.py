@@ -220,7 +220,7 @@ def _scheduler(opt: torch.optim.Optimizer, name: str, epochs: int) -> Any:
 def _progress(loader: DataLoader, enabled: bool, desc: str) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(loader, desc=desc, disable=not enabled, leave=False, unit="batch")
+    return tqdm(loader, desc=desc, disable=None if enabled else True, leave=False, unit="batch")
 
 
 def checkpoints(directory: Path) -> list[tuple[int, Path]]:
