@@ -49,21 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", help="C,H,W for output shapes when the model declares none")
     p.add_argument("--all", action="store_true", help="include container modules, not only leaves")
 
-    p = add("run", "run every experiment of a TOML/JSON config (lists expand to a grid)")
-    p.add_argument("config", help="config file (.toml or .json)")
-    p.add_argument("--out", help="base directory of run directories (default: the config's out, else runs)")
-    p.add_argument("--run-id", help="subdirectory grouping this grid (default: the config file's name)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (TOML value), repeatable")
-    p.add_argument("--force", action="store_true", help="rerun finished experiments")
-
-    p = add("train", "train every experiment of a config (checkpoint per epoch, resumable)")
-    p.add_argument("config", help="config file (.toml or .json)")
-    p.add_argument("--out", help="base directory of run directories (default: the config's out, else runs)")
-    p.add_argument("--run-id", help="subdirectory grouping this grid (default: the config file's name)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (TOML value), repeatable")
-    p.add_argument("--force", action="store_true", help="retrain finished experiments")
+    for name, help_text in (
+            ("run", "run every experiment of a TOML/JSON config (lists expand to a grid)"),
+            ("train", "train every experiment of a config (checkpoint per epoch, resumable)")):
+        p = add(name, help_text)
+        p.add_argument("config", help="config file (.toml or .json)")
+        p.add_argument("--out", help="base directory of run directories (default: the config's out, "
+                       "else runs)")
+        p.add_argument("--run-id", help="subdirectory grouping this grid (default: the config file's name)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (TOML value), repeatable")
+        p.add_argument("--force", action="store_true", help="redo finished experiments")
 
     p = add("merge", "merge shard run directories (analyze(shard=(i, k))) into one run")
     p.add_argument("shards", nargs="+", help="run directories of the shards")
