@@ -192,3 +192,16 @@ def test_tuple_outputs_use_the_first_tensor():
     with unitscope.capture(net, "0") as acts:
         net(torch.ones(2, 3))
     assert torch.equal(acts["0"], torch.full((2, 3), 2.0))
+
+
+def test_capture_objects_are_freed_after_exit(digits_model):
+    import gc
+    import weakref
+
+    cap = Capture(digits_model, "relu*", {"mean": "mean"})
+    with torch.no_grad(), cap:
+        digits_model(torch.zeros(3, 1, 8, 8))
+    ref, out_ref = weakref.ref(cap), weakref.ref(cap.outputs["mean"]["relu1"])
+    del cap
+    gc.collect()
+    assert ref() is None and out_ref() is None, "the model still holds the capture after exit"

@@ -196,3 +196,15 @@ def test_cuda_pass_equals_cpu_pass(digits_model, digits_test):
     gpu = unitscope.analyze(digits_model, digits_test, layers="relu*", device="cuda", progress=False)
     assert next(digits_model.parameters()).device.type == "cpu", "the model must be moved back"
     assert_tables_close(gpu.table("moments"), cpu.table("moments"), rtol=1e-4, atol=1e-5)
+
+
+def test_state_size_does_not_grow_with_the_data(digits_model, digits_test):
+    small = unitscope.analyze(digits_model, torch.utils.data.Subset(digits_test, range(10)),
+                              layers="relu*", progress=False)
+    large = unitscope.analyze(digits_model, digits_test, layers="relu*", batch_size=7, progress=False)
+
+    def state_bytes(run):
+        return sum(t.numel() * t.element_size() for acc in run.analysis("moments").accumulators.values()
+                   for t in acc.state_dict().values())
+
+    assert state_bytes(small) == state_bytes(large) > 0
