@@ -148,3 +148,12 @@ def test_demo_quick_writes_runs_and_reports(tmp_path):
     stamp = (tmp_path / "training" / "shapes-cnn" / "epoch-002.pt").stat().st_mtime_ns
     assert main(["-q", "demo", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "training" / "shapes-cnn" / "epoch-002.pt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", unitscope.models.MODELS.names())
+def test_layers_command_for_every_registered_model(name, capsys):
+    assert main(["layers", name]) == 0
+    out = capsys.readouterr().out
+    shape = unitscope.models.default_input_shape(name)
+    assert "Conv2d" in out and "Linear" in out and str(tuple(shape)) in out
