@@ -40,8 +40,14 @@ class Run:
     """The results of one pass: tidy tables, arrays, accumulator states and a manifest.
 
     Example:
-        >>> run.table("moments").head()          # doctest: +SKIP
-        >>> run.save("runs/demo")                # doctest: +SKIP
+        >>> import tempfile, unitscope
+        >>> run = unitscope.analyze(unitscope.load_model("digits-cnn"),
+        ...                         unitscope.load_dataset("digits", "test"), layers="fc", progress=False)
+        >>> run.table("moments").shape
+        (10, 8)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     unitscope.load_run(run.save(f"{d}/run")).table("moments").equals(run.table("moments"))
+        True
     """
 
     def __init__(self, analyses: list[Analysis], manifest: dict[str, Any],
