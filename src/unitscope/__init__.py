@@ -12,7 +12,7 @@ One streaming pass over a dataset feeds mergeable accumulators for every request
 
 __version__ = "0.1.0"
 
-from .analyses import ANALYSES, Analysis, Batch, Moments
+from .analyses import ANALYSES, Analysis, Batch, Moments, Saturation, SaturationTracker, projected_accuracy
 from .capture import Capture, CaptureError, LayerError, StopForward, capture, layer_names, resolve_layers
 from .data import ArrayDataset, load_dataset
 from .engine import EmptyDatasetError, InputError, analyze
@@ -32,6 +32,8 @@ __all__ = [
     "Moments",
     "Run",
     "RunError",
+    "Saturation",
+    "SaturationTracker",
     "StopForward",
     "WeightsError",
     "__version__",
@@ -42,6 +44,7 @@ __all__ = [
     "load_dataset",
     "load_model",
     "load_run",
+    "projected_accuracy",
     "resolve_layers",
     "set_weights",
     "switch_weights",

@@ -115,8 +115,10 @@ def make_reduction(spec: Reduction) -> Callable[[torch.Tensor], torch.Tensor]:
 
     ``"none"`` keeps the output (cloned, so later in-place ops cannot change it), ``"mean"`` and
     ``"max"`` reduce every dimension after the channel dimension (a 2-D output is returned as
-    is), ``"flatten"`` gives ``(N, -1)``, ``"pool:D"`` adaptive-average-pools 1-D, 2-D or 3-D
-    maps to ``D`` per spatial dimension. A callable is used as given.
+    is), ``"flatten"`` gives ``(N, -1)``, ``"channelwise"`` makes every spatial position a sample
+    (``(N, C, H, W)`` -> ``(N·H·W, C)``), ``"pool:D"`` adaptive-average-pools 1-D, 2-D or 3-D
+    maps to ``D`` per spatial dimension. A callable is used as given. Hooks pass detached
+    outputs, so nothing captured keeps the autograd graph alive.
     """
     if callable(spec):
         return spec
@@ -128,6 +130,8 @@ def make_reduction(spec: Reduction) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda t: t.amax(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t.detach().clone()
     if spec == "flatten":
         return lambda t: t.detach().reshape(t.shape[0], -1).clone()
+    if spec == "channelwise":
+        return _channelwise
     if isinstance(spec, str) and spec.startswith("pool:"):
         try:
             d = int(spec.split(":", 1)[1])
@@ -137,8 +141,17 @@ def make_reduction(spec: Reduction) -> Callable[[torch.Tensor], torch.Tensor]:
             raise ValueError(f"reduction {spec!r}: the pooled size must be a positive integer, e.g. 'pool:4'")
         return lambda t: _adaptive_pool(t, d)
     raise ValueError(
-        f"unknown reduction {spec!r}; use 'none', 'mean', 'max', 'flatten', 'pool:D' or a callable"
+        f"unknown reduction {spec!r}; use 'none', 'mean', 'max', 'flatten', 'channelwise', 'pool:D' "
+        "or a callable"
     )
+
+
+def _channelwise(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() <= 2:
+        return t.detach().clone()
+    out = t.detach().movedim(1, -1).reshape(-1, t.shape[1])
+    # reshape copies unless the map is 1×1; a view would change under a later in-place op
+    return out.clone() if out.data_ptr() == t.data_ptr() else out
 
 
 def _adaptive_pool(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -227,7 +240,7 @@ class Capture:
                 if self.calls == "first":
                     return
             key = f"{name}#{calls}" if calls and self.calls == "all" else name
-            tensor = _first_tensor(output, name)
+            tensor = _first_tensor(output, name).detach()
             for red_name, fn in self._per_layer[name]:
                 self.outputs[red_name][key] = fn(tensor)
             if self.stop and len(self._counts) == len(self.layers):

@@ -2,5 +2,15 @@
 
 from .base import ANALYSES, Analysis, Batch, build_analysis
 from .moments import Moments
+from .saturation import Saturation, SaturationTracker, projected_accuracy
 
-__all__ = ["ANALYSES", "Analysis", "Batch", "Moments", "build_analysis"]
+__all__ = [
+    "ANALYSES",
+    "Analysis",
+    "Batch",
+    "Moments",
+    "Saturation",
+    "SaturationTracker",
+    "build_analysis",
+    "projected_accuracy",
+]

@@ -1,0 +1,285 @@
+"""Saturation and intrinsic dimension per layer, during training, and PCA-projected inference.
+
+The covariance of each layer's output is accumulated in float64 over the *whole* pass (a conv
+output contributes every spatial position as a sample of its C channels, ``conv="channelwise"``,
+or its spatial mean, ``conv="mean"``); its eigenvalues give the intrinsic dimension k (the
+number of directions that explain ``delta`` of the variance) and the saturation k / width
+(Shenk et al. 2021, arXiv 2006.08679). :class:`SaturationTracker` does the same for every
+training epoch over all of that epoch's batches (and the test set), and :func:`projected_accuracy`
+projects chosen layers onto their δ-eigenspace to measure what the remaining directions carry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..capture import Capture, LayerSpec, resolve_layers
+from ..stats.base import Accumulator
+from ..stats.covariance import Covariance
+from ..stats.saturation import RULES, check_delta, intrinsic_dimension, projection, saturation
+from ..train import Callback
+from .base import Analysis
+
+log = logging.getLogger(__name__)
+
+CONV_METHODS = {"channelwise": "channelwise", "mean": "mean"}
+DEFAULT_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+class Saturation(Analysis):
+    """Intrinsic dimension and saturation of every selected layer.
+
+    Args:
+        layers: layers to measure (default: those given to ``analyze``; the seed measured every
+            Conv2d and Linear output).
+        delta: share of the variance the kept directions must explain, in (0, 1].
+        conv: ``"channelwise"`` (every spatial position is a sample of a C-vector, the seed's
+            default) or ``"mean"`` (spatial mean first, one sample per input).
+        rule: ``"textbook"`` (k = min{k : c_k ≥ δ}) or ``"delve"`` (the peer library's rule, which
+            can keep one direction fewer and explain less than δ; see
+            :func:`unitscope.stats.saturation.intrinsic_dimension`).
+
+    The table ``saturation`` has one row per layer: ``layer, width, intrinsic_dim, saturation,
+    samples, dead, rank_deficient`` (fewer samples than width: the estimate is kept but flagged);
+    the eigenvalues are in ``run.arrays["saturation"]``.
+
+    Example:
+        >>> import unitscope
+        >>> run = unitscope.analyze(unitscope.load_model("digits-cnn"),
+        ...                         unitscope.load_dataset("digits", "test"), layers="conv*",
+        ...                         analyses=[unitscope.Saturation()], progress=False)
+        >>> list(run.table("saturation").columns)[:5]
+        ['layer', 'width', 'intrinsic_dim', 'saturation', 'samples']
+    """
+
+    name = "saturation"
+
+    def __init__(self, layers: LayerSpec | None = None, delta: float = 0.99, conv: str = "channelwise",
+                 rule: str = "textbook") -> None:
+        super().__init__(layers)
+        if conv not in CONV_METHODS:
+            raise ValueError(f"conv={conv!r}: use one of {', '.join(CONV_METHODS)}")
+        if rule not in RULES:
+            raise ValueError(f"rule={rule!r}: use one of {', '.join(RULES)}")
+        self.delta, self.conv, self.rule = check_delta(delta), conv, rule
+        self.reduce = CONV_METHODS[conv]
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments."""
+        return {**super().config(), "delta": self.delta, "conv": self.conv, "rule": self.rule}
+
+    def new_accumulator(self, key: str) -> Accumulator:
+        """A float64 streaming covariance per layer."""
+        return Covariance()
+
+    def results(self) -> dict[str, Any]:
+        """:class:`unitscope.stats.saturation.SaturationResult` per layer."""
+        out = {}
+        for key, acc in self.accumulators.items():
+            if acc.initialized:
+                r = acc.compute(ddof=0)
+                out[key] = saturation(r.cov, int(r.count), self.delta, self.rule)
+        return out
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``saturation``: one row per layer."""
+        rows = []
+        for key, r in self.results().items():
+            if r.samples < r.width:
+                log.warning("layer %s: %d samples for width %d, so its covariance is rank-deficient and "
+                            "the saturation is a lower bound", key, r.samples, r.width)
+            rows.append({"layer": key, "width": r.width, "intrinsic_dim": r.intrinsic_dim,
+                         "saturation": r.saturation, "samples": r.samples, "dead": r.dead,
+                         "rank_deficient": r.samples < r.width})
+        columns = ["layer", "width", "intrinsic_dim", "saturation", "samples", "dead", "rank_deficient"]
+        return {self.name: pd.DataFrame(rows, columns=columns)}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The eigenvalues of every layer (descending), by layer name."""
+        return {key: r.eigenvalues for key, r in self.results().items()}
+
+
+class SaturationTracker(Callback):
+    """A training callback: saturation per layer for every epoch, over all of its batches.
+
+    Each epoch starts a fresh float64 covariance per layer, fed by every training batch of that
+    epoch (in train mode, as the seed did); at the end of the epoch the test set, if given, is
+    measured in eval mode with the epoch's final weights. ``table`` holds one row per
+    (epoch, split, layer).
+
+    Example:
+        >>> import unitscope
+        >>> from unitscope.train import train
+        >>> model = unitscope.load_model("digits-cnn")
+        >>> tracker = SaturationTracker(model, "conv*", test_data=unitscope.load_dataset("digits", "test"))
+        >>> _ = train(model, unitscope.load_dataset("digits", "train"), epochs=1, callbacks=[tracker])
+        >>> sorted(tracker.table["split"].unique()), int(tracker.table["samples"].iloc[0])
+        (['test', 'train'], 91968)
+    """
+
+    def __init__(self, model: nn.Module, layers: LayerSpec | None = DEFAULT_LAYERS, delta: float = 0.99,
+                 conv: str = "channelwise", rule: str = "textbook", test_data: Dataset | None = None,
+                 batch_size: int = 256) -> None:
+        self.model = model
+        self.layers = resolve_layers(model, layers)
+        self.analysis = Saturation(self.layers, delta=delta, conv=conv, rule=rule)
+        self.test_data, self.batch_size = test_data, batch_size
+        self._capture: Capture | None = None
+        self._rows: list[dict[str, Any]] = []
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """``epoch, split, layer, width, intrinsic_dim, saturation, samples, ...`` rows so far."""
+        return pd.DataFrame(self._rows)
+
+    def on_epoch_start(self, state: Any) -> None:
+        """Fresh accumulators, and hooks on the tracked layers for this epoch's training forwards."""
+        self.analysis.accumulators = {}
+        self.analysis.start(self.layers)
+        self._capture = Capture(self.model, self.layers, {"r": self.analysis.reduce})
+        self._capture.__enter__()
+
+    def on_batch_end(self, state: Any) -> None:
+        """Fold this batch's captured outputs into the epoch's covariances."""
+        if self._capture is None:
+            return
+        for key, acc in self.analysis.accumulators.items():
+            if key in self._capture.outputs["r"]:
+                acc.update(self._capture.outputs["r"][key])
+
+    def on_epoch_end(self, state: Any, metrics: dict[str, Any]) -> None:
+        """Record the epoch's training saturation, then measure the test set."""
+        from ..engine import analyze
+
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+        self._record(state.epoch, "train", self.analysis.tables()["saturation"])
+        if self.test_data is not None:
+            test = Saturation(self.layers, delta=self.analysis.delta, conv=self.analysis.conv,
+                              rule=self.analysis.rule)
+            run = analyze(self.model, self.test_data, analyses=[test], batch_size=self.batch_size,
+                          device=next(self.model.parameters()).device, progress=False)
+            self._record(state.epoch, "test", run.table("saturation"))
+
+    def _record(self, epoch: int, split: str, table: pd.DataFrame) -> None:
+        for row in table.to_dict("records"):
+            self._rows.append({"epoch": epoch, "split": split, **row})
+
+
+def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: LayerSpec,
+                       deltas: Sequence[float] = (0.9, 0.95, 0.99, 0.995, 0.999),
+                       conv: str = "channelwise", batch_size: int = 256,
+                       device: str | torch.device = "auto") -> pd.DataFrame:
+    """Test accuracy when chosen layers are projected onto their δ-eigenspace, for several δ.
+
+    The covariance of each layer comes from one pass over ``train_data`` (eval mode); for each δ
+    every chosen layer's output is replaced by ``μ + (x − μ) P`` with ``P`` the projection onto
+    the k leading eigen-directions (conv layers: per spatial position over channels), and the test
+    set is evaluated. δ = 1 keeps every direction with non-zero variance. Unlike the seed, the
+    projection is centred on the layer's mean.
+
+    Returns:
+        One row per δ: ``delta, test_acc, test_loss, sum_k, sum_width, mean_saturation``, plus a
+        row ``delta = NaN`` for the unprojected model (``baseline`` True).
+    """
+    from ..engine import analyze
+    from ..train import evaluate
+
+    sat = Saturation(layers, conv=conv)
+    run = analyze(model, train_data, analyses=[sat], batch_size=batch_size, device=device, progress=False)
+    stats = {k: acc.compute(ddof=0) for k, acc in run.analysis("saturation").accumulators.items()}
+    dev = next(model.parameters()).device
+    base = evaluate(model, test_data, batch_size=batch_size, device=dev)
+    rows = [{"delta": float("nan"), "test_acc": base["acc"], "test_loss": base["loss"], "baseline": True,
+             "sum_k": sum(int(s.cov.shape[0]) for s in stats.values()),
+             "sum_width": sum(int(s.cov.shape[0]) for s in stats.values()), "mean_saturation": 1.0}]
+    modules = dict(model.named_modules())
+    for delta in deltas:
+        check_delta(delta)
+        handles, ks, widths = [], [], []
+        try:
+            for key, s in stats.items():
+                k = intrinsic_dimension(torch.linalg.eigvalsh(s.cov).flip(0).clamp(min=0), delta)
+                p = projection(s.cov, k)
+                ks.append(k)
+                widths.append(int(s.cov.shape[0]))
+                handles.append(modules[key].register_forward_hook(_projector(s.mean, p)))
+            m = evaluate(model, test_data, batch_size=batch_size, device=dev)
+        finally:
+            for h in handles:
+                h.remove()
+        rows.append({"delta": float(delta), "test_acc": m["acc"], "test_loss": m["loss"], "baseline": False,
+                     "sum_k": sum(ks), "sum_width": sum(widths),
+                     "mean_saturation": sum(k / w for k, w in zip(ks, widths)) / len(ks)})
+    return pd.DataFrame(rows)
+
+
+def _projector(mean: torch.Tensor, proj: torch.Tensor):
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        mu = mean.to(output.device, output.dtype)
+        p = proj.to(output.device, output.dtype)
+        if output.dim() == 2:
+            return mu + (output - mu) @ p
+        x = output.movedim(1, -1)
+        return (mu + (x - mu) @ p).movedim(-1, 1).contiguous()
+    return hook
+
+
+def plot_saturation(table: pd.DataFrame, ax: Any = None) -> Any:
+    """Saturation per layer as bars (one ``saturation`` table); returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 3), layout="constrained")
+    ax.bar(table["layer"], table["saturation"], color="tab:blue")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("saturation k/d")
+    ax.tick_params(axis="x", rotation=45)
+    return fig
+
+
+def plot_saturation_epochs(table: pd.DataFrame, split: str = "train", ax: Any = None) -> Any:
+    """Layer × epoch heatmap of saturation from a :class:`SaturationTracker` table."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    grid = table[table["split"] == split].pivot(index="layer", columns="epoch", values="saturation")
+    grid = grid.loc[list(dict.fromkeys(table["layer"]))]
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(
+        figsize=(1.2 + 0.5 * grid.shape[1], 0.8 + 0.35 * grid.shape[0]), layout="constrained")
+    im = ax.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), grid.columns)
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set_xlabel("epoch")
+    ax.set_title(f"saturation ({split})")
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+def plot_projected_accuracy(table: pd.DataFrame, ax: Any = None) -> Any:
+    """Test accuracy against δ for :func:`projected_accuracy`, with the unprojected model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3), layout="constrained")
+    rows = table[~table["baseline"]]
+    ax.plot(rows["delta"], rows["test_acc"], "o-", label="projected")
+    ax.axhline(float(table[table["baseline"]]["test_acc"].iloc[0]), color="grey", ls="--", label="model")
+    ax.set_xlabel("δ")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    return fig

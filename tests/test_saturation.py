@@ -1,0 +1,165 @@
+"""Saturation: the spec's exact spectra, statistical cases, invariances, merge, training tracking."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import unitscope
+from unitscope.results import merge_runs
+from unitscope.stats.saturation import intrinsic_dimension, saturation
+
+CASES = [  # spectrum, delta, textbook k, delve k (spec 1.4 and 1.8)
+    ([0.5, 0.3, 0.15, 0.05], 0.99, 4, 4),
+    ([0.5, 0.3, 0.15, 0.05], 0.95, 3, 3),
+    ([0.99, 0.01], 0.99, 1, 1),
+    ([0.98, 0.02], 0.99, 2, 1),
+    ([0.6, 0.385, 0.015], 0.99, 3, 2),
+    ([1.0] * 20 + [0.0] * 30, 0.99, 20, 20),
+    ([1.0] * 50 + [0.0] * 14, 0.99, 50, 49),
+    ([1.0] * 64, 0.99, 64, 63),
+    ([1.0] * 100, 0.99, 99, 98),
+    ([0.5 ** i for i in range(1, 65)], 0.99, 7, 6),
+    ([0.9 ** i for i in range(1, 65)], 0.99, 43, 42),
+]
+
+
+@pytest.mark.parametrize(("spectrum", "delta", "textbook", "delve"), CASES)
+def test_exact_spectra(spectrum, delta, textbook, delve):
+    vals = torch.tensor(spectrum, dtype=torch.float64)
+    assert intrinsic_dimension(vals, delta) == textbook
+    assert intrinsic_dimension(vals, delta, rule="delve") == delve
+    # the same through a rotated covariance matrix
+    q, _ = torch.linalg.qr(torch.randn(len(vals), len(vals), dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(0)))
+    assert saturation(q @ torch.diag(vals) @ q.T, samples=10_000, delta=delta).intrinsic_dim == textbook
+
+
+def test_dead_layer_and_bad_delta():
+    r = saturation(torch.zeros(5, 5), samples=10)
+    assert r.intrinsic_dim == 0 and r.dead and r.saturation == 0.0
+    for delta in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+            intrinsic_dimension(torch.ones(3), delta)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        unitscope.Saturation(delta=2.0)
+    assert intrinsic_dimension(torch.tensor([3.0, 1.0, 0.0]), 1.0) == 2  # delta 1: numerical rank
+
+
+def run_saturation(x, **kwargs):
+    data = unitscope.ArrayDataset(x.float(), torch.zeros(len(x), dtype=torch.int64))
+    model = nn.Sequential(nn.Identity())
+    return unitscope.analyze(model, data, layers="0", analyses=[unitscope.Saturation(**kwargs)],
+                             batch_size=kwargs.pop("batch_size", 500), progress=False, device="cpu")
+
+
+@pytest.mark.parametrize("d", [16, 64])
+def test_isotropic_gaussian_is_nearly_saturated(d):
+    x = torch.randn(100 * d, d, generator=torch.Generator().manual_seed(d))
+    row = run_saturation(x).table("saturation").iloc[0]
+    assert row["width"] == d and row["samples"] == 100 * d and row["saturation"] >= 0.97
+
+
+def test_subspace_data_has_its_dimension():
+    g = torch.Generator().manual_seed(1)
+    d, r = 128, 32
+    x = torch.randn(20_000, r, generator=g) @ torch.randn(r, d, generator=g)
+    k = run_saturation(x).table("saturation").iloc[0]["intrinsic_dim"]
+    assert r - 3 <= k <= r
+
+
+def test_invariant_to_rotation_scaling_and_shift():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3000, 12, generator=g) * torch.linspace(0.1, 3, 12)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    base = run_saturation(x).table("saturation").iloc[0]["intrinsic_dim"]
+    assert run_saturation(x @ q).table("saturation").iloc[0]["intrinsic_dim"] == base
+    assert run_saturation(-3.0 * x + 1e3).table("saturation").iloc[0]["intrinsic_dim"] == base
+    assert 1 < base < 12
+
+
+def test_channelwise_covariance_equals_numpy_over_all_positions(digits_model, digits_test):
+    run = unitscope.analyze(digits_model, digits_test, layers="conv2", batch_size=37,
+                            analyses=[unitscope.Saturation()], progress=False)
+    acc = run.analysis("saturation").accumulators["conv2"]
+    x = torch.stack([digits_test[i][0] for i in range(len(digits_test))])
+    with torch.no_grad(), unitscope.capture(digits_model.eval(), "conv2") as acts:
+        digits_model(x)
+    rows = acts["conv2"].permute(0, 2, 3, 1).reshape(-1, 32).double().numpy()
+    r = acc.compute(ddof=0)
+    assert int(r.count) == 360 * 8 * 8
+    np.testing.assert_allclose(r.cov.numpy(), np.cov(rows, rowvar=False, bias=True), rtol=1e-9, atol=1e-12)
+
+
+def test_channelwise_equals_mean_for_spatially_constant_maps():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 6, 1, 1, generator=g).expand(400, 6, 5, 5).contiguous()
+    a = run_saturation(x, conv="channelwise").analysis("saturation").accumulators["0"].compute(ddof=0)
+    b = run_saturation(x, conv="mean").analysis("saturation").accumulators["0"].compute(ddof=0)
+    torch.testing.assert_close(a.cov, b.cov, rtol=1e-5, atol=1e-7)  # the mean is taken in float32
+
+
+def test_shards_merged_equal_one_pass(tmp_path, digits_model, digits_test):
+    kwargs = {"layers": ["conv*", "fc"], "analyses": [unitscope.Saturation()], "progress": False}
+    whole = unitscope.analyze(digits_model, digits_test, **kwargs).table("saturation")
+    dirs = [tmp_path / f"s{i}" for i in range(2)]
+    for i, d in enumerate(dirs):
+        unitscope.analyze(digits_model, digits_test, shard=(i, 2), out=d,
+                          **{**kwargs, "analyses": [unitscope.Saturation()]})
+    merged = merge_runs(dirs).table("saturation")
+    cols = ["layer", "width", "intrinsic_dim", "saturation", "samples"]
+    assert merged[cols].equals(whole[cols])
+    eig_whole = unitscope.analyze(digits_model, digits_test,
+                                  **{**kwargs, "analyses": [unitscope.Saturation()]})
+    eig_merged = merge_runs(dirs)
+    for layer, vals in eig_whole.arrays["saturation"].items():
+        torch.testing.assert_close(eig_merged.arrays["saturation"][layer], vals, rtol=1e-9, atol=1e-12)
+
+
+def test_rank_deficient_layers_are_flagged(digits_model, digits_test, caplog):
+    few = torch.utils.data.Subset(digits_test, range(5))
+    table = unitscope.analyze(digits_model, few, layers="fc", analyses=[unitscope.Saturation()],
+                              progress=False).table("saturation")
+    row = table.iloc[0]
+    assert row["rank_deficient"] and row["samples"] == 5 and row["intrinsic_dim"] <= 4
+    assert "rank-deficient" in caplog.text
+
+
+def test_tracker_uses_every_batch_of_the_epoch(digits_model):
+    from unitscope.train import train
+
+    train_data = unitscope.load_dataset("digits", "train")
+    test_data = unitscope.load_dataset("digits", "test")
+    tracker = unitscope.SaturationTracker(digits_model, ["conv1", "fc"], test_data=test_data)
+    train(digits_model, train_data, epochs=2, batch_size=100, callbacks=[tracker])
+    t = tracker.table
+    assert len(t) == 2 * 2 * 2  # epochs x splits x layers
+    conv1 = t[(t["layer"] == "conv1")]
+    assert set(conv1[conv1["split"] == "train"]["samples"]) == {1437 * 64}  # not the last batch's 37
+    assert set(conv1[conv1["split"] == "test"]["samples"]) == {360 * 64}
+    fc = t[(t["layer"] == "fc") & (t["split"] == "train")]
+    assert set(fc["samples"]) == {1437}
+    from .conftest import hook_counts
+
+    assert hook_counts(digits_model) == 0
+
+
+def test_projected_accuracy_keeps_accuracy_at_delta_one(digits_model):
+    from unitscope.train import train
+
+    train_data = unitscope.load_dataset("digits", "train")
+    test_data = unitscope.load_dataset("digits", "test")
+    train(digits_model, train_data, epochs=3, lr=5e-3, batch_size=32)
+    table = unitscope.projected_accuracy(digits_model, train_data, test_data, ["conv2", "conv3"],
+                                         deltas=[0.5, 0.99, 1.0])
+    base = table[table["baseline"]].iloc[0]
+    full = table[table["delta"] == 1.0].iloc[0]
+    assert full["test_acc"] == pytest.approx(base["test_acc"], abs=1e-9)
+    low = table[table["delta"] == 0.5].iloc[0]
+    assert low["sum_k"] < full["sum_k"] <= full["sum_width"] == 32 + 64
+    assert low["test_acc"] < base["test_acc"]
+    assert not math.isnan(table["mean_saturation"].iloc[1])
