@@ -96,15 +96,23 @@ class Covariance(Accumulator):
             raise ValueError(f"Covariance: expected {s['mean'].shape[0]} units, got {x.shape[1]}")
         if x.shape[0] == 0:
             return
-        good = torch.isfinite(x).all(1, keepdim=True)  # (N, 1)
-        n_b = good.sum(dtype=torch.float64)
-        xz = torch.where(good, x, 0.0)
-        mean_b = xz.sum(0) / n_b.clamp(min=1)
-        xc = torch.where(good, x - mean_b, 0.0)
+        colsum = x.sum(0)
+        if bool(torch.isfinite(colsum).all()):
+            # fast path: every value is finite (a NaN or inf would make its column sum non-finite)
+            good = None
+            n_b = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+            mean_b = colsum / n_b
+            xc = x - mean_b
+        else:
+            good = torch.isfinite(x).all(1, keepdim=True)  # (N, 1)
+            n_b = good.sum(dtype=torch.float64)
+            mean_b = torch.where(good, x, 0.0).sum(0) / n_b.clamp(min=1)
+            xc = torch.where(good, x - mean_b, 0.0)
         comoment_b = xc.T @ xc
         s["count"], s["mean"], s["comoment"] = chan_combine(
             s["count"], s["mean"], s["comoment"], n_b, mean_b, comoment_b, outer=True)
-        s["nonfinite_rows"] = s["nonfinite_rows"] + (~good).sum()
+        if good is not None:
+            s["nonfinite_rows"] = s["nonfinite_rows"] + (~good).sum()
 
     def merge(self, other: Accumulator) -> Accumulator:
         """Fold ``other`` into ``self``; refuses states with a different number of units."""

@@ -1,0 +1,92 @@
+"""Cost of tracking saturation while training digits-cnn: unitscope vs delve, against no tracking.
+
+Interleaved in one process: each round trains a fresh digits-cnn (same seed) for E epochs with
+no tracker, with unitscope's SaturationTracker (every Conv2d and Linear, channelwise, train
+split only, like delve's train-mode tracking) and with delve's SaturationTracker (same layers,
+channelwise, lsat + idim, CSV writer to a temporary folder). Reports median seconds and ratios.
+Also reports how many samples each tracker's last-epoch value is built from.
+
+Run:  python benchmarks/saturation_tracking.py [--rounds 5] [--epochs 3]   (needs the bench extra: delve)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+import unitscope
+from unitscope.train import Callback, train
+
+
+class CaptureOnly(unitscope.SaturationTracker):
+    """unitscope's tracker with the covariance updates switched off: the cost of the hooks alone."""
+
+    def on_batch_end(self, state) -> None:
+        pass
+
+
+class DelveCallback(Callback):
+    """Adapter: delve's tracker hooks the model; add_saturations() at every epoch end, as phd-lab did."""
+
+    def __init__(self, model: nn.Module, folder: str) -> None:
+        from delve import SaturationTracker
+
+        self.tracker = SaturationTracker(folder, save_to="csv", modules=model, stats=["lsat", "idim"],
+                                         device="cpu", conv_method="channelwise", verbose=False)
+
+    def on_epoch_end(self, state, metrics) -> None:
+        self.tracker.add_saturations()
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+def one(method: str, epochs: int, data) -> float:
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn")
+    callbacks = []
+    tmp = tempfile.TemporaryDirectory()
+    if method == "unitscope":
+        callbacks = [unitscope.SaturationTracker(model, (nn.Conv2d, nn.Linear))]
+    elif method == "unitscope hooks only":
+        callbacks = [CaptureOnly(model, (nn.Conv2d, nn.Linear))]
+    elif method == "delve":
+        callbacks = [DelveCallback(model, tmp.name)]
+    start = time.perf_counter()
+    train(model, data, epochs=epochs, lr=5e-3, batch_size=32, seed=0, device="cpu", callbacks=callbacks)
+    elapsed = time.perf_counter() - start
+    if method == "delve":
+        callbacks[0].close()
+    tmp.cleanup()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args()
+    data = unitscope.load_dataset("digits", "train")
+    methods = ["plain", "unitscope", "unitscope hooks only", "delve"]
+    one("plain", 1, data)  # warm-up
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.rounds):
+        for m in methods:
+            times[m].append(one(m, args.epochs, data))
+    base = statistics.median(times["plain"])
+    print(f"digits-cnn, {len(data)} training images, batch 32, {args.epochs} epochs, "
+          f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| method | median s | ratio to no tracking |")
+    print("|---|---:|---:|")
+    for m in methods:
+        med = statistics.median(times[m])
+        print(f"| {m} | {med:.3f} | {med / base:.3f}x |")
+
+
+if __name__ == "__main__":
+    main()
