@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -163,3 +164,29 @@ def test_projected_accuracy_keeps_accuracy_at_delta_one(digits_model):
     assert low["sum_k"] < full["sum_k"] <= full["sum_width"] == 32 + 64
     assert low["test_acc"] < base["test_acc"]
     assert not math.isnan(table["mean_saturation"].iloc[1])
+
+
+def test_cli_saturation_and_training_tracking(tmp_path):
+    from unitscope.cli import main
+    from unitscope.report import write_report
+
+    cfg = tmp_path / "sat.toml"
+    cfg.write_text('experiment = "saturation"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+                   'project_deltas = [0.9, 1.0]\ndelta = [0.9, 0.99]\n')
+    assert main(["-q", "run", str(cfg), "--out", str(tmp_path / "runs")]) == 0
+    dirs = sorted((tmp_path / "runs" / "sat").iterdir())
+    assert [d.name for d in dirs] == ["digits-cnn_digits-test_delta=0.9", "digits-cnn_digits-test_delta=0.99"]
+    low, high = (unitscope.load_run(d).table("saturation") for d in dirs)
+    assert list(low["layer"]) == ["conv1", "conv2", "conv3", "fc"]
+    assert (low["intrinsic_dim"] <= high["intrinsic_dim"]).all() and (low["samples"] == high["samples"]).all()
+    projection = unitscope.load_run(dirs[0]).table("saturation_projection")
+    assert list(projection["delta"].fillna(-1)) == [-1, 0.9, 1.0]
+    page = write_report(dirs[0]).read_text()
+    assert page.count("data:image/png;base64,") >= 2
+
+    train_cfg = tmp_path / "train.toml"
+    train_cfg.write_text('model = "digits-cnn"\ndataset = "digits"\nepochs = 2\ntrack_saturation = true\n')
+    assert main(["-q", "train", str(train_cfg), "--out", str(tmp_path / "runs")]) == 0
+    epochs = pd.read_parquet(tmp_path / "runs" / "train" / "digits-cnn_digits" / "saturation_epochs.parquet")
+    assert set(epochs["epoch"]) == {1, 2} and set(epochs["split"]) == {"train", "test"}
+    assert set(epochs[epochs["split"] == "train"]["samples"][epochs["layer"] == "fc"]) == {1437}

@@ -48,9 +48,12 @@ COMMON: dict[str, Any] = {
 KEYS: dict[str, dict[str, Any]] = {
     "analyze": {"split": "test", "layers": None, "batch_size": 256, "calls": "error", "analyses": None},
     "train": {"epochs": 10, "lr": 1e-3, "batch_size": 64, "optimizer": "adam", "momentum": 0.9,
-              "weight_decay": 0.0, "scheduler": "none"},
+              "weight_decay": 0.0, "scheduler": "none", "track_saturation": False, "layers": None,
+              "delta": 0.99},
+    "saturation": {"split": "test", "layers": None, "batch_size": 256, "delta": 0.99,
+                   "conv": "channelwise", "rule": "textbook", "project_deltas": None},
 }
-LIST_KEYS = {"layers", "analyses"}
+LIST_KEYS = {"layers", "analyses", "project_deltas"}
 
 
 class ConfigError(ValueError):
@@ -249,12 +252,20 @@ def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
     options = config.get("dataset_options", {})
     train_data = load_dataset(config["dataset"], split="train", **options)
     test_data = load_dataset(config["dataset"], split="test", **options)
+    callbacks = []
+    if config["track_saturation"]:
+        from .analyses.saturation import DEFAULT_LAYERS, SaturationTracker
+
+        callbacks.append(SaturationTracker(model, config.get("layers") or DEFAULT_LAYERS,
+                                           delta=config["delta"], test_data=test_data))
     history = train(model, train_data, test_data, epochs=config["epochs"], lr=config["lr"],
                     batch_size=config["batch_size"], optimizer=config["optimizer"],
                     momentum=config["momentum"], weight_decay=config["weight_decay"],
                     scheduler=config["scheduler"], seed=config["seed"], device=config["device"],
                     num_workers=config["num_workers"], checkpoint_dir=target / "checkpoints",
-                    progress=progress)
+                    progress=progress, callbacks=callbacks)
+    if callbacks and not callbacks[0].table.empty:
+        callbacks[0].table.to_parquet(target / "saturation_epochs.parquet", index=False)
     _finish_training(target, model, history, config)
 
 
@@ -284,3 +295,27 @@ def _finish_training(target: Path, model: Any, history: list[dict[str, Any]],
     tmp = target / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     tmp.replace(target / "manifest.json")
+
+
+@EXPERIMENTS.register("saturation")
+def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
+    """Saturation of every layer on a split; with ``project_deltas``, PCA-projected test accuracy."""
+    from .analyses.saturation import DEFAULT_LAYERS, Saturation, projected_accuracy
+    from .data import load_dataset
+    from .engine import analyze
+    from .models import load_model
+
+    model = load_model(config["model"], weights=config.get("weights"))
+    options = config.get("dataset_options", {})
+    data = load_dataset(config["dataset"], split=config["split"], **options)
+    layers = config.get("layers") or list(DEFAULT_LAYERS)
+    analysis = Saturation(delta=config["delta"], conv=config["conv"], rule=config["rule"])
+    run = analyze(model, data, layers=layers, analyses=[analysis], batch_size=config["batch_size"],
+                  device=config["device"], seed=config["seed"], progress=progress, config=config)
+    if config.get("project_deltas"):
+        run.tables["saturation_projection"] = projected_accuracy(
+            model, load_dataset(config["dataset"], split="train", **options),
+            load_dataset(config["dataset"], split="test", **options), layers,
+            deltas=config["project_deltas"], conv=config["conv"], batch_size=config["batch_size"],
+            device=config["device"])
+    run.save(target)

@@ -61,6 +61,21 @@ def plot_moments(run: Run, ax: Any = None) -> Any:
 SECTIONS["moments"] = lambda run: [plot_moments(run)]
 
 
+def _saturation_figures(run: Run) -> list[Any]:
+    from .analyses.saturation import plot_projected_accuracy, plot_saturation, plot_saturation_epochs
+
+    figures = [plot_saturation(run.table("saturation"))]
+    if "saturation_epochs" in run.tables:
+        for split in sorted(set(run.tables["saturation_epochs"]["split"])):
+            figures.append(plot_saturation_epochs(run.tables["saturation_epochs"], split))
+    if "saturation_projection" in run.tables:
+        figures.append(plot_projected_accuracy(run.tables["saturation_projection"]))
+    return figures
+
+
+SECTIONS["saturation"] = _saturation_figures
+
+
 def _table_html(frame: pd.DataFrame, limit: int = 40) -> str:
     note = f'<p class="note">first {limit} of {len(frame)} rows</p>' if len(frame) > limit else ""
     return frame.head(limit).to_html(index=False, float_format=lambda v: f"{v:.4g}") + note
