@@ -138,9 +138,12 @@ def test_demo_quick_writes_runs_and_reports(tmp_path):
     assert set(run.table("moments")["layer"]) == {"conv1", "conv2", "conv3", "relu1", "relu2", "relu3", "fc"}
     shapes = unitscope.load_run(tmp_path / "shapes-cnn").table("moments")
     assert "relu4" in set(shapes["layer"]) and (shapes["count"] == 800).all()
+    tables = unitscope.load_run(tmp_path / "digits-cnn").tables
+    assert {"saturation", "saturation_epochs", "saturation_projection"} <= set(tables)
+    assert set(tables["saturation_epochs"]["epoch"]) == {1, 2, 3}
     for name in ("digits-cnn", "shapes-cnn"):
         page = (tmp_path / name / "report.html").read_text()
-        assert "data:image/png;base64," in page and "<h2 id='moments'>" in page
+        assert page.count("data:image/png;base64,") >= 6 and "<h2 id='saturation'>" in page
         assert "http://" not in page and "https://" not in page
     history = json.loads((tmp_path / "training" / "digits-cnn" / "history.json").read_text())
     assert history[-1]["epoch"] == 3

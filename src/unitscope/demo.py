@@ -2,8 +2,9 @@
 
 Every family adds its part here as it lands; so far: training ``digits-cnn`` on scikit-learn's
 digits and ``shapes-cnn`` on the generated shapes (checkpointed, so an interrupted demo resumes
-and a finished training is not repeated), then the per-unit activation statistics of every
-conv, ReLU and linear layer of each, with a report per model.
+and a finished training is not repeated) with saturation tracked over every epoch, then one
+pass over each test split for the per-unit activation statistics and the saturation of every
+layer, the test accuracy of PCA-projected layers, and a report per model.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] =
 
 def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path]:
     """Train each demo model, analyse its test split, write runs and reports under ``out``."""
+    import pandas as pd
+
     from . import analyze, load_dataset, load_model
-    from .analyses import Moments
+    from .analyses import Moments, Saturation, SaturationTracker, projected_accuracy
     from .report import write_report
     from .train import train
 
@@ -47,8 +50,13 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
         t1 = time.perf_counter()
         log.info("training %s on %d %s images for %d epochs", name, len(train_data), dataset,
                  options["epochs"])
+        tracker = SaturationTracker(model, ["conv*", "fc"], test_data=test_data)
+        ckpt_dir = out / "training" / name
         history = train(model, train_data, test_data, seed=0, device="cpu", progress=progress,
-                        checkpoint_dir=out / "training" / name, **options)
+                        checkpoint_dir=ckpt_dir, callbacks=[tracker], **options)
+        if not tracker.table.empty:  # epochs trained now (a finished training keeps its table)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tracker.table.to_parquet(ckpt_dir / "saturation_epochs.parquet", index=False)
         log.info("%s: test accuracy %.3f (%.1f s)", name, history[-1]["test_acc"], time.perf_counter() - t1)
         weights = out / f"{name}.pt"
         torch.save(model.state_dict(), weights)
@@ -56,11 +64,16 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
 
         layers = ["conv*", "relu*", "fc"]
         run_dir = out / name
-        analyze(model, test_data, layers=layers, analyses=[Moments()], progress=progress,
-                out=run_dir, seed=0,
-                config={"experiment": "analyze", "model": name, "weights": str(weights),
-                        "dataset": dataset, "split": "test", "layers": layers, "analyses": ["moments"],
-                        "dataset_options": data_options})
+        run = analyze(model, test_data, layers=layers,
+                      analyses=[Moments(), Saturation(layers=["conv*", "fc"])], progress=progress, seed=0,
+                      config={"experiment": "analyze", "model": name, "weights": str(weights),
+                              "dataset": dataset, "split": "test", "layers": layers,
+                              "analyses": ["moments", "saturation"], "dataset_options": data_options})
+        if (ckpt_dir / "saturation_epochs.parquet").is_file():
+            run.tables["saturation_epochs"] = pd.read_parquet(ckpt_dir / "saturation_epochs.parquet")
+        run.tables["saturation_projection"] = projected_accuracy(
+            model, train_data, test_data, ["conv*"], deltas=[0.8, 0.9, 0.95, 0.99, 0.999])
+        run.save(run_dir)
         reports.append(write_report(run_dir))
         log.info("report: %s", reports[-1])
     log.info("demo finished in %.1f s", time.perf_counter() - t0)

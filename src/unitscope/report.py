@@ -62,10 +62,16 @@ SECTIONS["moments"] = lambda run: [plot_moments(run)]
 
 
 def _saturation_figures(run: Run) -> list[Any]:
-    from .analyses.saturation import plot_projected_accuracy, plot_saturation, plot_saturation_epochs
+    from .analyses.saturation import (
+        plot_projected_accuracy,
+        plot_saturation,
+        plot_saturation_epochs,
+        plot_saturation_per_epoch,
+    )
 
     figures = [plot_saturation(run.table("saturation"))]
     if "saturation_epochs" in run.tables:
+        figures.append(plot_saturation_per_epoch(run.tables["saturation_epochs"]))
         for split in sorted(set(run.tables["saturation_epochs"]["split"])):
             figures.append(plot_saturation_epochs(run.tables["saturation_epochs"], split))
     if "saturation_projection" in run.tables:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -264,7 +265,39 @@ def plot_saturation_epochs(table: pd.DataFrame, split: str = "train", ax: Any = 
     ax.set_yticks(range(grid.shape[0]), grid.index)
     ax.set_xlabel("epoch")
     ax.set_title(f"saturation ({split})")
+    for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if value < 0.6 else "black")
     fig.colorbar(im, ax=ax)
+    return fig
+
+
+def plot_saturation_per_epoch(table: pd.DataFrame) -> Any:
+    """One panel per epoch: saturation of every layer, train and test side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    epochs = sorted(table["epoch"].unique())
+    layers = list(dict.fromkeys(table["layer"]))
+    cols = min(len(epochs), 4)
+    rows = -(-len(epochs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False,
+                             sharey=True, layout="constrained")
+    for ax, epoch in zip(axes.flat, epochs):
+        for offset, split in ((-0.2, "train"), (0.2, "test")):
+            rows_ = table[(table["epoch"] == epoch) & (table["split"] == split)].set_index("layer")
+            if not rows_.empty:
+                ax.bar(np.arange(len(layers)) + offset, rows_.reindex(layers)["saturation"], width=0.4,
+                       label=split)
+        ax.set_title(f"epoch {epoch}")
+        ax.set_xticks(range(len(layers)), layers, rotation=45, fontsize=7)
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(epochs):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("saturation k/d")
+    axes[0, 0].legend(fontsize=7)
     return fig
 
 
