@@ -1,0 +1,97 @@
+"""FLOPs and parameters per layer for one inference, counted by torch's own ``FlopCounterMode``.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts the floating-point operations of the aten ops a
+forward runs (convolutions, matrix products, attention), attributing them to the module that ran
+them. One multiply-accumulate counts as 2 FLOPs. Element-wise ops (activations, BN, pooling, additions)
+are not counted, so the totals match the usual "2 × MACs of conv and linear layers".
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from torch import nn
+
+__all__ = ["flops", "flops_total"]
+
+
+def _input(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> torch.Tensor:
+    if isinstance(input_shape, int) or len(input_shape) < 1:
+        raise ValueError(f"input_shape must be the shape of one sample, e.g. (3, 224, 224), "
+                         f"got {input_shape!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.zeros(batch_size, *input_shape, device=device, dtype=dtype)
+
+
+def _count(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> tuple[dict[str, int], int]:
+    """FLOPs per ``named_modules()`` name (containers included) and the grand total."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = _input(model, input_shape, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    total = int(counter.get_total_flops())
+    root = type(model).__name__
+    per_module: dict[str, int] = {}
+    for key, ops in counter.get_flop_counts().items():
+        if key == "Global":
+            continue
+        # keys are "<RootClass>.<dotted named_modules() name>"; the root itself is "<RootClass>"
+        name = key[len(root) + 1:] if key.startswith(root + ".") else ("" if key == root else key)
+        per_module[name] = int(sum(ops.values()))
+    return per_module, total
+
+
+def flops(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1) -> pd.DataFrame:
+    """FLOPs and parameters of every leaf module for one forward of ``batch_size`` samples.
+
+    Args:
+        model: the model; it is run once in eval mode under ``torch.no_grad()``.
+        input_shape: the shape of one sample without the batch dimension, e.g. (3, 224, 224);
+            ``unitscope.models.registry.default_input_shape(name)`` gives a registered model's.
+        batch_size: samples in the forward; FLOPs scale linearly with it.
+
+    Returns:
+        A DataFrame with columns ``layer`` (``named_modules()`` name), ``type``, ``flops`` (a
+        multiply-accumulate counts 2) and ``parameters`` (the module's own), one row per leaf
+        module in ``named_modules()`` order. FLOPs run outside any leaf (functional calls in a
+        ``forward``) are not in the rows; :func:`flops_total` includes them.
+
+    Example:
+        >>> from torch import nn
+        >>> flops(nn.Sequential(nn.Linear(10, 5), nn.ReLU()), (10,)).to_dict("list")
+        {'layer': ['0', '1'], 'type': ['Linear', 'ReLU'], 'flops': [100, 0], 'parameters': [55, 0]}
+    """
+    per_module, _ = _count(model, input_shape, batch_size)
+    rows = []
+    for name, module in model.named_modules():
+        if any(True for _ in module.children()) or (not name and len(list(model.modules())) > 1):
+            continue
+        rows.append({
+            "layer": name,
+            "type": type(module).__name__,
+            "flops": per_module.get(name, 0),
+            "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
+        })
+    return pd.DataFrame(rows, columns=["layer", "type", "flops", "parameters"])
+
+
+def flops_total(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1) -> dict[str, int]:
+    """Total FLOPs of one forward of ``batch_size`` samples and the model's parameter count.
+
+    Example:
+        >>> from torch import nn
+        >>> flops_total(nn.Conv2d(3, 8, 3, padding=1), (3, 16, 16))
+        {'flops': 110592, 'parameters': 224}
+    """
+    _, total = _count(model, input_shape, batch_size)
+    return {"flops": total, "parameters": sum(p.numel() for p in model.parameters())}

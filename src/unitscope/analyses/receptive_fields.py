@@ -1,0 +1,381 @@
+"""Analytic receptive fields per layer, border layers and unproductive layers.
+
+The receptive field (RF) of a unit is the input region that can influence it. For a chain of conv and
+pool layers it follows a closed recurrence per spatial axis (see ``docs/receptive-fields-and-flops.md``):
+
+* ``k_eff = d·(k − 1) + 1``
+* ``r_out = r_in + (k_eff − 1)·j_in``
+* ``j_out = j_in·s``
+* ``start_out = start_in + ((k_eff − 1)/2 − p)·j_in``
+
+starting from ``r = 1, j = 1, start = 0.5`` at the input. Branching graphs (residual additions,
+Inception concatenations) are traced with :mod:`torch.fx`; a node with several inputs takes the input
+with the largest RF (the longest path, as phd-lab's ``noskip`` models do).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+__all__ = ["plot_receptive_fields", "receptive_fields", "unproductive_layers"]
+
+_KERNEL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+                  nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_UNHANDLED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Upsample,
+              nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle)
+
+
+@dataclass(frozen=True)
+class _RF:
+    """Receptive field state per spatial axis (height, width)."""
+
+    r: tuple[float, float] = (1.0, 1.0)
+    j: tuple[float, float] = (1.0, 1.0)
+    start: tuple[float, float] = (0.5, 0.5)
+
+    def size(self) -> float:
+        return max(self.r)
+
+
+def _pair(value: Any) -> tuple[float, float]:
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return float(value[0]), float(value[0])
+        return float(value[0]), float(value[1])
+    return float(value), float(value)
+
+
+def _apply_kernel(rf: _RF, kernel: Any, stride: Any, padding: Any, dilation: Any = 1) -> _RF:
+    k, s, d = _pair(kernel), _pair(stride if stride is not None else kernel), _pair(dilation)
+    if isinstance(padding, str):  # "same" / "valid" in Conv2d
+        p = tuple((d[a] * (k[a] - 1)) / 2 if padding == "same" else 0.0 for a in range(2))
+    else:
+        p = _pair(padding)
+    r, j, start = [], [], []
+    for a in range(2):
+        k_eff = d[a] * (k[a] - 1) + 1
+        r.append(rf.r[a] + (k_eff - 1) * rf.j[a])
+        start.append(rf.start[a] + ((k_eff - 1) / 2 - p[a]) * rf.j[a])
+        j.append(rf.j[a] * s[a])
+    return _RF(tuple(r), tuple(j), tuple(start))  # type: ignore[arg-type]
+
+
+def _spatial(shape: Any) -> tuple[int, int] | None:
+    """The (H, W) of a batch of 2-D maps (N, C, H, W), else None."""
+    if isinstance(shape, torch.Size) and len(shape) == 4:
+        return int(shape[2]), int(shape[3])
+    return None
+
+
+def _global(rf: _RF, in_hw: tuple[int, int] | None, image: tuple[int, int]) -> _RF:
+    """A layer connected to every position of its input: the RF covers the whole image."""
+    n = in_hw or (1, 1)
+    r = tuple(max(rf.r[a] + (n[a] - 1) * rf.j[a], float(image[a])) for a in range(2))
+    j = tuple(rf.j[a] * n[a] for a in range(2))
+    start = tuple(rf.start[a] + (n[a] - 1) / 2 * rf.j[a] for a in range(2))
+    return _RF(r, j, start)  # type: ignore[arg-type]
+
+
+def _adaptive(rf: _RF, in_hw: tuple[int, int] | None, out_hw: tuple[int, int] | None,
+              image: tuple[int, int]) -> _RF:
+    if in_hw is None or out_hw is None:
+        return _global(rf, in_hw, image)
+    if out_hw == (1, 1):
+        return _global(rf, in_hw, image)
+    if all(i % o == 0 for i, o in zip(in_hw, out_hw)):  # exactly a regular pool with k = s = in/out
+        k = tuple(i // o for i, o in zip(in_hw, out_hw))
+        return _apply_kernel(rf, k, k, 0)
+    # Uneven bins: the widest bin spans ceil(in/out) + 1 positions, bins advance by in/out on average.
+    k = tuple(math.ceil(i / o) + 1 for i, o in zip(in_hw, out_hw))
+    s = tuple(i / o for i, o in zip(in_hw, out_hw))
+    return _apply_kernel(rf, k, s, 0)
+
+
+def _module_rf(module: nn.Module, name: str, rf: _RF, in_hw: tuple[int, int] | None,
+               out_hw: tuple[int, int] | None, image: tuple[int, int]) -> _RF:
+    if isinstance(module, _KERNEL_LAYERS):
+        dilation = getattr(module, "dilation", 1)
+        return _apply_kernel(rf, module.kernel_size, module.stride, module.padding, dilation)
+    if isinstance(module, _ADAPTIVE):
+        return _adaptive(rf, in_hw, out_hw, image)
+    if isinstance(module, _UNHANDLED):
+        warnings.warn(f"receptive_fields: {name} ({type(module).__name__}) upsamples, which the recurrence "
+                      "does not model; its RF is passed through unchanged", stacklevel=3)
+        return rf
+    if in_hw is not None and out_hw is None:  # Linear on a flattened map etc.: sees everything
+        return _global(rf, in_hw, image)
+    if in_hw is not None and out_hw is not None and out_hw != in_hw and out_hw == (1, 1):
+        return _global(rf, in_hw, image)
+    return rf  # element-wise: activations, BN, dropout, identity
+
+
+class _RunError(RuntimeError):
+    """The model itself failed on the probe input (not a tracing problem)."""
+
+
+def _run_message(model: nn.Module, x: torch.Tensor, exc: BaseException | None) -> str:
+    first = str(exc).strip().splitlines()[0][:160] if exc is not None and str(exc).strip() else ""
+    return (f"{type(model).__name__} failed on a {tuple(x.shape)} input ({type(exc).__name__}: {first}); "
+            "pass an input_size the model accepts (its maps must not shrink below 1 pixel)")
+
+
+def _image_size(input_size: int | tuple[int, int] | tuple[int, int, int]) -> tuple[int, int]:
+    if isinstance(input_size, int):
+        return input_size, input_size
+    size = tuple(int(v) for v in input_size)
+    if len(size) == 3:  # (C, H, W)
+        size = size[1:]
+    if len(size) != 2:
+        raise ValueError(f"input_size must be an int or (H, W) (or (C, H, W)), got {input_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _in_channels(model: nn.Module) -> int:
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Conv3d)):
+            return int(module.in_channels)
+    return 3
+
+
+def _trace_fx(model: nn.Module, x: torch.Tensor, image: tuple[int, int]
+              ) -> list[tuple[str, nn.Module, _RF, _RF, tuple[int, int] | None, int, tuple[str, ...]]]:
+    """Per call_module node: (name, module, rf, input rf, output hw, node index, enclosing modules)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = torch.fx.symbolic_trace(model)
+    try:
+        ShapeProp(gm).propagate(x)
+    except Exception as exc:
+        raise _RunError(exc) from exc
+    state: dict[Any, _RF] = {}
+    hw: dict[Any, tuple[int, int] | None] = {}
+    calls = []
+    modules = dict(model.named_modules())
+    for index, node in enumerate(gm.graph.nodes):
+        meta = node.meta.get("tensor_meta")
+        out_hw = _spatial(getattr(meta, "shape", None))
+        hw[node] = out_hw
+        inputs = [n for n in node.all_input_nodes if n in state]
+        if node.op == "placeholder":
+            state[node] = _RF()
+            continue
+        if not inputs:
+            state[node] = _RF()
+            continue
+        src = max(inputs, key=lambda n: state[n].size())  # the longest path
+        rf, in_hw = state[src], hw[src]
+        if node.op == "call_module":
+            module = modules[node.target]
+            new = _module_rf(module, node.target, rf, in_hw, out_hw, image)
+            stack = tuple(node.meta.get("nn_module_stack", {}).keys())
+            calls.append((node.target, module, new, rf, out_hw, index, stack))
+        elif in_hw is not None and out_hw is not None and out_hw == (1, 1) and in_hw != (1, 1):
+            new = _global(rf, in_hw, image)  # functional global pooling (F.adaptive_avg_pool2d)
+        elif in_hw is not None and out_hw is None and node.op != "output":
+            new = rf  # flatten / view: keeps the RF of the map it came from
+        else:
+            new = rf
+        state[node] = new
+        hw[node] = out_hw
+    return calls
+
+
+def _trace_hooks(model: nn.Module, x: torch.Tensor, image: tuple[int, int]
+                 ) -> list[tuple[str, nn.Module, _RF, _RF, tuple[int, int] | None, int, tuple[str, ...]]]:
+    """Fallback: chain the leaf modules in execution order (phd-lab's assumption)."""
+    order: list[tuple[str, nn.Module, tuple[int, int] | None, tuple[int, int] | None]] = []
+    handles = []
+
+    def make(name: str):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            in_shape = args[0].shape if args and isinstance(args[0], torch.Tensor) else None
+            out_shape = output.shape if isinstance(output, torch.Tensor) else None
+            order.append((name, module, _spatial(in_shape), _spatial(out_shape)))
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name and not any(True for _ in module.children()):
+                handles.append(module.register_forward_hook(make(name)))
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    calls = []
+    rf = _RF()
+    for index, (name, module, in_hw, out_hw) in enumerate(order):
+        new = _module_rf(module, name, rf, in_hw, out_hw, image)
+        parts = name.split(".")
+        stack = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        calls.append((name, module, new, rf, out_hw, index, stack))
+        rf = new
+    return calls
+
+
+def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.DataFrame:
+    """The analytic receptive field of every module that outputs a 2-D map, in execution order.
+
+    Args:
+        model: a PyTorch model taking (N, C, H, W) images; the number of input channels is read
+            from its first convolution.
+        input_size: the image size, an int for square images or (H, W) (a (C, H, W) shape is also
+            accepted).
+
+    Returns:
+        A DataFrame with columns ``layer`` (``named_modules()`` name; containers such as
+        ``layer4`` get the RF of their output), ``type``, ``rf_size`` (max over the two axes),
+        ``jump`` (product of strides), ``start`` (centre of unit 0's RF in input pixels),
+        ``output_size`` (map height), ``input_rf_size`` (the RF of the layer's input) and
+        ``border`` (the RF covers the whole input on both axes). ``table.attrs["input_size"]``
+        holds (H, W). A module called several times (a shared ReLU) reports its largest RF.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        >>> table = receptive_fields(net, 8)
+        >>> table["rf_size"].tolist(), table["output_size"].tolist()
+        ([3, 3, 5], [6, 6, 4])
+    """
+    image = _image_size(input_size)
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, _in_channels(model), *image, device=param.device if param is not None else "cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            try:
+                calls = _trace_fx(model, x, image)
+            except _RunError as exc:
+                raise ValueError(_run_message(model, x, exc.__cause__)) from exc.__cause__
+            except Exception as exc:
+                warnings.warn(
+                    f"receptive_fields: torch.fx could not trace {type(model).__name__} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                    "falling back to execution order, which treats the model as a chain and is wrong "
+                    "for branches. Make the forward fx-traceable for exact results.", stacklevel=2)
+                try:
+                    calls = _trace_hooks(model, x, image)
+                except Exception as run_exc:
+                    raise ValueError(_run_message(model, x, run_exc)) from run_exc
+    finally:
+        model.train(was_training)
+
+    modules = dict(model.named_modules())
+    # best[name] = (rf, input rf, out hw, index of the call that finished the module)
+    best: dict[str, tuple[_RF, _RF, tuple[int, int] | None, int]] = {}
+    for name, _module, rf, in_rf, out_hw, index, _stack in calls:
+        prev = best.get(name)
+        if prev is None or rf.size() >= prev[0].size():
+            best[name] = (rf, in_rf, out_hw, index)
+    # Containers: the output of their last call within them.
+    first_in: dict[str, _RF] = {}
+    for name, _module, rf, in_rf, out_hw, index, stack in calls:
+        for outer in stack:
+            if outer == name or outer not in modules:
+                continue
+            first_in.setdefault(outer, in_rf)
+            best[outer] = (rf, first_in[outer], out_hw, index)
+    depth = {name: name.count(".") for name in best}
+    rows = []
+    for name in sorted(best, key=lambda n: (best[n][3], -depth[n])):
+        rf, in_rf, out_hw, _ = best[name]
+        if out_hw is None or not name:
+            continue
+        rows.append({
+            "layer": name,
+            "type": type(modules[name]).__name__,
+            "rf_size": _num(rf.size()),
+            "jump": _num(rf.j[0]),
+            "start": rf.start[0],
+            "output_size": out_hw[0],
+            "input_rf_size": _num(in_rf.size()),
+            "border": bool(rf.r[0] >= image[0] and rf.r[1] >= image[1]),
+        })
+    table = pd.DataFrame(rows, columns=["layer", "type", "rf_size", "jump", "start", "output_size",
+                                        "input_rf_size", "border"])
+    table.attrs["input_size"] = image
+    return table
+
+
+def _num(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def unproductive_layers(table: pd.DataFrame, types: tuple[str, ...] | None = ("Conv2d",),
+                        input_size: int | tuple[int, int] | None = None) -> pd.DataFrame:
+    """The layers that can add no new context: rfa_toolbox's border rule (a), on the longest path.
+
+    A layer is unproductive when its input already has an RF at least the input resolution
+    (``input_rf_size >= size``) and its own RF exceeds it (``rf_size > size``): it sits after the
+    point where the RF covered the image, so it "behaves like a fully-connected layer".
+
+    Args:
+        table: the output of :func:`receptive_fields`.
+        types: module types to keep (default conv layers only, as in the papers); None keeps all.
+        input_size: the resolution to test against; default ``table.attrs["input_size"]``
+            (for non-square inputs the larger side).
+
+    Example:
+        >>> import torchvision
+        >>> table = receptive_fields(torchvision.models.vgg16().features, 64)
+        >>> unproductive_layers(table)["layer"].tolist()
+        ['21', '24', '26', '28']
+    """
+    if input_size is None:
+        if "input_size" not in table.attrs:
+            raise ValueError("the table has no attrs['input_size']; pass input_size= or use the table "
+                             "returned by receptive_fields")
+        input_size = table.attrs["input_size"]
+    size = max(_image_size(input_size))
+    mask = (table["input_rf_size"] >= size) & (table["rf_size"] > size)
+    if types is not None:
+        mask &= table["type"].isin(types)
+    return table[mask].reset_index(drop=True)
+
+
+def plot_receptive_fields(table: pd.DataFrame, ax: Any = None) -> Any:
+    """Bar chart of ``rf_size`` per layer, a line at the input size, border layers highlighted.
+
+    Args:
+        table: the output of :func:`receptive_fields`.
+        ax: a matplotlib Axes to draw on; default a new figure.
+
+    Returns:
+        The matplotlib Figure (never shown).
+
+    Example:
+        >>> from torch import nn
+        >>> fig = plot_receptive_fields(receptive_fields(nn.Sequential(nn.Conv2d(3, 4, 3)), 8))
+        >>> type(fig).__name__
+        'Figure'
+    """
+    if ax is None:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(max(6.0, 0.25 * len(table)), 4.0))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    positions = range(len(table))
+    colors = ["tab:red" if b else "tab:blue" for b in table["border"]]
+    ax.bar(list(positions), table["rf_size"].astype(float).tolist(), color=colors)
+    size = table.attrs.get("input_size")
+    if size is not None:
+        ax.axhline(max(size), color="black", linestyle="--", linewidth=1,
+                   label=f"input size {size[0]}×{size[1]}")
+        ax.legend(loc="upper left")
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels(table["layer"].tolist(), rotation=90, fontsize=7)
+    ax.set_ylabel("receptive field (pixels)")
+    ax.set_title("Receptive field per layer (red: border layers, RF ≥ input)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,70 @@
+"""FLOPs per layer from torch's FlopCounterMode, checked against analytic MAC counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import unitscope
+from unitscope.analyses.flops import flops, flops_total
+
+
+def test_single_conv_exact():
+    table = flops(nn.Conv2d(3, 8, 3, padding=1), (3, 16, 16))
+    assert table.flops.tolist() == [2 * (8 * 16 * 16) * (3 * 3 * 3)]  # a MAC counts 2
+    assert table.parameters.tolist() == [8 * 27 + 8]
+    assert flops_total(nn.Conv2d(3, 8, 3, padding=1), (3, 16, 16)) == {"flops": 110592, "parameters": 224}
+
+
+def test_linear_per_sample_and_batch():
+    assert flops(nn.Linear(10, 5), (10,)).flops.tolist() == [2 * 10 * 5]
+    assert flops(nn.Linear(10, 5), (10,), batch_size=3).flops.tolist() == [3 * 2 * 10 * 5]
+
+
+def test_leaf_rows_and_names():
+    model = unitscope.load_model("digits-cnn").train()
+    table = flops(model, (1, 8, 8))
+    assert model.training  # mode restored
+    leaves = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    assert table.layer.tolist() == leaves
+    assert table.parameters.sum() == sum(p.numel() for p in model.parameters())
+    assert table.flops.sum() == flops_total(model, (1, 8, 8))["flops"]
+
+
+def analytic_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Conv and Linear multiply-accumulates from layer shapes, counted independently of torch."""
+    macs = []
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs.append(output.numel() * (module.in_channels // module.groups) * kh * kw)
+        else:
+            macs.append(output.numel() * module.in_features)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(macs)
+
+
+def test_resnet18_total():
+    model = unitscope.load_model("resnet18")
+    total = flops_total(model, (3, 224, 224))
+    assert total["flops"] == 2 * analytic_macs(model, (3, 224, 224))
+    assert total["flops"] == pytest.approx(2 * 1.814e9, rel=0.02)
+    assert total["parameters"] == 11_689_512
+    table = flops(model, (3, 224, 224))
+    assert table.flops.sum() == total["flops"]  # every FLOP is inside a leaf
+    assert table.set_index("layer").loc["fc", "flops"] == 2 * 512 * 1000
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match="shape of one sample"):
+        flops(nn.Linear(3, 2), 3)

@@ -1,0 +1,166 @@
+"""Linear probes: agreement with scikit-learn, spec sanity cases, caching and bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import unitscope
+from unitscope.analyses import probes as probes_mod
+from unitscope.analyses.probes import COLUMNS, fit_probes, probes
+from unitscope.capture import LayerError
+from unitscope.features import extract_features
+from unitscope.stats.logreg import accuracy, fit_logreg, objective
+
+
+@pytest.fixture(scope="module")
+def digits_feats(tmp_path_factory):
+    """Pooled (4×4) relu2 and (2×2) conv1 features of a random-weight digits-cnn, both splits."""
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn")
+    out = tmp_path_factory.mktemp("feats")
+    tr = extract_features(model, unitscope.load_dataset("digits", "train"), ["conv1", "relu2"], 4, out=out,
+                          split="train")
+    te = extract_features(model, unitscope.load_dataset("digits", "test"), ["conv1", "relu2"], 4, out=out,
+                          split="test")
+    return tr, te
+
+
+@pytest.mark.parametrize("layer", ["conv1", "relu2"])
+def test_matches_sklearn(digits_feats, layer):
+    from sklearn.linear_model import LogisticRegression
+
+    tr, te = digits_feats
+    xtr, xte = tr.features(layer, as_tensor=True), te.features(layer, as_tensor=True)
+    ytr, yte = tr.labels(), te.labels()
+    sk = LogisticRegression(C=1.0, max_iter=5000).fit(xtr.numpy(), ytr.numpy())
+    sk_tight = LogisticRegression(C=1.0, max_iter=5000, tol=1e-7).fit(xtr.double().numpy(), ytr.numpy())
+    w_sk, b_sk = torch.from_numpy(sk_tight.coef_), torch.from_numpy(sk_tight.intercept_)
+    obj_sk = objective(xtr.double(), ytr, w_sk, b_sk)
+    obj_sk_default = objective(xtr.double(), ytr, torch.from_numpy(sk.coef_), torch.from_numpy(sk.intercept_))
+
+    r32 = fit_logreg(xtr, ytr)
+    r64 = fit_logreg(xtr, ytr, dtype=torch.float64)
+    assert r32.converged and r64.converged
+    obj32 = objective(xtr.double(), ytr, r32.weight.double(), r32.bias.double())
+    assert abs(obj32 - obj_sk) / obj_sk < 1e-4
+    assert obj32 <= obj_sk_default * (1 + 1e-6)  # at least as good as sklearn's default stop
+    assert abs(r64.objective - obj_sk) / obj_sk < 1e-7
+    assert abs(r32.objective - obj32) / obj32 < 1e-5  # the reported objective is the real one
+    acc_sk = sk.score(xte.numpy(), yte.numpy())  # sklearn's defaults stop early (tol 1e-4)
+    acc_tight = sk_tight.score(xte.double().numpy(), yte.numpy())
+    acc32 = accuracy(xte, yte, r32.weight, r32.bias)
+    print(f"{layer}: objective rel. diff f32 {abs(obj32 - obj_sk) / obj_sk:.2e}, "
+          f"f64 {abs(r64.objective - obj_sk) / obj_sk:.2e}; test acc ours {acc32:.4f}, "
+          f"sklearn tight {acc_tight:.4f}, sklearn default {acc_sk:.4f}")
+    assert abs(acc32 - acc_tight) <= 0.005
+    assert abs(acc32 - acc_sk) <= 0.01
+    assert abs(accuracy(xte, yte, r64.weight, r64.bias) - acc_tight) <= 1 / 360 + 1e-12
+    torch.testing.assert_close(r64.weight, w_sk, rtol=1e-3, atol=1e-4)
+
+
+def test_unpreconditioned_fit_reaches_same_optimum(digits_feats):
+    tr, _ = digits_feats
+    x, y = tr.features("conv1", as_tensor=True).double(), tr.labels()
+    a = fit_logreg(x, y, dtype=torch.float64)
+    b = fit_logreg(x, y, dtype=torch.float64, precondition=False)
+    assert abs(a.objective - b.objective) / a.objective < 1e-7
+
+
+def test_one_hot_features_are_separable():
+    torch.manual_seed(0)
+    y = torch.arange(600) % 10
+    x = torch.nn.functional.one_hot(y, 10).float() + 0.01 * torch.randn(600, 10)
+    r = fit_logreg(x[:400], y[:400])
+    assert r.converged
+    assert accuracy(x[400:], y[400:], r.weight, r.bias) == 1.0
+
+
+def test_label_independent_features_give_chance_accuracy():
+    g = torch.Generator().manual_seed(0)
+    n_test, k = 2000, 10
+    y = torch.arange(1000 + n_test) % k
+    x = torch.randn(1000 + n_test, 20, generator=g)
+    r = fit_logreg(x[:1000], y[:1000])
+    acc = accuracy(x[1000:], y[1000:], r.weight, r.bias)
+    half = 2.576 * (0.1 * 0.9 / n_test) ** 0.5  # 99 % normal approximation of the binomial interval
+    assert 0.1 - half <= acc <= 0.1 + half
+
+
+def test_column_permutation_invariance_and_scale_dependence(digits_feats):
+    tr, te = digits_feats
+    xtr, xte = tr.features("conv1", as_tensor=True).double(), te.features("conv1", as_tensor=True).double()
+    ytr, yte = tr.labels(), te.labels()
+    perm = torch.randperm(xtr.shape[1], generator=torch.Generator().manual_seed(0))
+    a = fit_logreg(xtr, ytr, dtype=torch.float64)
+    b = fit_logreg(xtr[:, perm], ytr, dtype=torch.float64)
+    assert accuracy(xte, yte, a.weight, a.bias) == accuracy(xte[:, perm], yte, b.weight, b.bias)
+    assert abs(a.objective - b.objective) < 1e-9
+    # documented non-invariance: without standardisation, L2 with C=1 depends on the feature scale
+    c = fit_logreg(xtr * 100, ytr, dtype=torch.float64)
+    assert not torch.allclose(c.weight * 100, a.weight, rtol=1e-3)
+
+
+def test_probes_table_cache_and_pairing(digits_model, tmp_path, monkeypatch, caplog):
+    tr, te = unitscope.load_dataset("digits", "train"), unitscope.load_dataset("digits", "test")
+    t1 = probes(digits_model, tr, te, ["conv1", "relu3", "fc"], 2, out=tmp_path)
+    assert list(t1.columns) == COLUMNS
+    assert list(t1.layer) == ["conv1", "relu3", "fc"]
+    assert t1.converged.all() and not t1.cached.any()
+    assert list(t1.features) == [16 * 4, 64 * 4, 10]
+    from unitscope.train import evaluate
+
+    model_acc = evaluate(digits_model, te)["acc"]
+    torch.testing.assert_close(torch.tensor(t1.relative_test_acc.values),
+                               torch.tensor(t1.test_acc.values / model_acc), rtol=1e-12, atol=0)
+    # the model's argmax is a linear classifier on its logits
+    assert t1.set_index("layer").test_acc["fc"] >= model_acc - 0.05
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a cached probe was refitted")
+
+    monkeypatch.setattr(probes_mod, "fit_logreg", no_fit)
+    t2 = probes(digits_model, tr, te, ["conv1", "relu3", "fc"], 2, out=tmp_path)
+    assert t2.cached.all()
+    cols = ["train_acc", "test_acc", "objective", "n_iter"]
+    assert t2[cols].equals(t1[cols])
+    # pairing is by layer name, whatever order the layers are asked in
+    s_tr = extract_features(digits_model, tr, ["conv1", "relu3", "fc"], 2, out=tmp_path, split="train")
+    s_te = extract_features(digits_model, te, ["conv1", "relu3", "fc"], 2, out=tmp_path, split="test")
+    t3 = fit_probes(s_tr, s_te, ["fc", "conv1", "relu3"], cache=tmp_path / "probes", model_acc=model_acc)
+    assert t3.set_index("layer")[cols].sort_index().equals(t1.set_index("layer")[cols].sort_index())
+    with pytest.raises(LayerError, match="missing from the train feature store"):
+        fit_probes(s_tr, s_te, ["conv2"], cache=None)
+
+
+def test_pixelwise_probes(digits_model, tmp_path):
+    tr, te = unitscope.load_dataset("digits", "train"), unitscope.load_dataset("digits", "test")
+    t = probes(digits_model, tr, te, ["conv3", "fc"], "pixelwise", out=tmp_path, model_acc=0.5)
+    conv3 = t[t.layer == "conv3"]
+    assert len(conv3) == 16 and set(conv3.features) == {64}
+    assert conv3.position.iloc[0] == "(0,0)" and conv3.position.iloc[-1] == "(3,3)"
+    assert t[t.layer == "fc"].position.isna().all()
+
+
+def test_non_convergence_is_flagged(digits_feats, caplog):
+    tr, te = digits_feats
+    with caplog.at_level(logging.WARNING, logger="unitscope.analyses.probes"):
+        t = fit_probes(tr, te, ["relu2"], max_iter=3, cache=None, model_acc=0.9)
+    assert not t.converged.any()
+    assert "did not converge" in caplog.text
+    r = fit_logreg(tr.features("relu2", as_tensor=True), tr.labels(), max_iter=3)
+    assert not r.converged and r.n_iter <= 3
+
+
+def test_fit_logreg_bad_input():
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    with pytest.raises(ValueError, match="C must be > 0"):
+        fit_logreg(x, y, C=0)
+    with pytest.raises(ValueError, match="2-D"):
+        fit_logreg(x[:, :, None], y)
+    with pytest.raises(ValueError, match="one label per sample"):
+        fit_logreg(x, y[:5])
+    with pytest.raises(ValueError, match="two classes"):
+        fit_logreg(x, torch.zeros(10, dtype=torch.long))

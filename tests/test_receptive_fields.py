@@ -1,0 +1,162 @@
+"""Receptive fields: the spec's exact cases (section 3.5), branches, border and unproductive layers."""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib
+import pytest
+import torch
+from torch import nn
+
+import unitscope
+from unitscope.analyses.receptive_fields import plot_receptive_fields, receptive_fields, unproductive_layers
+
+from .conftest import hook_counts
+
+
+def rf(table, layer: str) -> int:
+    return table.set_index("layer").loc[layer, "rf_size"]
+
+
+def convs(n: int, **kwargs) -> nn.Sequential:
+    layers = []
+    for i in range(n):
+        layers += [nn.Conv2d(3 if i == 0 else 4, 4, 3, **kwargs), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def test_stacked_3x3_convs():
+    assert rf(receptive_fields(convs(1), 32), "0") == 3
+    assert rf(receptive_fields(convs(2), 32), "2") == 5
+    for n in (3, 5):
+        table = receptive_fields(convs(n), 32)
+        assert table[table.type == "Conv2d"].rf_size.tolist() == [2 * i + 1 for i in range(1, n + 1)]
+        assert table.rf_size.iloc[-1] == 2 * n + 1  # ReLU passes through
+
+
+def test_stride_and_dilation():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 3))
+    table = receptive_fields(net, 32)
+    assert (rf(table, "1"), table.jump.iloc[-1]) == (7, 2)
+    table = receptive_fields(convs(2, dilation=2), 32)
+    assert table[table.type == "Conv2d"].rf_size.tolist() == [5, 9]
+
+
+def test_start_is_centre_of_unit_zero():
+    # padding moves the centre but not r; start_0 = 0.5
+    table = receptive_fields(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2)), 16)
+    assert table.start.tolist() == [0.5, 1.5]
+    assert table.rf_size.tolist() == [3, 5]
+
+
+def test_tuple_kernel_reports_max_axis():
+    table = receptive_fields(nn.Sequential(nn.Conv2d(3, 4, (3, 7), padding=(1, 3))), (20, 10))
+    assert table.rf_size.tolist() == [7]
+    assert table.output_size.tolist() == [20]
+    assert not table.border.iloc[0]
+
+
+def test_alexnet():
+    model = unitscope.load_model("alexnet")
+    before = hook_counts(model)
+    table = receptive_fields(model, 224)
+    assert hook_counts(model) == before
+    convs_pools = table[table.type.isin(["Conv2d", "MaxPool2d"]) & table.layer.str.startswith("features.")]
+    assert convs_pools.rf_size.tolist() == [11, 19, 51, 67, 99, 131, 163, 195]
+    assert rf(table, "features.10") == 163
+    assert table.set_index("layer").loc["features.12", "jump"] == 32
+    assert rf(table, "features") == 195
+    assert not table.border.any()  # 195 < 224
+
+
+def test_vgg16_and_unproductive_layers():
+    model = unitscope.load_model("vgg16")
+    table = receptive_fields(model.features, 224)
+    assert table[table.type.isin(["Conv2d", "MaxPool2d"])].rf_size.tolist() == [
+        3, 5, 6, 10, 14, 16, 24, 32, 40, 44, 60, 76, 92, 100, 132, 164, 196, 212]
+    assert rf(table, "28") == 196
+    assert unproductive_layers(table).empty  # at 224 none
+    # rule (a): conv3_3 and conv4_1-conv5_3 at 32, conv4_3 and conv5_1-5_3 at 64
+    assert unproductive_layers(receptive_fields(model.features, 32)).layer.tolist() == [
+        "14", "17", "19", "21", "24", "26", "28"]
+    at64 = unproductive_layers(receptive_fields(model.features, 64))
+    assert at64.layer.tolist() == ["21", "24", "26", "28"]
+    # invariance: r and j do not depend on the input resolution
+    small = receptive_fields(model.features, 64)
+    assert small.rf_size.tolist() == table.rf_size.tolist() and small.jump.tolist() == table.jump.tolist()
+    full = receptive_fields(model, 224)
+    assert rf(full, "features.28") == 196
+
+
+def test_resnet18_longest_path():
+    table = receptive_fields(unitscope.load_model("resnet18"), 224)
+    assert rf(table, "conv1") == 7 and rf(table, "maxpool") == 11
+    expected = {"layer1": [19, 27, 35, 43], "layer2": [51, 67, 83, 99], "layer3": [115, 147, 179, 211],
+                "layer4": [243, 307, 371, 435]}
+    for stage, values in expected.items():
+        got = [rf(table, f"{stage}.{b}.conv{c}") for b in (0, 1) for c in (1, 2)]
+        assert got == values
+    assert rf(table, "layer4") == 435
+    assert table.set_index("layer").loc["layer4", "jump"] == 32
+    # the 1x1 downsample branch is shorter: the add takes the longest input
+    assert rf(table, "layer4.0.downsample.0") == 211
+    assert rf(table, "layer4.0") == 307
+    assert table.set_index("layer").loc["layer4", "border"]
+    assert not table.set_index("layer").loc["layer3", "border"]
+
+
+def test_global_pool_covers_input_and_branches_concatenate():
+    table = receptive_fields(unitscope.load_model("googlenet"), 224)
+    pool = table.set_index("layer").loc["avgpool"]
+    assert pool.output_size == 1 and pool.rf_size >= 224 and pool.border
+    # an Inception block takes its largest branch
+    block = table.set_index("layer")
+    branches = [block.loc[f"inception3a.branch{i}", "rf_size"] for i in (1, 2, 3, 4)]
+    assert block.loc["inception3a", "rf_size"] == max(branches)
+    assert table.layer.is_unique
+
+
+def test_fallback_warns_and_chains():
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return self.b(self.a(x))
+            return self.b(self.a(x))
+
+    model = Untraceable()
+    with pytest.warns(UserWarning, match="fx could not trace"):
+        table = receptive_fields(model, 16)
+    assert table.rf_size.tolist() == [3, 5]
+    assert hook_counts(model) == 0
+
+
+def test_bad_input_size():
+    with pytest.raises(ValueError, match=r"int or \(H, W\)"):
+        receptive_fields(convs(1), (1, 2, 3, 4))
+    with pytest.raises(ValueError, match="pass an input_size the model accepts"):
+        receptive_fields(convs(3), 4)
+
+
+def test_other_registry_models():
+    # rfa_toolbox README: ResNet-50 upper bound 427
+    assert rf(receptive_fields(unitscope.load_model("resnet50"), 224), "layer4") == 427
+    table = receptive_fields(unitscope.load_model("mobilenet_v2"), 224)
+    assert table.layer.is_unique and table.border.iloc[-1]
+    table = receptive_fields(unitscope.load_model("digits-cnn"), 8)
+    assert table.rf_size.is_monotonic_increasing
+
+
+def test_plot_is_agg_safe():
+    matplotlib.use("Agg")
+    table = receptive_fields(convs(3, padding=1), 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plot_receptive_fields(table)
+    assert type(fig).__name__ == "Figure"
+    assert table.border.tolist() == [False, False, False, False, True, True]
