@@ -160,3 +160,23 @@ def test_layers_command_for_every_registered_model(name, capsys):
     out = capsys.readouterr().out
     shape = unitscope.models.default_input_shape(name)
     assert "Conv2d" in out and "Linear" in out and str(tuple(shape)) in out
+
+
+def test_receptive_field_and_probes_experiments_with_reports(tmp_path):
+    from unitscope.report import write_report
+
+    rf = write(tmp_path / "rf.toml", 'experiment = "receptive-field"\nmodel = ["digits-cnn", "resnet18"]\n')
+    assert main(["-q", "run", str(rf), "--out", str(tmp_path)]) == 0
+    run = unitscope.load_run(tmp_path / "rf" / "resnet18")
+    table = run.table("receptive_field").set_index("layer")
+    assert table.loc["layer4", "rf_size"] == 435
+    assert run.table("receptive_field_flops")["flops"].sum() == 3_628_146_688
+    pr = write(tmp_path / "pr.toml", 'experiment = "probes"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+               'layers = ["conv2", "fc"]\n')
+    assert main(["-q", "run", str(pr), "--out", str(tmp_path)]) == 0
+    probes = unitscope.load_run(tmp_path / "pr" / "digits-cnn_digits").table("probes")
+    assert list(probes["layer"]) == ["conv2", "fc"] and probes["converged"].all()
+    for d in (tmp_path / "rf" / "resnet18", tmp_path / "pr" / "digits-cnn_digits"):
+        page = write_report(d).read_text()
+        assert page.count("data:image/png;base64,") == 1
+    assert main(["run", str(pr), "--out", str(tmp_path)]) == 0  # finished: skipped

@@ -34,6 +34,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
 
     from . import analyze, load_dataset, load_model
     from .analyses import Moments, Saturation, SaturationTracker, projected_accuracy
+    from .analyses.receptive_fields import receptive_fields
     from .report import write_report
     from .train import train
 
@@ -73,6 +74,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
             run.tables["saturation_epochs"] = pd.read_parquet(ckpt_dir / "saturation_epochs.parquet")
         run.tables["saturation_projection"] = projected_accuracy(
             model, train_data, test_data, ["conv*"], deltas=[0.8, 0.9, 0.95, 0.99, 0.999])
+        run.tables["receptive_field"] = receptive_fields(model, model.input_shape[1:])
         run.save(run_dir)
         reports.append(write_report(run_dir))
         log.info("report: %s", reports[-1])

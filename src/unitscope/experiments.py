@@ -53,7 +53,9 @@ KEYS: dict[str, dict[str, Any]] = {
     "saturation": {"split": "test", "layers": None, "batch_size": 256, "delta": 0.99,
                    "conv": "channelwise", "rule": "textbook", "project_deltas": None},
 }
-LIST_KEYS = {"layers", "analyses", "project_deltas"}
+KEYS["probes"] = {"layers": None, "downsample": 4, "C": 1.0, "dtype": "float32", "batch_size": 256}
+KEYS["receptive-field"] = {"input_size": None}
+LIST_KEYS = {"layers", "analyses", "project_deltas", "input_size"}
 
 
 class ConfigError(ValueError):
@@ -91,7 +93,7 @@ def validate(config: dict[str, Any]) -> None:
     for key in config:
         if key not in known:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
-    for key in ("model", "dataset"):
+    for key in ("model", "dataset") if exp != "receptive-field" else ("model",):
         if config.get(key) is None:
             raise ConfigError(f"config key {key!r} is required (e.g. {key} = "
                               f"\"{'digits-cnn' if key == 'model' else 'digits'}\")")
@@ -147,7 +149,8 @@ def expand(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]
 def run_name(config: dict[str, Any], swept: dict[str, Any]) -> str:
     """A directory name from the model, the data and the swept parameters."""
     split = f"-{config['split']}" if "split" in config else ""
-    parts = [f"{config['model']}_{config['dataset']}{split}"]
+    data = f"_{config['dataset']}" if config.get("dataset") else ""
+    parts = [f"{config['model']}{data}{split}"]
     parts += [f"{k}={_short(v)}" for k, v in swept.items() if k not in ("model", "dataset", "split")]
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "-", "_".join(parts))
 
@@ -319,3 +322,76 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
             deltas=config["project_deltas"], conv=config["conv"], batch_size=config["batch_size"],
             device=config["device"])
     run.save(target)
+
+
+@EXPERIMENTS.register("probes")
+def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
+    """Logistic-regression probes per layer on extracted features (stored under ``target``)."""
+    import torch
+
+    from .analyses.probes import probes
+    from .analyses.saturation import DEFAULT_LAYERS
+    from .data import load_dataset
+    from .models import load_model
+
+    model = load_model(config["model"], weights=config.get("weights"))
+    options = config.get("dataset_options", {})
+    dtypes = {"float32": torch.float32, "float64": torch.float64}
+    if config["dtype"] not in dtypes:
+        raise ConfigError(f"dtype={config['dtype']!r}: use float32 or float64")
+    table = probes(model, load_dataset(config["dataset"], "train", **options),
+                   load_dataset(config["dataset"], "test", **options),
+                   config.get("layers") or list(DEFAULT_LAYERS), downsample=config["downsample"],
+                   out=target / "features", C=config["C"], dtype=dtypes[config["dtype"]],
+                   batch_size=config["batch_size"], device=config["device"])
+    _write_table_run(target, "probes", table, config)
+
+
+@EXPERIMENTS.register("receptive-field")
+def _receptive_field(config: dict[str, Any], target: Path, progress: bool) -> None:
+    """Analytic receptive fields, border and unproductive layers, FLOPs and parameters."""
+    from .analyses.flops import flops
+    from .analyses.receptive_fields import receptive_fields, unproductive_layers
+    from .models import default_input_shape, load_model
+
+    model = load_model(config["model"], weights=config.get("weights"))
+    shape = default_input_shape(config["model"])
+    size = config.get("input_size") or (shape[1:] if shape else None)
+    if size is None:
+        raise ConfigError("input_size is required for a model without a registered input shape, "
+                          "e.g. input_size = [224, 224]")
+    table = receptive_fields(model, tuple(size) if isinstance(size, list) else size)
+    extra = {"receptive_field_unproductive": unproductive_layers(table)}
+    if shape:
+        extra["receptive_field_flops"] = flops(model, tuple(shape[:1]) + tuple(table.attrs["input_size"]))
+    _write_table_run(target, "receptive_field", table, config, extra)
+
+
+def _write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
+                     extra: dict[str, Any] | None = None) -> None:
+    """Save tables that come from no streaming pass as a run directory (manifest written last)."""
+    import platform
+    import time
+
+    import torch
+
+    from . import __version__
+    from .results import atomic_directory
+
+    keep = target / "features" if (target / "features").is_dir() else None
+    with atomic_directory(target) as tmp:
+        (tmp / "tables").mkdir()
+        table.to_parquet(tmp / "tables" / f"{name}.parquet", index=False)
+        for key, frame in (extra or {}).items():
+            frame.to_parquet(tmp / "tables" / f"{key}.parquet", index=False)
+        if keep is not None:
+            keep.rename(tmp / "features")
+        from ._toml import dumps
+
+        (tmp / "config.toml").write_text(dumps(config))
+        manifest = {"status": "complete", "kind": name, "schema_version": 1,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": {"unitscope": __version__, "torch": torch.__version__,
+                                 "python": platform.python_version()},
+                    "config": config}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

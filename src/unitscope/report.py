@@ -81,6 +81,37 @@ def _saturation_figures(run: Run) -> list[Any]:
 
 SECTIONS["saturation"] = _saturation_figures
 
+#: sections made from tables alone (no streaming analysis behind them)
+TABLE_SECTIONS = ("receptive_field", "probes")
+
+
+def _receptive_field_figures(run: Run) -> list[Any]:
+    from .analyses.receptive_fields import plot_receptive_fields
+
+    return [plot_receptive_fields(run.table("receptive_field"))]
+
+
+def plot_probes(table: pd.DataFrame, ax: Any = None) -> Any:
+    """Train and test accuracy of the probe of every layer; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(7, 3), layout="constrained")
+    x = range(len(table))
+    ax.plot(x, table["train_acc"], "o-", label="train")
+    ax.plot(x, table["test_acc"], "s-", label="test")
+    ax.set_xticks(list(x), table["layer"], rotation=45)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("probe accuracy")
+    ax.legend()
+    return fig
+
+
+SECTIONS["receptive_field"] = _receptive_field_figures
+SECTIONS["probes"] = lambda run: [plot_probes(run.table("probes"))]
+
 
 def _table_html(frame: pd.DataFrame, limit: int = 40) -> str:
     note = f'<p class="note">first {limit} of {len(frame)} rows</p>' if len(frame) > limit else ""
@@ -92,18 +123,23 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     m = run.manifest
-    parts = [f"<h1>unitscope report: {html.escape(m['model']['class'])} on "
-             f"{html.escape(str(m['data']['name']))}</h1>"]
-    facts = {
-        "model": f"{m['model']['class']} ({m['model']['parameters']:,} parameters)",
-        "data": f"{m['data']['name']} ({m['data']['size']} items)",
-        "layers": ", ".join(m["layers"]),
-        "device / world size": f"{m['device']} / {m['world_size']}",
-        "seed": m["seed"],
-        "pass time": f"{m.get('timings', {}).get('pass_s', 0):.2f} s",
-        "versions": ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-        "created": m["created"],
-    }
+    config = m.get("config", {})
+    model_name = m.get("model", {}).get("class") or config.get("model", "model")
+    data_name = m.get("data", {}).get("name") or config.get("dataset", "")
+    parts = [f"<h1>unitscope report: {html.escape(str(model_name))}"
+             f"{' on ' + html.escape(str(data_name)) if data_name else ''}</h1>"]
+    facts = {"experiment": config.get("experiment", m.get("kind", "analyze"))}
+    if "model" in m and "parameters" in m["model"]:
+        facts.update({
+            "model": f"{m['model']['class']} ({m['model']['parameters']:,} parameters)",
+            "data": f"{m['data']['name']} ({m['data']['size']} items)",
+            "layers": ", ".join(m["layers"]),
+            "device / world size": f"{m['device']} / {m['world_size']}",
+            "seed": m["seed"],
+            "pass time": f"{m.get('timings', {}).get('pass_s', 0):.2f} s",
+        })
+    facts.update({"versions": ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+                  "created": m["created"]})
     parts.append("<h2 id='manifest'>Manifest</h2><table>" + "".join(
         f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
         for k, v in facts.items()) + "</table>")
@@ -111,12 +147,14 @@ def write_report(run_dir: str | Path) -> Path:
     if bad:
         parts.append("<p><b>Non-finite activations</b> (left out of every statistic): "
                      f"{html.escape(str(bad))}</p>")
-    for analysis in run.analyses:
-        parts.append(f"<h2 id='{analysis.name}'>{html.escape(analysis.name)}</h2>")
-        for fig in SECTIONS.get(analysis.name, lambda r: [])(run):
-            parts.append(f"<img alt='{analysis.name} figure' src='data:image/png;base64,{_png(fig)}'>")
+    sections = [a.name for a in run.analyses]
+    sections += [t for t in TABLE_SECTIONS if t in run.tables and t not in sections]
+    for section in sections:
+        parts.append(f"<h2 id='{section}'>{html.escape(section)}</h2>")
+        for fig in SECTIONS.get(section, lambda r: [])(run):
+            parts.append(f"<img alt='{section} figure' src='data:image/png;base64,{_png(fig)}'>")
         for name, frame in run.tables.items():
-            if name == analysis.name or name.startswith(f"{analysis.name}_"):
+            if name == section or name.startswith(f"{section}_"):
                 parts.append(_table_html(frame))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>unitscope report</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
