@@ -32,7 +32,7 @@ from .analyses.moments import Moments
 from .capture import Capture, LayerSpec, StopForward, resolve_layers
 from .data.arrays import dataset_fingerprint
 from .models.registry import model_fingerprint
-from .results import Run, is_complete
+from .results import Run
 from .stats.base import load_states, save_states
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,3 @@ def _manifest(model: nn.Module, data: Dataset, analyses: list[Analysis], layers:
         "config": config or {},
     }
 
-
-def finished(out: str | Path) -> bool:
-    """Whether a finished run already sits at ``out`` (the CLI skips those)."""
-    return is_complete(out)

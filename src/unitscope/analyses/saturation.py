@@ -24,7 +24,14 @@ from torch.utils.data import Dataset
 from ..capture import Capture, LayerSpec, resolve_layers
 from ..stats.base import Accumulator
 from ..stats.covariance import Covariance
-from ..stats.saturation import RULES, check_delta, intrinsic_dimension, projection, saturation
+from ..stats.saturation import (
+    RULES,
+    check_delta,
+    eigenvalues,
+    intrinsic_dimension,
+    projection,
+    saturation,
+)
 from ..train import Callback
 from .base import Analysis
 
@@ -203,12 +210,13 @@ def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset
              "sum_k": sum(int(s.cov.shape[0]) for s in stats.values()),
              "sum_width": sum(int(s.cov.shape[0]) for s in stats.values()), "mean_saturation": 1.0}]
     modules = dict(model.named_modules())
+    spectra = {key: eigenvalues(s.cov) for key, s in stats.items()}
     for delta in deltas:
         check_delta(delta)
         handles, ks, widths = [], [], []
         try:
             for key, s in stats.items():
-                k = intrinsic_dimension(torch.linalg.eigvalsh(s.cov).flip(0).clamp(min=0), delta)
+                k = intrinsic_dimension(spectra[key], delta)
                 p = projection(s.cov, k)
                 ks.append(k)
                 widths.append(int(s.cov.shape[0]))
