@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,37 @@ RECIPES: dict[str, tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]] =
 }
 
 
+@dataclass
+class DemoContext:
+    """What a family's part of the demo gets: one trained model, its data, and the run to add to.
+
+    A family's ``demo(ctx)`` adds tables (``ctx.run.tables[name] = DataFrame``) and arrays
+    (``ctx.run.arrays[name] = {key: tensor}``) whose names its report section reads, and may write
+    files under ``ctx.out``. It must take seconds, less with ``ctx.quick``.
+
+    Attributes:
+        name: the registered model name (``"digits-cnn"``, ``"shapes-cnn"``).
+        model: the trained model, in eval mode, on the CPU.
+        dataset: the dataset name; ``train_data`` / ``test_data`` are its splits.
+        run: the model's run (already holding moments and saturation); saved after every family.
+        out: the demo's output directory (the run is saved to ``out / name``).
+        quick: the short version (``unitscope demo --quick``).
+        progress: whether to show progress bars.
+        seed: the seed every family uses.
+    """
+
+    name: str
+    model: torch.nn.Module
+    dataset: str
+    train_data: Any
+    test_data: Any
+    run: Any
+    out: Path
+    quick: bool
+    progress: bool
+    seed: int = 0
+
+
 def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path]:
     """Train each demo model, analyse its test split, write runs and reports under ``out``."""
     import pandas as pd
@@ -35,6 +67,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
     from . import analyze, load_dataset, load_model
     from .analyses import Moments, Saturation, SaturationTracker, projected_accuracy
     from .analyses.receptive_fields import receptive_fields
+    from .families import load_all
     from .report import write_report
     from .train import train
 
@@ -75,6 +108,16 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
         run.tables["saturation_projection"] = projected_accuracy(
             model, train_data, test_data, ["conv*"], deltas=[0.8, 0.9, 0.95, 0.99, 0.999])
         run.tables["receptive_field"] = receptive_fields(model, model.input_shape[1:])
+        model.eval()
+        ctx = DemoContext(name=name, model=model, dataset=dataset, train_data=train_data,
+                          test_data=test_data, run=run, out=out, quick=quick, progress=progress)
+        for family in load_all():
+            part = getattr(family, "demo", None)
+            if part is not None:
+                t2 = time.perf_counter()
+                part(ctx)
+                log.info("%s: %s part of the demo in %.1f s", name, family.__name__.rsplit(".", 1)[-1],
+                         time.perf_counter() - t2)
         run.save(run_dir)
         reports.append(write_report(run_dir))
         log.info("report: %s", reports[-1])

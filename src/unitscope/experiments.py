@@ -344,7 +344,7 @@ def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
                    config.get("layers") or list(DEFAULT_LAYERS), downsample=config["downsample"],
                    out=target / "features", C=config["C"], dtype=dtypes[config["dtype"]],
                    batch_size=config["batch_size"], device=config["device"])
-    _write_table_run(target, "probes", table, config)
+    write_table_run(target, "probes", table, config)
 
 
 @EXPERIMENTS.register("receptive-field")
@@ -364,10 +364,10 @@ def _receptive_field(config: dict[str, Any], target: Path, progress: bool) -> No
     extra = {"receptive_field_unproductive": unproductive_layers(table)}
     if shape:
         extra["receptive_field_flops"] = flops(model, tuple(shape[:1]) + tuple(table.attrs["input_size"]))
-    _write_table_run(target, "receptive_field", table, config, extra)
+    write_table_run(target, "receptive_field", table, config, extra)
 
 
-def _write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
+def write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
                      extra: dict[str, Any] | None = None) -> None:
     """Save tables that come from no streaming pass as a run directory (manifest written last)."""
     import platform
@@ -395,3 +395,12 @@ def _write_table_run(target: Path, name: str, table: Any, config: dict[str, Any]
                                  "python": platform.python_version()},
                     "config": config}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def _load_families() -> None:
+    from .families import load_all
+
+    load_all()
+
+
+_load_families()

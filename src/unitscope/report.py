@@ -81,8 +81,8 @@ def _saturation_figures(run: Run) -> list[Any]:
 
 SECTIONS["saturation"] = _saturation_figures
 
-#: sections made from tables alone (no streaming analysis behind them)
-TABLE_SECTIONS = ("receptive_field", "probes")
+#: sections made from tables alone (no streaming analysis behind them); families append theirs
+TABLE_SECTIONS: list[str] = ["receptive_field", "probes"]
 
 
 def _receptive_field_figures(run: Run) -> list[Any]:
@@ -120,6 +120,9 @@ def _table_html(frame: pd.DataFrame, limit: int = 40) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` for the run saved there and return its path."""
+    from .families import load_all
+
+    load_all()
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     m = run.manifest
