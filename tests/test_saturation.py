@@ -149,6 +149,25 @@ def test_tracker_uses_every_batch_of_the_epoch(digits_model):
     assert hook_counts(digits_model) == 0
 
 
+def test_tracker_buffering_does_not_change_the_result():
+    from unitscope.train import train
+
+    train_data = unitscope.load_dataset("digits", "train")
+    tables, covs = [], []
+    for rows in (1, 5000, 1 << 20):  # fold every batch, every few batches, once per epoch
+        torch.manual_seed(0)
+        model = unitscope.load_model("digits-cnn")
+        tracker = unitscope.SaturationTracker(model, ["conv2", "fc"], buffer_rows=rows)
+        train(model, train_data, epochs=1, batch_size=64, seed=0, callbacks=[tracker])
+        tables.append(tracker.table)
+        covs.append({k: a.compute().cov for k, a in tracker.analysis.accumulators.items()})
+    for other, cov in zip(tables[1:], covs[1:]):
+        assert (other["samples"] == tables[0]["samples"]).all()
+        assert (other["intrinsic_dim"] == tables[0]["intrinsic_dim"]).all()
+        for key in ("conv2", "fc"):
+            assert torch.allclose(cov[key], covs[0][key], rtol=1e-10, atol=1e-12)
+
+
 def test_projected_accuracy_keeps_accuracy_at_delta_one(digits_model):
     from unitscope.train import train
 

@@ -120,7 +120,9 @@ class SaturationTracker(Callback):
     Each epoch starts a fresh float64 covariance per layer, fed by every training batch of that
     epoch (in train mode, as the seed did); at the end of the epoch the test set, if given, is
     measured in eval mode with the epoch's final weights. ``table`` holds one row per
-    (epoch, split, layer).
+    (epoch, split, layer). Captured outputs are buffered and folded in groups of at least
+    ``buffer_rows`` rows (and at the end of the epoch), which keeps the tracking cost low for
+    small models; the buffer holds at most that many rows per layer.
 
     Example:
         >>> import unitscope
@@ -134,12 +136,14 @@ class SaturationTracker(Callback):
 
     def __init__(self, model: nn.Module, layers: LayerSpec | None = DEFAULT_LAYERS, delta: float = 0.99,
                  conv: str = "channelwise", rule: str = "textbook", test_data: Dataset | None = None,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, buffer_rows: int = 1 << 15) -> None:
         self.model = model
         self.layers = resolve_layers(model, layers)
         self.analysis = Saturation(self.layers, delta=delta, conv=conv, rule=rule)
         self.test_data, self.batch_size = test_data, batch_size
+        self.buffer_rows = buffer_rows
         self._capture: Capture | None = None
+        self._buffer: dict[str, list[torch.Tensor]] = {}
         self._rows: list[dict[str, Any]] = []
 
     @property
@@ -151,16 +155,31 @@ class SaturationTracker(Callback):
         """Fresh accumulators, and hooks on the tracked layers for this epoch's training forwards."""
         self.analysis.accumulators = {}
         self.analysis.start(self.layers)
+        self._buffer = {key: [] for key in self.layers}
         self._capture = Capture(self.model, self.layers, {"r": self.analysis.reduce})
         self._capture.__enter__()
 
     def on_batch_end(self, state: Any) -> None:
-        """Fold this batch's captured outputs into the epoch's covariances."""
+        """Keep this batch's captured outputs; fold them into the covariances every ``buffer_rows``.
+
+        Folding many batches at once costs one float64 update instead of one per batch (the
+        per-batch update of a small model costs more in dispatch than in arithmetic); the result
+        is the same, since the covariance of the concatenated rows is what one pass computes.
+        """
         if self._capture is None:
             return
-        for key, acc in self.analysis.accumulators.items():
-            if key in self._capture.outputs["r"]:
-                acc.update(self._capture.outputs["r"][key])
+        outputs = self._capture.outputs["r"]
+        for key, buffer in self._buffer.items():
+            if key in outputs:
+                buffer.append(outputs[key])
+                if sum(t.shape[0] for t in buffer) >= self.buffer_rows:
+                    self._flush(key)
+
+    def _flush(self, key: str) -> None:
+        buffer = self._buffer[key]
+        if buffer:
+            self.analysis.accumulators[key].update(torch.cat(buffer) if len(buffer) > 1 else buffer[0])
+            buffer.clear()
 
     def on_epoch_end(self, state: Any, metrics: dict[str, Any]) -> None:
         """Record the epoch's training saturation, then measure the test set."""
@@ -169,6 +188,8 @@ class SaturationTracker(Callback):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
+        for key in self._buffer:
+            self._flush(key)
         self._record(state.epoch, "train", self.analysis.tables()["saturation"])
         if self.test_data is not None:
             test = Saturation(self.layers, delta=self.analysis.delta, conv=self.analysis.conv,
