@@ -1,0 +1,140 @@
+"""TopK analysis: the brightest-window unit, agreement with a full argsort, exact shard merging."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import unitscope
+from unitscope.analyses.topk import TopK, parse_unit, score_with_location, unit_topk
+from unitscope.data import ArrayDataset
+from unitscope.results import merge_runs
+
+B = 5  # side of the summed window
+
+
+def window_sum_model() -> nn.Module:
+    """conv channel 0 sums a B×B window (no padding), channel 1 is the constant 1."""
+    conv = nn.Conv2d(1, 2, B, bias=True)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0] = 1.0
+        conv.bias.copy_(torch.tensor([0.0, 1.0]))
+    return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU()))
+
+
+def random_images(n: int = 23, side: int = 16, seed: int = 0) -> ArrayDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, side, side, generator=g)
+    return ArrayDataset(x, torch.zeros(n, dtype=torch.int64))
+
+
+def test_topk_of_window_sum_unit_are_the_brightest_windows():
+    data = random_images()
+    model = window_sum_model()
+    run = unitscope.analyze(model, data, layers="conv", analyses=[TopK(k=4)], batch_size=5,
+                            progress=False)
+    table = unit_topk(run.table("topk"), "conv", 0)
+    sums = nn.functional.avg_pool2d(data.x.double(), B, stride=1) * B * B  # (N, 1, h, w)
+    best = sums.flatten(1).max(1)
+    order = torch.argsort(best.values, descending=True)[:4]
+    assert table["index"].tolist() == order.tolist()
+    assert table["value"].to_numpy() == pytest.approx(best.values[order].numpy(), rel=1e-6)
+    w = sums.shape[-1]
+    loc = best.indices[order]
+    assert table["y"].tolist() == (loc // w).tolist()
+    assert table["x"].tolist() == (loc % w).tolist()
+    # the brightest window of the top image, read back at (y, x), is the score
+    i, y, x = int(table["index"][0]), int(table["y"][0]), int(table["x"][0])
+    assert float(data.x[i, 0, y:y + B, x:x + B].sum()) == pytest.approx(table["value"][0], rel=1e-6)
+
+
+def test_topk_equals_full_argsort_with_ties_broken_by_index():
+    # constant unit: every input ties, so the top-k are the k smallest indices
+    data = random_images(n=11)
+    run = unitscope.analyze(window_sum_model(), data, layers="conv", analyses=[TopK(k=3)], batch_size=4,
+                            progress=False)
+    const = unit_topk(run.table("topk"), "conv", 1)
+    assert const["index"].tolist() == [0, 1, 2]
+    assert const["value"].tolist() == [1.0, 1.0, 1.0]
+    assert const["y"].tolist() == [0, 0, 0] and const["x"].tolist() == [0, 0, 0]
+
+
+def test_topk_mean_score_and_linear_layer():
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn")
+    data = unitscope.load_dataset("digits", "test")
+    run = unitscope.analyze(model, data, layers=["relu2", "fc"], analyses=[TopK(k=5, reduce="mean")],
+                            batch_size=64, progress=False)
+    t = run.table("topk")
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with unitscope.capture(model, ["relu2", "fc"]) as acts:
+        model(x)
+    for layer, scores in (("relu2", acts["relu2"].double().mean((2, 3))), ("fc", acts["fc"].double())):
+        for unit in (0, 3):
+            rows = unit_topk(t, layer, unit)
+            ref = torch.sort(scores[:, unit], descending=True, stable=True)
+            assert rows["value"].to_numpy() == pytest.approx(ref.values[:5].numpy(), rel=1e-6)
+            assert rows["index"].tolist() == ref.indices[:5].tolist()
+    assert set(t[t.layer == "fc"]["y"]) == {-1}
+
+
+def test_topk_two_shards_merged_equal_one_pass(tmp_path):
+    torch.manual_seed(1)
+    model = unitscope.load_model("digits-cnn")
+    data = unitscope.load_dataset("digits", "test")
+    kwargs = {"layers": ["relu1", "relu3"], "batch_size": 50, "progress": False}
+    whole = unitscope.analyze(model, data, analyses=[TopK(k=7)], **kwargs).table("topk")
+    paths = []
+    for i in range(2):
+        part = unitscope.analyze(model, data, analyses=[TopK(k=7)], shard=(i, 2), **kwargs)
+        paths.append(part.save(tmp_path / f"shard{i}"))
+    merged = merge_runs(paths).table("topk")
+    pd.testing.assert_frame_equal(merged, whole)
+    # the shards alone differ from the whole (the test can fail)
+    assert not unitscope.load_run(paths[0]).table("topk").equals(whole)
+
+
+def test_score_with_location_first_maximum_and_shapes():
+    t = torch.zeros(2, 3, 4, 5)
+    t[0, 1, 2, 3] = 7.0
+    t[0, 1, 3, 4] = 7.0  # tie: the first in row-major order wins
+    out = score_with_location(t)
+    assert out.shape == (2, 3, 3)
+    assert out[0, 1].tolist() == [7.0, 2.0, 3.0]
+    assert out[1, 0].tolist() == [0.0, 0.0, 0.0]
+    assert score_with_location(t, "mean")[0, 1, 0] == pytest.approx(14.0 / 20)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="positive integer"):
+        TopK(k=0)
+    with pytest.raises(ValueError, match="'max'"):
+        TopK(reduce="median")
+    with pytest.raises(ValueError, match="layer:channel"):
+        parse_unit("features.6")
+    table = pd.DataFrame({"layer": ["a"], "unit": [0], "rank": [0], "index": [0], "value": [1.0],
+                          "y": [0], "x": [0]})
+    with pytest.raises(KeyError, match="no layer 'b'"):
+        unit_topk(table, "b", 0)
+    with pytest.raises(KeyError, match="units 0..0"):
+        unit_topk(table, "a", 3)
+
+
+def test_k_larger_than_dataset_gives_short_lists_and_a_warning(caplog):
+    data = random_images(n=3)
+    with caplog.at_level("WARNING"):
+        run = unitscope.analyze(window_sum_model(), data, layers="conv", analyses=[TopK(k=5)],
+                                progress=False)
+    assert len(unit_topk(run.table("topk"), "conv", 0)) == 3
+    assert "fewer than k=5" in caplog.text
+
+
+def test_config_round_trip():
+    a = TopK(k=4, reduce="mean", layers=["relu1"])
+    b = unitscope.analyses.base.build_analysis("topk", a.config())
+    assert b.config() == a.config() == {"layers": ["relu1"], "k": 4, "reduce": "mean"}
