@@ -1,0 +1,125 @@
+"""Cluster-based coverage CC (TensorFuzz; spec coverage.md §2.7): greedy online clustering per layer.
+
+Example:
+    >>> import torch
+    >>> from unitscope.coverage.cluster import CC
+    >>> cc = CC(threshold=1.0)
+    >>> cc.update(torch.tensor([[0.0, 0.5, 1.0], [2.0, 0.0, 1.0], [-0.5, 0.4, 1.5]]))
+    2.0
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import Criterion
+
+__all__ = ["CC", "min_distance"]
+
+#: rows of the test batch per distance block (bounds the (rows, representatives) matrix)
+CHUNK = 4096
+
+
+def min_distance(x: torch.Tensor, reps: torch.Tensor, squared: bool = False) -> torch.Tensor:
+    """Distance from every row of ``x`` to its nearest row of ``reps`` (``inf`` when there is none).
+
+    Distances are computed from the differences (not the ``|a|² + |b|² - 2ab`` expansion), so equal
+    vectors are exactly 0 apart.
+    """
+    if reps.shape[0] == 0:
+        return torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
+    out = []
+    for start in range(0, x.shape[0], CHUNK):
+        d = torch.cdist(x[start:start + CHUNK], reps, compute_mode="donot_use_mm_for_euclid_dist")
+        out.append(d.amin(1))
+    dist = torch.cat(out)
+    return dist * dist if squared else dist
+
+
+class CC(Criterion):
+    """Cluster coverage: the number of representatives a greedy online clustering keeps (a count).
+
+    Inputs are taken in order. An input is *new* for a layer when no stored representative of
+    that layer is within ``threshold`` of it (distance ``> threshold``); a new input becomes a
+    representative. CC = the sum over layers of the number of representatives.
+
+    CC depends on the order of the inputs (greedy), not on how they are batched: a batch is
+    compared with the stored representatives in one distance computation, then its candidates
+    are accepted in input order (one step per accepted input). Equal vectors are at distance 0,
+    so ``threshold=0`` counts distinct vectors. The representatives are stored, so memory grows
+    as O(representatives × units) per layer.
+
+    Args:
+        threshold: τ. The anchor (NeuraL-Coverage) and SEED use 10 (default) on the squared L2
+            distance at CIFAR-10 scale; here it applies to the distance chosen by ``squared``.
+        squared: compare τ with the squared L2 distance (anchor) instead of the L2 distance
+            (default, recommended).
+        count_first: count the first representative of each layer (default, recommended); the
+            anchor stores it without counting it, so its CC is this one minus 1 per layer.
+
+    ``merge(other)`` feeds ``other``'s representatives, in their order, after this state's: an
+    honest combination, but, CC being order-dependent, not in general the value of one pass over
+    both shards' inputs.
+    """
+
+    key = "cc"
+    kind = "count"
+
+    def __init__(self, threshold: float = 10.0, squared: bool = False, count_first: bool = True) -> None:
+        super().__init__()
+        if not (threshold >= 0) or math.isinf(threshold):
+            raise ValueError(f"CC(threshold={threshold}): the threshold must be finite and >= 0")
+        self.threshold, self.squared, self.count_first = float(threshold), bool(squared), bool(count_first)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments."""
+        return {"threshold": self.threshold, "squared": self.squared, "count_first": self.count_first}
+
+    def _start(self) -> None:
+        for layer in self._layers:
+            self._st[layer]["reps"] = torch.zeros(0, self._units[layer])
+
+    def _add(self, layer: str, x: torch.Tensor) -> None:
+        st = self._st[layer]
+        reps = st["reps"]
+        # the first input fixes the dtype of the representatives
+        reps = reps.to(x.device, x.dtype) if reps.shape[0] == 0 else reps.to(x.device)
+        x = x.to(reps.dtype)
+        x = x[~torch.isnan(x).any(1)]  # NaN never covers anything
+        cand = x[min_distance(x, reps, self.squared) > self.threshold]
+        if cand.shape[0]:
+            d = torch.cdist(cand, cand, compute_mode="donot_use_mm_for_euclid_dist")
+            close = ((d * d if self.squared else d) <= self.threshold).cpu().numpy()
+            keep = np.ones(cand.shape[0], dtype=bool)
+            for i in range(cand.shape[0]):  # greedy, in input order; steps only over candidates
+                if keep[i]:
+                    keep[i + 1:] &= ~close[i, i + 1:]
+            reps = torch.cat([reps, cand[torch.from_numpy(keep).to(cand.device)]])
+        st["reps"] = reps
+
+    def _update_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
+        for layer, t in layers.items():
+            self._add(layer, t)
+
+    def _merge_covered(self, other: Criterion) -> None:
+        for layer in self._layers:
+            self._add(layer, other._st[layer]["reps"])
+
+    def representatives(self) -> dict[str, torch.Tensor]:
+        """The stored representatives of every layer, in the order they were accepted."""
+        return {k: self._st[k]["reps"].clone() for k in self._layers if "reps" in self._st[k]}
+
+    def _layer_values(self) -> dict[str, float]:
+        out = {}
+        for layer in self._layers:
+            n = self._st[layer]["reps"].shape[0]
+            out[layer] = float(n if self.count_first or n == 0 else n - 1)
+        return out
+
+    def _value(self) -> float:
+        return float(sum(self._layer_values().values()))
+
