@@ -1,0 +1,282 @@
+"""Occlusion discrepancy maps and empirical receptive fields: analytic units, a naive reference loop,
+exactness of the local (pruned, cropped) sweep, and bad input."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import unitscope
+from unitscope.analyses.occlusion import (
+    UnreachableLayerError,
+    _fill_values,
+    _image_stats,
+    average_centred,
+    centre_maps,
+    empirical_receptive_fields,
+    occluder_positions,
+    occlusion_maps,
+    summarize_layers,
+    truncated_forward,
+)
+from unitscope.analyses.topk import TopK
+from unitscope.capture import LayerError
+from unitscope.data import ArrayDataset
+
+B = 5  # side of the window the hand-built unit sums
+
+
+def window_sum_model() -> nn.Module:
+    """conv channel 0 sums a B×B window (no padding), channel 1 is the constant 1."""
+    conv = nn.Conv2d(1, 2, B, bias=True)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0] = 1.0
+        conv.bias.copy_(torch.tensor([0.0, 1.0]))
+    return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU()))
+
+
+class PixelUnit(nn.Module):
+    """A "layer" whose single unit outputs the pixel x[c0, r0, q0] (spec C.3.1)."""
+
+    def __init__(self, c0: int, r0: int, q0: int) -> None:
+        super().__init__()
+        self.c0, self.r0, self.q0 = c0, r0, q0
+        self.out = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x[:, self.c0:self.c0 + 1, self.r0:self.r0 + 1, self.q0:self.q0 + 1])
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(3, 4, 3, padding=1), relu1=nn.ReLU(inplace=True), pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(4, 6, 3, padding=1), relu2=nn.ReLU(inplace=True),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(6, 3)))
+
+
+def naive_maps(model, layer, image, unit, loc, k, s, patches):
+    """The seed's approach: one full forward per occluded copy, read the unit at its location."""
+    pos = occluder_positions(image.shape[-2], image.shape[-1], k, s)
+    with unitscope.capture(model, layer) as acts:
+        model(image[None])
+        a0 = acts[layer][0, unit][tuple(loc)] if loc is not None else acts[layer][0, unit]
+        out = []
+        for p, (a, b) in enumerate(pos.tolist()):
+            x = image.clone()
+            x[:, a:a + k, b:b + k] = patches[p]
+            model(x[None])
+            v = acts[layer][0, unit][tuple(loc)] if loc is not None else acts[layer][0, unit]
+            out.append(float(a0 - v))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- analytic units
+def test_pixel_identity_unit_grid_and_tent_profile():
+    c0, r0, q0, k, v = 1, 6, 9, 3, 0.25
+    model = nn.Sequential(OrderedDict(px=PixelUnit(c0, r0, q0)))
+    image = torch.rand(1, 2, 12, 14, dtype=torch.float64)
+    r = occlusion_maps(model, "px.out", image, torch.tensor([0]), occluder=k, stride=1, fill=v,
+                       discrepancy="signed", device="cpu")
+    expected = float(image[0, c0, r0, q0]) - v
+    pos = occluder_positions(12, 14, k, 1)
+    covers = ((pos[:, 0] <= r0) & (r0 < pos[:, 0] + k) & (pos[:, 1] <= q0) & (q0 < pos[:, 1] + k))
+    grid = r.grid.reshape(-1)
+    assert torch.equal(grid != 0, covers)
+    assert torch.all(grid[covers] == expected)
+    # on the window-centre grid the support is the k×k square centred on the pixel
+    centres = pos + (k - 1) // 2
+    square = ((centres[:, 0] - r0).abs() <= (k - 1) // 2) & ((centres[:, 1] - q0).abs() <= (k - 1) // 2)
+    assert torch.equal(covers, square)
+    # pixel space: (x - v) · #{windows ∋ y, pixel} / #{windows ∋ y}
+    ref = torch.zeros(12, 14, dtype=torch.float64)
+    for yy in range(12):
+        for xx in range(14):
+            mine = (pos[:, 0] <= yy) & (yy < pos[:, 0] + k) & (pos[:, 1] <= xx) & (xx < pos[:, 1] + k)
+            ref[yy, xx] = expected * int((mine & covers).sum()) / int(mine.sum())
+    torch.testing.assert_close(r.maps[0], ref, rtol=0, atol=1e-12)
+
+
+def _bright_windows(n: int = 6, side: int = 20, seed: int = 0) -> ArrayDataset:
+    """Dim noise in [0, 0.1) and one bright B×B window per image, away from the border."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, side, side, generator=g) * 0.1
+    corners = torch.randint(3, side - B - 3, (n, 2), generator=g)
+    for i, (a, b) in enumerate(corners.tolist()):
+        x[i, 0, a:a + B, b:b + B] += 0.5 + i * 0.1
+    return ArrayDataset(x, torch.zeros(n, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_window_sum_unit_rf_is_exactly_the_window_grown_by_the_occluder(local):
+    data, model, k = _bright_windows(), window_sum_model(), 3
+    run = unitscope.analyze(model, data, layers="conv", analyses=[TopK(k=4)], progress=False)
+    table, arrays = empirical_receptive_fields(model, data, "conv", [0, 1], run.table("topk"), k=4,
+                                               occluder=k, stride=1, fill=0.0, threshold=1e-12,
+                                               local=local, device="cpu")
+    side = B + 2 * (k - 1)
+    rf = arrays["conv:0"]
+    h = (rf.shape[0] + 1) // 2
+    square = torch.zeros_like(rf, dtype=torch.bool)
+    half = side // 2
+    square[h - 1 - half:h + half, h - 1 - half:h + half] = True
+    support = torch.nan_to_num(rf) > 0
+    assert torch.equal(support, square)  # exactly the grown window, never a pixel outside
+    assert torch.equal(arrays["conv:0:mask"].bool(), square)
+    assert table["rf_size_empirical"][0] == side
+    assert table["rf_size"][0] == B and table["ratio"][0] == pytest.approx(side / B)
+    # the constant unit: every map is zero, no RF
+    assert torch.nan_to_num(arrays["conv:1"]).abs().max() == 0
+    assert table["rf_size_empirical"][1] == 0
+    summary = summarize_layers(table)
+    assert summary["rf_size_empirical"][0] == pytest.approx(side / 2)
+
+
+def test_window_sum_threshold_mask_inside_support():
+    data, model = _bright_windows(), window_sum_model()
+    run = unitscope.analyze(model, data, layers="conv", analyses=[TopK(k=3)], progress=False)
+    table, arrays = empirical_receptive_fields(model, data, "conv", [0], run.table("topk"), k=3,
+                                               occluder=3, stride=1, fill="uniform", device="cpu")
+    support = torch.nan_to_num(arrays["conv:0"]) > 0
+    mask = arrays["conv:0:mask"].bool()
+    assert mask.any() and not (mask & ~support).any()
+    assert 0 < table["rf_size_empirical"][0] <= B + 4
+
+
+@pytest.mark.parametrize("fill", ["uniform", "normal", "mean", 0.3])
+def test_constant_response_unit_gives_a_zero_map(fill):
+    image = torch.rand(3, 1, 16, 16)
+    r = occlusion_maps(window_sum_model(), "relu", image, torch.tensor([1, 1, 1]), occluder=5,
+                       stride=2, fill=fill, device="cpu")
+    assert torch.count_nonzero(r.grid) == 0
+    assert torch.nan_to_num(r.maps).abs().max() == 0
+    assert torch.all(r.baseline == 1.0)
+
+
+# ----------------------------------------------------------------------------- against the naive loop
+@pytest.mark.parametrize("fill", [0.5, "uniform"])
+@pytest.mark.parametrize("layer,unit", [("relu2", 4), ("fc", 2)])
+def test_batched_equals_naive_loop(fill, layer, unit):
+    model = tiny_cnn().eval()
+    image = torch.randn(3, 20, 18)
+    k, s = 5, 2
+    pos = occluder_positions(20, 18, k, s)
+    patches = _fill_values(fill, _image_stats(image[None]).expand(len(pos), -1, -1), torch.zeros(len(pos),
+                           dtype=torch.int64), torch.arange(len(pos)), 0, k, image.dtype)
+    for local in (True, False):
+        r = occlusion_maps(model, layer, image[None], torch.tensor([unit]), occluder=k, stride=s,
+                           fill=fill, discrepancy="signed", local=local, batch_size=7, device="cpu")
+        loc = None if layer == "fc" else r.locations[0].tolist()
+        ref = naive_maps(model, layer, image, unit, loc, k, s, patches)
+        torch.testing.assert_close(r.grid.reshape(-1), ref, rtol=1e-5, atol=1e-6)
+    assert hooks(model) == 0
+
+
+def test_batch_size_and_pairs_do_not_change_the_maps():
+    model = tiny_cnn()
+    images = torch.randn(3, 3, 16, 16)
+    units = torch.tensor([0, 5, 2])
+    one = occlusion_maps(model, "conv2", images, units, occluder=4, stride=3, batch_size=1000, device="cpu")
+    small = occlusion_maps(model, "conv2", images, units, occluder=4, stride=3, batch_size=5, device="cpu")
+    torch.testing.assert_close(one.grid, small.grid, rtol=1e-6, atol=1e-7)
+    alone = occlusion_maps(model, "conv2", images[1:2], units[1:2], occluder=4, stride=3, device="cpu",
+                           image_ids=torch.tensor([1]))
+    torch.testing.assert_close(one.grid[1:2], alone.grid, rtol=1e-6, atol=1e-7)
+
+
+def test_alexnet_local_sweep_is_exact_and_prunes():
+    torch.manual_seed(0)
+    model = unitscope.load_model("alexnet").eval()
+    images = torch.randn(2, 3, 99, 99)
+    units = torch.tensor([7, 30])
+    locs = torch.tensor([[0, 0], [5, 4]])  # a border cell and an interior cell of the 11×11 map
+    kw = {"occluder": 11, "stride": 8, "fill": "uniform", "batch_size": 64, "device": "cpu",
+          "discrepancy": "signed"}
+    local = occlusion_maps(model, "features.4", images, units, locs, local=True, **kw)
+    full = occlusion_maps(model, "features.4", images, units, locs, local=False, **kw)
+    torch.testing.assert_close(local.grid, full.grid, rtol=1e-4, atol=1e-5)
+    assert local.evaluated[1].sum() < local.evaluated.shape[1] * local.evaluated.shape[2]
+    # windows outside the analytic RF (51 px) change nothing, exactly (spec C.3.4)
+    assert torch.count_nonzero(full.grid[1][~local.evaluated[1]]) == 0
+    assert torch.count_nonzero(full.grid[1][local.evaluated[1]]) > 0
+
+
+# ----------------------------------------------------------------------------- centring and averaging
+def test_centring_translation_consistency():
+    # one map shifted: centred on the shifted centre, the canvases coincide and their mean is either
+    base = torch.zeros(1, 9, 9, dtype=torch.float64)
+    base[0, 3:6, 2:5] = torch.arange(9, dtype=torch.float64).reshape(3, 3) + 1
+    shifted = torch.roll(base, (2, 3), (1, 2))
+    canvas, valid = centre_maps(torch.cat([base, shifted]), torch.tensor([[4, 3], [6, 6]]))
+    assert torch.equal(canvas[0], canvas[1])
+    rf = average_centred(canvas, valid, torch.tensor([0, 0]), threshold=0.5)
+    torch.testing.assert_close(torch.nan_to_num(rf.maps[0]) * valid.any(0), canvas[0])
+    assert rf.masks[0].sum() == (canvas[0] >= 4.5).sum()
+    assert rf.sizes[0] == pytest.approx(float((canvas[0] >= 4.5).sum()) ** 0.5)
+
+
+# ----------------------------------------------------------------------------- bad input and hooks
+def test_bad_input():
+    model = tiny_cnn()
+    image = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"unit 6 is out of range: layer 'conv2' has 6 units \(0..5\)"):
+        occlusion_maps(model, "conv2", image, torch.tensor([6]), device="cpu")
+    with pytest.raises(LayerError, match="conv2"):
+        occlusion_maps(model, "conv22", image, torch.tensor([0]), device="cpu")
+    with pytest.raises(ValueError, match="selects 2 layers"):
+        occlusion_maps(model, "conv*", image, torch.tensor([0]), device="cpu")
+    with pytest.raises(ValueError, match=r"occluder \(11×11\) is larger than the image \(8×8\)"):
+        occlusion_maps(model, "conv2", torch.randn(1, 3, 8, 8), torch.tensor([0]), device="cpu")
+    with pytest.raises(ValueError, match="fill='noise'"):
+        occlusion_maps(model, "conv2", image, torch.tensor([0]), fill="noise", device="cpu")
+    with pytest.raises(ValueError, match="discrepancy"):
+        occlusion_maps(model, "conv2", image, torch.tensor([0]), discrepancy="relative", device="cpu")
+    with pytest.raises(ValueError, match="outside layer 'conv2'"):
+        occlusion_maps(model, "conv2", image, torch.tensor([0]), torch.tensor([[8, 0]]), device="cpu")
+    assert hooks(model) == 0
+
+
+class WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny_cnn()
+        self.unused = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_unreachable_layer():
+    model = WithUnused()
+    with pytest.raises(UnreachableLayerError, match="never ran in the forward of WithUnused"):
+        occlusion_maps(model, "unused", torch.randn(1, 3, 16, 16), torch.tensor([0]), device="cpu")
+    assert hooks(model) == 0
+
+
+def test_k_larger_than_the_top_list():
+    data, model = _bright_windows(n=3), window_sum_model()
+    run = unitscope.analyze(model, data, layers="conv", analyses=[TopK(k=3)], progress=False)
+    with pytest.raises(ValueError, match="fewer than k=5"):
+        empirical_receptive_fields(model, data, "conv", [0], run.table("topk"), k=5, occluder=3,
+                                   device="cpu")
+
+
+def test_truncated_forward_stops_at_the_layer_and_removes_its_hook():
+    model = tiny_cnn()
+    ran = []
+    handle = model.fc.register_forward_hook(lambda *a: ran.append(1))
+    out = truncated_forward(model, "relu1", torch.randn(2, 3, 8, 8))
+    handle.remove()
+    assert out.shape == (2, 4, 8, 8) and not ran
+    assert hooks(model) == 0
+    with pytest.raises(RuntimeError):
+        truncated_forward(model, "conv2", torch.randn(2, 5, 8, 8))  # wrong channels: forward fails
+    assert hooks(model) == 0
