@@ -1,0 +1,182 @@
+"""IDC: the spec's exact examples, set-union invariants, unit ranking, clustering and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unitscope.coverage.idc import IDC, ClusteringError, assign, cluster_1d
+
+STREAM = [[0.1, 1.9], [0.9, 0.2], [0.2, 2.2], [0.6, 3.5]]
+
+
+def test_spec_5_4_stream_exact():
+    idc = IDC.from_centroids([[0.0, 1.0], [0.0, 2.0, 4.0]])
+    assert idc.combinations(0) == 6
+    values = []
+    for t in STREAM:
+        idc.update(torch.tensor([t]))
+        values.append(idc.value())
+    assert values == [1 / 6, 2 / 6, 2 / 6, 3 / 6]
+    (row,) = idc.results()
+    assert row["covered"] == 3 and row["inputs"] == 4
+    assert row["max_achievable"] == pytest.approx(4 / 6)
+
+
+def test_spec_5_4_silhouette_choice():
+    v = torch.tensor([0.0, 0.0, 1.0, 1.0, 10.0, 10.0])
+    centroids, score = cluster_1d(v, k_range=(2, 4))
+    assert centroids.tolist() == [0.0, 1.0, 10.0]
+    assert score == pytest.approx(1.0)
+    _, score2 = cluster_1d(v, k_range=(2, 2))
+    assert score2 == pytest.approx(0.953086, abs=1e-6)
+
+
+def test_nearest_centroid_ties_go_to_the_lower_one():
+    c = torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64)
+    assert assign(torch.tensor([1.0, 3.0, -5.0, 9.0, 1.01]), c).tolist() == [0, 1, 0, 2, 1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4), st.integers(1, 5))
+def test_all_units_one_cluster_each_is_one_after_any_input(x, n):
+    torch.manual_seed(0)
+    train = torch.randn(12, 4)
+    idc = IDC(m=4, k=1).fit(train, units=[0, 1, 2, 3])
+    assert idc.value() == 0.0
+    idc.update(torch.tensor([x] * n))
+    assert idc.value() == 1.0
+
+
+def test_one_unit_value_is_the_fraction_of_clusters_hit():
+    idc = IDC.from_centroids([[0.0, 1.0, 5.0, 9.0]])
+    idc.update(torch.tensor([[0.2], [8.0], [7.5]]))
+    assert idc.value() == 2 / 4
+
+
+def test_build_set_covers_every_cluster_of_one_unit():
+    torch.manual_seed(1)
+    train = torch.cat([torch.randn(30, 3), torch.randn(30, 3) + 6])
+    idc = IDC(m=1, k_range=(2, 4)).fit(train, relevance=torch.tensor([0.0, 2.0, 1.0]))
+    assert idc.groups[0]["units"] == [("layer", 1)]
+    idc.update(train)
+    assert idc.value() == 1.0
+
+
+def _fitted(seed: int = 0, **options) -> tuple[IDC, dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    acts = {"a": torch.randn(60, 5, generator=g), "b": torch.rand(60, 4, 3, 3, generator=g)}
+    rel = {"a": torch.randn(60, 5, generator=g), "b": torch.randn(60, 4, 3, 3, generator=g)}
+    classes = torch.arange(60) % 3
+    return IDC(m=2, k=3, **options).fit(acts, relevance=rel, classes=classes), acts, classes
+
+
+def test_groups_per_layer_end_to_end_and_class():
+    idc, _, classes = _fitted()
+    scopes = {(g["scope"], g["layer"], g["class"]) for g in idc.groups}
+    assert scopes == {(s, la, c) for c in (-1, 0, 1, 2) for s, la in (("layer", "a"), ("layer", "b"),
+                                                                        ("end2end", ""))}
+    # per-layer ranking: the signed sum of the relevance, ties to the lower index
+    g = torch.Generator().manual_seed(0)
+    torch.randn(60, 5, generator=g), torch.rand(60, 4, 3, 3, generator=g)
+    rel_a = torch.randn(60, 5, generator=g)
+    want = rel_a.double().sum(0).argsort(descending=True)[:2].tolist()
+    assert idc.groups[0]["units"] == [("a", i) for i in want]
+    cls1 = rel_a[classes == 1].double().sum(0).argsort(descending=True)[:2].tolist()
+    grp = next(x for x in idc.groups if x["layer"] == "a" and x["class"] == 1)
+    assert grp["units"] == [("a", i) for i in cls1]
+
+
+def test_test_inputs_of_a_class_cover_only_its_groups():
+    idc, acts, classes = _fitted()
+    idc.update({k: v[:1] for k, v in acts.items()}, classes[:1])  # one input of class 0
+    for row in idc.results():
+        assert (row["covered"] > 0) == (row["class"] in (-1, 0)), row
+    with pytest.raises(ValueError, match="pass the test inputs' classes"):
+        idc.update(acts)
+
+
+def test_invariants_monotone_order_batch_merge_roundtrip():
+    idc, acts, classes = _fitted(2)
+    test = {k: v + 0.3 * torch.randn_like(v) for k, v in acts.items()}
+    whole = idc.clone()
+    whole.update(test, classes)
+    # streaming in small batches never decreases and ends equal
+    stream = idc.clone()
+    last = 0.0
+    for i in range(0, 60, 7):
+        gain = stream.update({k: v[i:i + 7] for k, v in test.items()}, classes[i:i + 7])
+        assert gain >= 0 and stream.value() >= last
+        last = stream.value()
+    # reversed order
+    rev = idc.clone()
+    rev.update({k: v.flip(0) for k, v in test.items()}, classes.flip(0))
+    # two shards merged
+    a, b = idc.clone(), idc.clone()
+    a.update({k: v[:25] for k, v in test.items()}, classes[:25])
+    b.update({k: v[25:] for k, v in test.items()}, classes[25:])
+    merged = a.merge(b)
+    # save and load
+    loaded = IDC(**{**idc.config(), "k_range": tuple(idc.k_range)})
+    loaded.load_state_dict(whole.state_dict())
+    expected = whole.results()
+    for other in (stream, rev, merged, loaded):
+        assert other.results() == expected
+    # idempotent
+    again = whole.clone()
+    assert again.update(test, classes) == 0.0
+    assert 0 < whole.value() <= 1
+
+
+def test_merge_refuses_a_differently_fitted_idc():
+    a, _, _ = _fitted(0)
+    b, _, _ = _fitted(1)
+    with pytest.raises(ValueError, match="fitted differently"):
+        a.merge(b)
+
+
+def test_cross_layer_norm_changes_the_end_to_end_ranking():
+    acts = {"narrow": torch.randn(20, 2), "wide": torch.randn(20, 50)}
+    rel = {"narrow": torch.tensor([5.0, 4.0]), "wide": torch.linspace(0, 1, 50)}
+    raw = IDC(m=2, k=2).fit(acts, relevance=rel)
+    normed = IDC(m=2, k=2, cross_layer_norm="per_layer_max").fit(acts, relevance=rel)
+    e2e = next(g for g in raw.groups if g["scope"] == "end2end")
+    assert e2e["units"] == [("narrow", 0), ("narrow", 1)]
+    e2e = next(g for g in normed.groups if g["scope"] == "end2end")
+    assert e2e["units"] == [("narrow", 0), ("wide", 49)]
+
+
+def test_abs_sum_importance():
+    acts = torch.randn(20, 3)
+    rel = torch.tensor([[0.5, -2.0, 0.0], [1.0, 0.0, 3.0]]).repeat(10, 1)
+    assert IDC(m=2, k=2).fit(acts, relevance=rel).groups[0]["units"] == [("layer", 2), ("layer", 0)]
+    assert IDC(m=2, k=2, importance="abs_sum").fit(acts, relevance=rel).groups[0]["units"] == [
+        ("layer", 2), ("layer", 1)]
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="layer 'small' has 2 units, fewer than m=3"):
+        IDC(m=3).fit({"small": torch.randn(10, 2)}, relevance={"small": torch.randn(10, 2)})
+    with pytest.raises(ClusteringError, match="needs at least 3 samples, got 2"):
+        IDC(m=1, k=3).fit(torch.randn(2, 4), units=[0])
+    with pytest.raises(ClusteringError, match="needs at least 2 samples"):
+        IDC(m=1).fit(torch.randn(1, 4), units=[1])
+    with pytest.raises(ValueError, match="either relevance= .* or units="):
+        IDC().fit(torch.randn(5, 4))
+    with pytest.raises(ValueError, match="before update"):
+        IDC().update(torch.randn(3, 4))
+    idc = IDC(m=1, k=2).fit(torch.randn(10, 4), units=[0])
+    with pytest.raises(ValueError, match=r"expected \(n, 4\)"):
+        idc.update(torch.randn(3, 5))
+
+
+def test_constant_unit_gets_one_cluster_and_rounding_dedupes():
+    c, score = cluster_1d(torch.zeros(20))
+    assert c.tolist() == [0.0] and math.isnan(score)
+    idc = IDC(m=1, k=2, round_centroids=0).fit(torch.tensor([[0.0], [0.01], [0.2], [0.21]]), units=[0])
+    assert idc.centroids[("layer", 0)].tolist() == [0.0]
+    assert idc.combinations(0) == 1
