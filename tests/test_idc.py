@@ -91,6 +91,18 @@ def test_groups_per_layer_end_to_end_and_class():
     assert grp["units"] == [("a", i) for i in cls1]
 
 
+def test_summed_per_class_relevance_gives_the_same_fit_as_per_input():
+    idc, acts, classes = _fitted()
+    g = torch.Generator().manual_seed(0)
+    torch.randn(60, 5, generator=g), torch.rand(60, 4, 3, 3, generator=g)
+    rel = {"a": torch.randn(60, 5, generator=g), "b": torch.randn(60, 4, 3, 3, generator=g).sum((2, 3))}
+    total = {k: v.double().sum(0) for k, v in rel.items()}
+    per = {c: {k: v[classes == c].double().sum(0) for k, v in rel.items()} for c in range(3)}
+    other = IDC(m=2, k=3).fit(acts, relevance=total, class_relevance=per)
+    assert [g["units"] for g in other.groups] == [g["units"] for g in idc.groups]
+    assert torch.equal(other.state_dict()["centroids"], idc.state_dict()["centroids"])
+
+
 def test_test_inputs_of_a_class_cover_only_its_groups():
     idc, acts, classes = _fitted()
     idc.update({k: v[:1] for k, v in acts.items()}, classes[:1])  # one input of class 0

@@ -241,7 +241,7 @@ class IDC(Accumulator):
         return idc
 
     def fit(self, acts: Acts, relevance: Acts | None = None, units: Any = None,
-            classes: torch.Tensor | None = None) -> IDC:
+            classes: torch.Tensor | None = None, class_relevance: Mapping[int, Acts] | None = None) -> IDC:
         """Choose the important units and cluster their training activations; returns ``self``.
 
         Args:
@@ -253,6 +253,8 @@ class IDC(Accumulator):
                 or a dict ``{layer: [indices]}`` (no end-to-end or per-class groups then).
             classes: ``(n,)`` class of every training input (requires per-input relevance): adds
                 the per-class groups.
+            class_relevance: instead of ``classes``: relevance already summed per class,
+                ``{class: (units,) tensor or dict of them by layer}`` (what a streaming pass keeps).
 
         Raises:
             ValueError: a layer with fewer units than ``m``; relevance and units both or neither.
@@ -284,14 +286,23 @@ class IDC(Accumulator):
                                      f"[0, {self._units[layer]}), got {idx}")
                 self._add_group("layer", layer, -1, [(layer, i) for i in idx], [math.nan] * self.m)
         else:
-            self._rank(layers, _as_layers(relevance, "fit(relevance=)", reduce="sum"), classes)
+            per_class = None
+            if class_relevance is not None:
+                if classes is not None:
+                    raise ValueError("IDC.fit(): give classes= or class_relevance=, not both")
+                per_class = {int(c): _as_layers(r, "fit(class_relevance=)")
+                             for c, r in class_relevance.items()}
+            self._rank(layers, _as_layers(relevance, "fit(relevance=)", reduce="sum"), classes, per_class)
         self._cluster(layers)
         return self
 
-    def _scores(self, rel: dict[str, torch.Tensor], classes: torch.Tensor | None, n: int
+    def _scores(self, rel: dict[str, torch.Tensor], classes: torch.Tensor | None, n: int,
+                per_class: dict[int, dict[str, torch.Tensor]] | None = None
                 ) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """Summed importance per layer: (C + 1, units), row 0 for all inputs, row c + 1 for class c."""
+        """Summed importance per layer: (C + 1, units), row 0 for all inputs, then one row per class."""
         out, labels = {}, []
+        if per_class is not None:
+            labels = sorted(per_class)
         if classes is not None:
             classes = torch.as_tensor(classes).long().reshape(-1)
             if len(classes) != n:
@@ -309,8 +320,17 @@ class IDC(Accumulator):
             if r.dim() == 1:
                 if classes is not None:
                     raise ValueError("IDC.fit(classes=...) needs per-input relevance (n, units)")
-                out[layer] = r[None]
+                rows = [r]
+                for c in labels:
+                    rc = per_class[c].get(layer) if per_class is not None else None
+                    if rc is None or rc.shape != r.shape:
+                        raise ValueError(f"IDC.fit(): class_relevance[{c}] needs layer {layer!r} with "
+                                         f"{r.shape[0]} units")
+                    rows.append(rc.double().abs() if self.importance == "abs_sum" else rc.double())
+                out[layer] = torch.stack(rows)
                 continue
+            if per_class is not None:
+                raise ValueError("IDC.fit(class_relevance=...) goes with summed relevance (units,)")
             if r.shape[0] != n:
                 raise ValueError(f"IDC.fit(): relevance of {layer!r} has {r.shape[0]} inputs, "
                                  f"the activations {n}")
@@ -322,9 +342,9 @@ class IDC(Accumulator):
         return out, labels
 
     def _rank(self, acts: dict[str, torch.Tensor], rel: dict[str, torch.Tensor],
-              classes: torch.Tensor | None) -> None:
+              classes: torch.Tensor | None, per_class: dict[int, dict[str, torch.Tensor]] | None) -> None:
         n = next(iter(acts.values())).shape[0]
-        scores, labels = self._scores(rel, classes, n)
+        scores, labels = self._scores(rel, classes, n, per_class)
         for row, cls in enumerate([-1, *labels]):
             for layer in self._layers:
                 s = scores[layer][row]
