@@ -244,12 +244,14 @@ class Criterion(Accumulator):
         if self._layers != other._layers or self._units != other._units:
             raise MergeError(f"cannot merge {type(self).__name__} over different layers: "
                              f"{self._units} vs {other._units}")
-        if self._phase != other._phase:
-            raise MergeError(f"cannot merge a fitting {type(self).__name__} with a testing one: merge "
-                             "the profiles first, then update both with test data")
         dev = self.device
         other = other.clone().to(dev) if dev is not None else other
-        if self._phase == _FITTING:
+        if self._phase != other._phase:
+            # a fitted shard that saw no test input adds nothing, provided the profiles agree
+            self._check_same_profile(other)
+            if self._phase == _FITTING:
+                self.load_state_dict(other.state_dict())
+        elif self._phase == _FITTING:
             self._merge_profile(other)
         else:
             self._check_same_profile(other)
@@ -289,7 +291,7 @@ class Criterion(Accumulator):
                                  "(n, units) or (n, channels, *spatial); use t[None] for one input")
             if not torch.is_floating_point(t):
                 t = t.float()
-            out[str(layer)] = self._prepare(t.detach())
+            out[str(layer)] = self._prepare(t.detach()) if t.shape[0] else t.new_zeros(0, t.shape[1])
         n = {t.shape[0] for t in out.values()}
         if len(n) > 1:
             raise ValueError(f"{name}.{verb}(): the layers hold different numbers of inputs {sorted(n)}")

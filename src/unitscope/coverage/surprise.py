@@ -101,6 +101,7 @@ class _Surprise(Criterion):
         if "mask" in self._sh:
             return self._sh["mask"]
         if "mask" not in self._cache:
+            self._check_counts()
             per_class, overall = self._class_variances()
             if self.var_scope == "class":
                 keep = (per_class >= self.min_var).all(0)
@@ -185,6 +186,9 @@ class _Surprise(Criterion):
         return out
 
     # ------------------------------------------------------------------ to implement
+    def _check_counts(self) -> None:
+        """Raise a clear error when a class has too few training inputs for the estimator."""
+
     def _num_classes(self) -> int:
         raise NotImplementedError
 
@@ -293,6 +297,15 @@ class LSC(_StoredTraces):
         """Constructor arguments."""
         return {**super().config(), "bandwidth": self.bandwidth, "ridge": self.ridge}
 
+    def _check_counts(self) -> None:
+        if self.bandwidth != "scott":
+            return
+        classes, counts = torch.unique(self._sh["train_classes"], return_counts=True)
+        for c, n in zip(classes.tolist(), counts.tolist()):
+            if n < 2:
+                raise ValueError(f"LSC: class {c} has {n} training input; a KDE with Scott's bandwidth "
+                                 "needs at least 2 per class (fit on more data or pass bandwidth=<float>)")
+
     def _prepare_model(self) -> None:
         if "kde" in self._cache:
             return
@@ -300,17 +313,13 @@ class LSC(_StoredTraces):
         for c, x in self._class_data().items():
             n, d = x.shape
             if self.bandwidth == "scott":
-                if n < 2:
-                    raise ValueError(f"LSC: class {c} has {n} training input; a KDE with Scott's "
-                                     "bandwidth needs at least 2 per class (fit on more data or pass "
-                                     "bandwidth=<float>)")
                 cov = torch.atleast_2d(torch.cov(x.T)) * n ** (-2.0 / (d + 4))
             else:
                 cov = torch.eye(d, dtype=x.dtype, device=x.device) * float(self.bandwidth) ** 2
             if self.ridge:
                 cov = cov + self.ridge * cov.diagonal().mean() * torch.eye(d, dtype=x.dtype, device=x.device)
-            chol, info = torch.linalg.cholesky_ex(cov)
-            if int(info):
+            chol = _cholesky(cov)
+            if chol is None:
                 raise ValueError(f"LSC: the kernel covariance of class {c} is singular ({n} training inputs, "
                                  f"{d} units); fit on more inputs, use fewer layers, pass ridge=1e-6 or an "
                                  "isotropic bandwidth=<float>")
@@ -478,6 +487,12 @@ class MDSC(_Surprise):
     def _has_class(self, c: int) -> bool:
         return bool(self._sh["count"][c] > 0)
 
+    def _check_counts(self) -> None:
+        for c, n in enumerate(self._sh["count"].tolist()):
+            if 0 < n < 2:
+                raise ValueError(f"MDSC: class {c} has {int(n)} training input; a covariance needs at "
+                                 "least 2 per class (fit on more data)")
+
     def _prepare_model(self) -> None:
         if "chol" in self._cache:
             return
@@ -486,16 +501,13 @@ class MDSC(_Surprise):
         for c in (self._sh["count"] > 0).nonzero().squeeze(1).tolist():
             n = float(self._sh["count"][c])
             ddof = 1 if self.covariance == "sample" else 0
-            if n - ddof < 1 or n < 2:
-                raise ValueError(f"MDSC: class {c} has {int(n)} training input(s); a covariance needs at "
-                                 "least 2 per class (fit on more data)")
             cov = self._sh["m2"][c][keep][:, keep] / (n - ddof)
             d = cov.shape[0]
             if self.ridge:
                 eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
                 cov = cov + self.ridge * cov.diagonal().mean() * eye
-            factor, info = torch.linalg.cholesky_ex(cov)
-            if int(info):
+            factor = _cholesky(cov)
+            if factor is None:
                 raise ValueError(f"MDSC: the covariance of class {c} is singular ({int(n)} training inputs, "
                                  f"{d} units); fit on more inputs, use fewer layers or pass ridge=1e-6")
             chol[c] = (factor, self._sh["mean"][c][keep])
@@ -512,3 +524,13 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     mean = x.mean(0)
     xc = x - mean
     return torch.tensor(float(len(x)), dtype=torch.float64, device=x.device), mean, xc.T @ xc
+
+
+def _cholesky(cov: torch.Tensor) -> torch.Tensor | None:
+    """Lower Cholesky factor of ``cov``, or None when it is singular to working precision."""
+    factor, info = torch.linalg.cholesky_ex(cov)
+    if int(info) or not bool(torch.isfinite(factor).all()):
+        return None
+    if float(factor.diagonal().min()) ** 2 <= 1e-12 * float(cov.diagonal().max()):
+        return None
+    return factor
