@@ -260,3 +260,24 @@ def test_bad_shapes_and_options_are_errors():
         SobolAccumulator(2, bootstrap=1)
     with pytest.raises(ValueError, match="before any update"):
         acc.compute()
+
+
+def test_aggregated_index_is_variance_weighted_and_skips_constants():
+    design = saltelli_sample(3, 512, seed=16)
+
+    def f(x):
+        y = torch.stack([ishigami(x), 3 * x[..., 0], torch.ones_like(x[..., 0]), x[..., 1] * x[..., 2]], -1)
+        return y.reshape(*y.shape[:-1], 2, 2)
+    acc = SobolAccumulator(3, bootstrap=8)
+    acc.update(*evaluate(f, design)[:3])
+    per = acc.compute()
+    agg = acc.compute(aggregate=1)
+    assert agg.S1.shape == (3, 2) and agg.S1_conf.shape == (3, 2)
+    v1 = torch.nan_to_num(per.V1).sum(-1)
+    torch.testing.assert_close(agg.S1, v1 / per.V.sum(-1), rtol=1e-12, atol=0)
+    # the second row holds a constant: its aggregate is the other element's index
+    torch.testing.assert_close(agg.ST[:, 1], per.ST[:, 1, 1], rtol=1e-12, atol=0)
+    whole = acc.compute(aggregate=2)
+    assert whole.S1.shape == (3,) and not whole.constant.item()
+    with pytest.raises(ValueError, match="aggregate"):
+        acc.compute(aggregate=3)

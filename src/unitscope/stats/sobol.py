@@ -343,22 +343,43 @@ class SobolAccumulator(Accumulator):
         self._states["count"] = self._states["count"] + theirs["count"]
 
     # ------------------------------------------------------------------ results
-    def compute(self) -> SobolResult:
-        """Indices of every output (see :class:`SobolResult`); the state is left unchanged."""
+    def compute(self, aggregate: int = 0) -> SobolResult:
+        """Indices of every output (see :class:`SobolResult`); the state is left unchanged.
+
+        Args:
+            aggregate: sum the partial variances and the variance over the last ``aggregate``
+                output dimensions before dividing: the aggregated index of Gamboa et al. (2013),
+                the variance-weighted mean of the elements' indices. With outputs ``(C, H, W)``,
+                ``aggregate=2`` gives one index per channel over its map and ``aggregate=3`` one
+                for the whole layer. Constant elements add nothing; a group of constants is NaN.
+        """
         self._require_initialized()
         st = self._states
+        shape = tuple(st["shape"].tolist())
+        if not 0 <= aggregate <= len(shape):
+            raise ValueError(f"aggregate={aggregate}: the outputs have {len(shape)} dimensions {shape}")
         est = _estimate(st["sums"], st["count"], self.d, self.second_order)
         constant = st["maximum"] == st["minimum"]
-        for key in ("S1", "ST", "S2", "V1", "VT"):
+        est["V"] = torch.where(constant, 0.0, est["V"])
+        for key in ("V1", "VT", "V2"):
             if key in est:
-                est[key] = torch.where(constant, math.nan, est[key])
-        shape = tuple(st["shape"].tolist())
+                est[key] = torch.where(constant, 0.0 if aggregate else math.nan, est[key])
+        if aggregate:
+            split = len(shape) - aggregate
+            size = math.prod(shape[split:])
+            shape = shape[:split]
+            est = {k: v.reshape(*v.shape[:-1], -1, size).sum(-1) for k, v in est.items()}
+            constant = est["V"][0] == 0
+        safe = torch.where(est["V"] > 0, est["V"], math.nan)[:, None]
+        ratios = {"S1": est["V1"] / safe, "ST": est["VT"] / safe}
+        if self.second_order:
+            ratios["S2"] = est["V2"] / safe
         z = _normal_quantile(0.5 + self.conf_level / 2)
 
         def conf(key: str) -> torch.Tensor:
             if not self.bootstrap:
-                return torch.full_like(est[key][0], math.nan)
-            return z * est[key][1:].std(dim=0, correction=1)
+                return torch.full_like(ratios[key][0], math.nan)
+            return z * ratios[key][1:].std(dim=0, correction=1)
 
         def point(t: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
             return t.reshape((*lead, *shape))
@@ -366,13 +387,13 @@ class SobolAccumulator(Accumulator):
         d = self.d
         s2 = s2c = None
         if self.second_order:
-            s2 = point(_square(est["S2"][0], d), (d, d))
+            s2 = point(_square(ratios["S2"][0], d), (d, d))
             s2c = point(_square(conf("S2"), d), (d, d))
         return SobolResult(
-            S1=point(est["S1"][0], (d,)), ST=point(est["ST"][0], (d,)),
+            S1=point(ratios["S1"][0], (d,)), ST=point(ratios["ST"][0], (d,)),
             S1_conf=point(conf("S1"), (d,)), ST_conf=point(conf("ST"), (d,)), S2=s2, S2_conf=s2c,
-            V=point(torch.where(constant, 0.0, est["V"][0]), ()), V1=point(est["V1"][0], (d,)),
-            VT=point(est["VT"][0], (d,)), constant=point(constant, ()), n=int(st["count"][0].item()))
+            V=point(est["V"][0], ()), V1=point(est["V1"][0], (d,)), VT=point(est["VT"][0], (d,)),
+            constant=point(constant, ()), n=int(st["count"][0].item()))
 
 
 def _square(pairs: torch.Tensor, d: int) -> torch.Tensor:
@@ -400,7 +421,7 @@ def _split(sums: torch.Tensor, d: int, second_order: bool) -> dict[str, torch.Te
 
 def _estimate(sums: torch.Tensor, count: torch.Tensor, d: int,
               second_order: bool) -> dict[str, torch.Tensor]:
-    """Indices of every slot (point estimate and bootstrap replicates) from the sums."""
+    """Variance and partial variances of every slot (point estimate, replicates) from the sums."""
     s = _split(sums, d, second_order)
     n = count[:, None]
     rows = d + 2 + (d if second_order else 0)
@@ -410,14 +431,13 @@ def _estimate(sums: torch.Tensor, count: torch.Tensor, d: int,
     g = total / (n * rows)  # grand mean of every row, in shifted units
     mu = (s["a"] + s["b"]) / (2 * n)
     var = s["q"] / (2 * n) - mu * mu
-    safe = torch.where(var > 0, var, torch.ones_like(var))
     v1 = (s["U"] - g[:, None] * s["D"]) / n[:, :, None]
     vt = s["T"] / (2 * n[:, :, None])
-    out = {"V": var, "V1": v1, "VT": vt, "S1": v1 / safe[:, None], "ST": vt / safe[:, None]}
+    out = {"V": var, "V1": v1, "VT": vt}
     if second_order:
         j, k = torch.triu_indices(d, d, offset=1)
         vjk = (s["W"] - s["p"][:, None] - g[:, None] * (s["E"][:, j] + s["D"][:, k])) / n[:, :, None]
-        out["S2"] = vjk / safe[:, None] - out["S1"][:, j] - out["S1"][:, k]
+        out["V2"] = vjk - v1[:, j] - v1[:, k]
     return out
 
 
