@@ -1,0 +1,94 @@
+"""Classifier evaluation: agreement with scikit-learn, image folders, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_score, recall_score
+from sklearn.metrics import confusion_matrix as sk_confusion
+from torch import nn
+
+import unitscope
+from unitscope.analyses.evaluation import (
+    confusion_from_table,
+    confusion_table,
+    evaluate_classifier,
+    plot_confusion,
+)
+from unitscope.data import ArrayDataset
+from unitscope.stats.classification import matthews_corrcoef as unitscope_mcc
+
+
+def test_agrees_with_sklearn_on_digits():
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn")
+    data = unitscope.load_dataset("digits", "test")
+    table, cm = evaluate_classifier(model, data, batch_size=47, device="cpu")
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.stack([data[i][1] for i in range(len(data))]).numpy()
+    with torch.no_grad():
+        pred = model(x).argmax(1).numpy()
+    assert cm.tolist() == sk_confusion(y, pred, labels=list(range(10))).tolist()
+    overall = table[table["class"] == -1].iloc[0]
+    assert overall["recall"] == pytest.approx(accuracy_score(y, pred))
+    assert overall["precision"] == pytest.approx(accuracy_score(y, pred))
+    assert unitscope_mcc(cm) == pytest.approx(matthews_corrcoef(y, pred))
+    assert overall["support"] == 360 and overall["correct"] == int((pred == y).sum())
+    per = table[table["class"] >= 0]
+    recall = recall_score(y, pred, labels=list(range(10)), average=None, zero_division=float("nan"))
+    precision = precision_score(y, pred, labels=list(range(10)), average=None, zero_division=float("nan"))
+    assert per["recall"].to_numpy() == pytest.approx(recall, nan_ok=True)
+    assert per["precision"].to_numpy() == pytest.approx(precision, nan_ok=True)
+    assert per["name"].tolist() == [str(i) for i in range(10)]
+    assert torch.equal(confusion_from_table(confusion_table(cm)), cm)
+    assert type(plot_confusion(cm)).__name__ == "Figure"
+
+
+def test_perfect_and_known_confusion():
+    # a "model" that outputs the label as one-hot, except class 2 which it calls 0
+    x = torch.tensor([0, 1, 2, 2, 1, 0, 2]).float()[:, None]
+    data = ArrayDataset(x, x[:, 0].long(), classes=["a", "b", "c"])
+    lookup = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 0, 0]])
+
+    class Fixed(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return lookup[t[:, 0].long()]
+
+    table, cm = evaluate_classifier(Fixed(), data, batch_size=3, device="cpu")
+    assert cm.tolist() == [[2, 0, 0], [0, 2, 0], [3, 0, 0]]
+    assert table["name"].tolist() == ["a", "b", "c", "all"]
+    assert table["recall"].iloc[-1] == pytest.approx(4 / 7)
+    assert table["precision"].iloc[0] == pytest.approx(2 / 5)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for cls, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            noise = torch.randint(0, 30, (3,), generator=g).tolist()
+            Image.new("RGB", (12, 10), tuple(max(0, c - n) for c, n in zip(colour, noise))).save(
+                tmp_path / cls / f"{i}.png")
+    data = unitscope.load_dataset("image-folder", "test", root=str(tmp_path), size=8)
+
+    class RedVsBlue(nn.Module):  # class 0 = blue, 1 = red (sorted folder names)
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return torch.stack([t[:, 2].mean((1, 2)), t[:, 0].mean((1, 2))], 1)
+
+    table, cm = evaluate_classifier(RedVsBlue(), data, device="cpu")
+    assert cm.tolist() == [[3, 0], [0, 3]]
+    assert table["name"].tolist() == ["blue", "red", "all"]
+    assert table["recall"].iloc[-1] == 1.0
+
+
+def test_bad_input():
+    model = unitscope.load_model("digits-cnn")
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(ValueError, match="label 12 is outside 0..9"):
+        evaluate_classifier(model, ArrayDataset(x, torch.tensor([0, 1, 12, 3])), device="cpu")
+    with pytest.raises(ValueError, match="no labels"):
+        evaluate_classifier(model, torch.utils.data.TensorDataset(x), device="cpu")
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_classifier(model, ArrayDataset(x[:0], torch.zeros(0, dtype=torch.int64)), device="cpu")
