@@ -192,3 +192,56 @@ def test_constant_unit_gets_one_cluster_and_rounding_dedupes():
     idc = IDC(m=1, k=2, round_centroids=0).fit(torch.tensor([[0.0], [0.01], [0.2], [0.21]]), units=[0])
     assert idc.centroids[("layer", 0)].tolist() == [0.0]
     assert idc.combinations(0) == 1
+
+
+# ---------------------------------------------------------------------- the pipeline on a model
+def _small(n: int = 40, split: str = "train"):
+    from torch.utils.data import Subset
+
+    import unitscope
+
+    return Subset(unitscope.load_dataset("digits", split), list(range(n)))
+
+
+def test_pipeline_tables_and_batching_invariance(digits_model):
+    from unitscope.analyses.importance import idc, unit_relevance
+    from unitscope.attribution import attribute
+
+    data = _small(30)
+    a = unit_relevance(digits_model, data, ["conv2", "fc"], train_filter="all", batch_size=7)
+    b = unit_relevance(digits_model, data, ["conv2", "fc"], train_filter="all", batch_size=30)
+    x = torch.stack([data[i][0] for i in range(30)])
+    y = torch.tensor([data[i][1] for i in range(30)])
+    direct = attribute(digits_model, x, y, layer="conv2").double().sum((0, 2, 3))
+    for r in (a, b):
+        torch.testing.assert_close(r.total["conv2"], direct, rtol=1e-5, atol=1e-8)
+        assert r.kept.tolist() == list(range(30))
+    per = sum(v["conv2"] for v in a.per_class.values())
+    torch.testing.assert_close(per, a.total["conv2"])
+    tables = idc(digits_model, data, _small(20, "test"), ["conv2", "conv3"], m=2, k=2, train_filter="all",
+                 per_class=False, n_init=2)
+    t = tables["idc"]
+    assert t["scope"].tolist() == ["layer", "layer", "end2end"]
+    assert {"coverage", "combinations", "covered", "max_achievable"} <= set(t.columns)
+    assert t["coverage"].between(0, 1).all()
+    assert (t["coverage"] <= t["max_achievable"] + 1e-12).all()
+    assert len(tables["idc_units"]) == 2 * len(t)
+
+
+def test_pipeline_bad_input(digits_model):
+    from torch import nn
+
+    from unitscope.analyses.importance import NoCorrectInputError, fit_idc
+    from unitscope.data.arrays import ArrayDataset
+
+    with pytest.raises(ValueError, match="layer 'fc' has 10 units, fewer than m=11"):
+        fit_idc(digits_model, _small(10), "fc", m=11)
+    always0 = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        always0[1].weight.zero_()
+        always0[1].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    data = ArrayDataset(torch.rand(8, 1, 8, 8), torch.ones(8, dtype=torch.long))
+    with pytest.raises(NoCorrectInputError, match="none of the 8 training inputs is classified correctly"):
+        fit_idc(always0, data, "1", m=1)
+    with pytest.raises(ClusteringError, match="needs at least 3 samples, got 2"):
+        fit_idc(digits_model, _small(2), "conv3", m=1, k=3, train_filter="all")
