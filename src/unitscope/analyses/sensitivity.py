@@ -1,0 +1,416 @@
+"""Sensitivity of every unit to parametrised augmentations: Sobol' indices, streamed (Kharyuk et al.).
+
+The inputs of the analysis are the augmentation variables of :mod:`unitscope.augment` plus the
+image itself: one design column ``image`` picks the dataset image (``floor(u · len(data))``), so
+the rows ``A`` and ``AB_j`` of a base sample (``j`` not the image) see the *same* image and differ
+only in augmentation parameters (the seed drew a new image per row, which leaks image variance into
+every index; spec A.13, D1). Each base sample is evaluated on its ``D + 2`` design rows (``2D + 2``
+with second order) in one forward, and every unit's outputs go straight into a
+:class:`unitscope.stats.sobol.SobolAccumulator`: nothing is written to disk, memory does not grow
+with ``n``.
+
+A unit's output is its channel's spatial mean (``reduce="mean"``) or max (``"max"``), or every
+element of the map (``"map"``), in which case the table reports each channel's aggregated index
+over its map (Gamboa et al. 2013) and the per-element maps go to the run's arrays.
+
+Tables: ``sensitivity`` (layer, unit, variable, S1, ST, S1_conf, ST_conf, constant), the per-layer
+("checkpoint-wise") summary ``sensitivity_layers``, the Spearman correlation of the variables'
+sensitivity profiles across units ``sensitivity_correlation`` and, with second order,
+``sensitivity_s2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..augment import Augmenter, AugmentError, VariableSpec
+from ..capture import Capture, LayerSpec, StopForward, resolve_layers
+from ..stats.base import Accumulator
+from ..stats.sobol import SobolAccumulator, saltelli_sample
+from .base import Analysis, Batch
+
+log = logging.getLogger(__name__)
+
+REDUCTIONS = {"mean": "mean", "max": "max", "map": "none"}
+
+
+class Sensitivity(Analysis):
+    """Sobol' indices of every unit of the selected layers to augmentation variables and the image.
+
+    Run it with :func:`sensitivity` (it needs its own design pass, not the engine's pass over the
+    data).
+
+    Args:
+        variables: augmentation variables (names, or ``(name, range)``; see
+            :class:`unitscope.augment.Augmenter`).
+        n: base samples of the Saltelli design (a power of two; others are rounded up).
+        layers: the layers to analyse (default: those given to :func:`sensitivity`).
+        reduce: a unit's output: ``"mean"`` or ``"max"`` over its map, or ``"map"`` (every element).
+        second_order: also estimate second-order indices (``2D + 2`` rows per base sample).
+        bootstrap: Poisson bootstrap replicates for the ``*_conf`` half-widths (0: none).
+        seed: seeds the design and the bootstrap.
+        conf_level: confidence level of the half-widths.
+    """
+
+    name = "sensitivity"
+
+    def __init__(self, variables: Sequence[VariableSpec] | Mapping[str, Any], n: int = 256,
+                 layers: LayerSpec | None = None, reduce: str = "mean", second_order: bool = False,
+                 bootstrap: int = 100, seed: int = 0, conf_level: float = 0.95) -> None:
+        super().__init__(layers)
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce={reduce!r}: use 'mean', 'max' or 'map'")
+        self.augmenter = Augmenter(variables)
+        self.n, self.second_order, self.bootstrap = int(n), bool(second_order), int(bootstrap)
+        self.seed, self.conf_level = int(seed), float(conf_level)
+        self.unit_reduce = reduce
+        self.reduce = REDUCTIONS[reduce]
+        #: design column groups: one per augmentation variable, then the image column (last)
+        self.groups = [list(g) for g in self.augmenter.groups] + [[self.augmenter.d]]
+        self.variables = [*self.augmenter.names, "image"]
+        self.columns = self.augmenter.d + 1
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (variable ranges resolved, JSON-able)."""
+        variables = []
+        for var in self.augmenter.variables:
+            variables.append([var.name, {p.name: [p.low, p.high] for p in var.params}])
+        return {**super().config(), "variables": variables, "n": self.n, "reduce": self.unit_reduce,
+                "second_order": self.second_order, "bootstrap": self.bootstrap, "seed": self.seed,
+                "conf_level": self.conf_level}
+
+    def new_accumulator(self, key: str) -> Accumulator:
+        """One :class:`SobolAccumulator` per layer over the variables (and the image)."""
+        return SobolAccumulator(len(self.groups), self.second_order, self.bootstrap, self.seed,
+                                self.conf_level)
+
+    def update(self, acts: Mapping[str, torch.Tensor], batch: Batch) -> None:
+        """Not fed by the engine: the analysis evaluates its own design."""
+        raise TypeError("Sensitivity runs its own design of augmented inputs; call "
+                        "unitscope.analyses.sensitivity.sensitivity(model, data, ...) instead of "
+                        "passing it to analyze()")
+
+    # ------------------------------------------------------------------ results
+    def results(self, key: str) -> tuple[Any, Any]:
+        """``(per-unit result, per-layer aggregated result)`` of layer ``key``.
+
+        Per unit means per channel: with ``reduce="map"`` each channel's index is aggregated over
+        its map; otherwise it is the index of the channel's reduced output.
+        """
+        acc = self.accumulators[key]
+        ndim = int(acc.state_dict()["shape"].numel())
+        per_unit = acc.compute(aggregate=max(ndim - 1, 0)) if self.unit_reduce == "map" else acc.compute()
+        return per_unit, acc.compute(aggregate=ndim)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``sensitivity``, ``sensitivity_layers``, ``sensitivity_correlation`` (and ``sensitivity_s2``)."""
+        units, layers, s2 = [], [], []
+        for key, acc in self.accumulators.items():
+            if not acc.initialized:
+                continue
+            per_unit, whole = self.results(key)
+            units.append(_unit_frame(key, per_unit, self.variables))
+            layers.append(_layer_frame(key, whole, per_unit, self.variables))
+            if self.second_order and per_unit.S2 is not None:
+                s2.append(_s2_frame(key, per_unit, self.variables))
+        table = pd.concat(units, ignore_index=True) if units else pd.DataFrame(columns=UNIT_COLUMNS)
+        out = {"sensitivity": table,
+               "sensitivity_layers": pd.concat(layers, ignore_index=True) if layers else pd.DataFrame(),
+               "sensitivity_correlation": variable_correlation(table)}
+        if s2:
+            out["sensitivity_s2"] = pd.concat(s2, ignore_index=True)
+        return out
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """With ``reduce="map"``: ``"<layer>/S1"`` and ``"<layer>/ST"`` maps ``(D, C, H, W)``."""
+        if self.unit_reduce != "map":
+            return {}
+        out = {}
+        for key, acc in self.accumulators.items():
+            if acc.initialized:
+                r = acc.compute()
+                out[f"{key}/S1"], out[f"{key}/ST"] = r.S1.float(), r.ST.float()
+        return out
+
+
+UNIT_COLUMNS = ["layer", "unit", "variable", "S1", "ST", "S1_conf", "ST_conf", "constant"]
+
+
+def _unit_frame(key: str, r: Any, variables: list[str]) -> pd.DataFrame:
+    d = len(variables)
+    s1 = r.S1.reshape(d, -1).cpu().numpy()
+    units = s1.shape[1]
+
+    def col(t: torch.Tensor) -> np.ndarray:
+        return t.reshape(d, -1).cpu().numpy().T.reshape(-1)
+    return pd.DataFrame({
+        "layer": key, "unit": np.repeat(np.arange(units), d), "variable": np.tile(variables, units),
+        "S1": col(r.S1), "ST": col(r.ST), "S1_conf": col(r.S1_conf), "ST_conf": col(r.ST_conf),
+        "constant": np.repeat(r.constant.reshape(-1).cpu().numpy(), d)})
+
+
+def _layer_frame(key: str, whole: Any, per_unit: Any, variables: list[str]) -> pd.DataFrame:
+    """Checkpoint-wise summary: the aggregated index of the layer and statistics of its units."""
+    d = len(variables)
+    st = per_unit.ST.reshape(d, -1).cpu().numpy()
+    s1 = per_unit.S1.reshape(d, -1).cpu().numpy()
+    live = ~per_unit.constant.reshape(-1).cpu().numpy()
+    dominant = np.full(d, math.nan)
+    if live.any():
+        top = np.nanargmax(np.where(np.isnan(st[:, live]), -np.inf, st[:, live]), axis=0)
+        dominant = np.bincount(top, minlength=d) / live.sum()
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            s1_mean, st_mean = np.nanmean(s1[:, live], 1), np.nanmean(st[:, live], 1)
+            st_median = np.nanmedian(st[:, live], 1)
+    return pd.DataFrame({
+        "layer": key, "variable": variables, "S1_agg": whole.S1.cpu().numpy(),
+        "ST_agg": whole.ST.cpu().numpy(), "S1_agg_conf": whole.S1_conf.cpu().numpy(),
+        "ST_agg_conf": whole.ST_conf.cpu().numpy(), "S1_mean": s1_mean, "ST_mean": st_mean,
+        "ST_median": st_median, "dominant_fraction": dominant, "units": int(live.sum())})
+
+
+def _s2_frame(key: str, r: Any, variables: list[str]) -> pd.DataFrame:
+    d = len(variables)
+    j, k = np.triu_indices(d, 1)
+    s2 = r.S2.reshape(d, d, -1).cpu().numpy()[j, k]  # (pairs, units)
+    conf = r.S2_conf.reshape(d, d, -1).cpu().numpy()[j, k]
+    units = s2.shape[1]
+    names = np.array(variables)
+    return pd.DataFrame({"layer": key, "unit": np.repeat(np.arange(units), len(j)),
+                         "variable_a": np.tile(names[j], units), "variable_b": np.tile(names[k], units),
+                         "S2": s2.T.reshape(-1), "S2_conf": conf.T.reshape(-1)})
+
+
+def variable_correlation(table: pd.DataFrame, index: str = "ST") -> pd.DataFrame:
+    """Spearman correlation between the variables' sensitivity profiles across the units of a layer.
+
+    For each layer, every variable's ``index`` over the layer's (non-constant) units is one profile;
+    two variables correlate when the same units are sensitive to both (spec A.8). NaN where a
+    profile is constant.
+    """
+    from scipy.stats import spearmanr
+
+    rows = []
+    for layer, frame in table[~table["constant"].astype(bool)].groupby("layer", sort=False):
+        wide = frame.pivot(index="unit", columns="variable", values=index)
+        names = list(dict.fromkeys(frame["variable"]))
+        wide = wide[names]
+        if len(wide) < 3:
+            continue
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rho = np.atleast_2d(spearmanr(wide.to_numpy(), nan_policy="omit").statistic)
+        if rho.shape != (len(names), len(names)):
+            rho = np.full((len(names), len(names)), math.nan)
+        for a in range(len(names)):
+            for b in range(len(names)):
+                rows.append((layer, names[a], names[b], float(rho[a, b])))
+    return pd.DataFrame(rows, columns=["layer", "variable_a", "variable_b", "spearman"])
+
+
+def lda_signature(maps: torch.Tensor, n_splits: int = 5, n_repeats: int = 10,
+                  seed: int = 0) -> tuple[float, np.ndarray]:
+    """How well a unit's sensitivity *map* tells which variable it belongs to (spec A.8, LDA).
+
+    Each sample is one (variable, channel) pair: its features are the channel's H·W map of
+    indices to that variable, its label the variable. Linear discriminant analysis (scikit-learn,
+    SVD solver) is scored by repeated stratified k-fold cross-validation.
+
+    Args:
+        maps: ``(D, C, H, W)`` (or ``(D, C, P)``) sensitivity maps, e.g. ``run.arrays`` of a
+            ``reduce="map"`` run.
+        n_splits, n_repeats: the cross-validation scheme.
+        seed: seeds the folds.
+
+    Returns:
+        ``(mean validation accuracy, confusion matrix normalised per true variable (D, D))``;
+        chance level is ``1 / D``.
+    """
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.metrics import confusion_matrix
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    d, c = maps.shape[:2]
+    x = torch.nan_to_num(maps.reshape(d * c, -1).double()).numpy()
+    y = np.repeat(np.arange(d), c)
+    if c < n_splits:
+        raise ValueError(f"LDA needs at least n_splits={n_splits} channels per variable, got {c}")
+    folds = RepeatedStratifiedKFold(n_splits=n_splits, n_repeats=n_repeats, random_state=seed)
+    conf = np.zeros((d, d))
+    scores = []
+    for tr, te in folds.split(x, y):
+        model = LinearDiscriminantAnalysis(solver="svd").fit(x[tr], y[tr])
+        pred = model.predict(x[te])
+        scores.append(float((pred == y[te]).mean()))
+        conf += confusion_matrix(y[te], pred, labels=np.arange(d))
+    return float(np.mean(scores)), conf / conf.sum(1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- the design pass
+def design_images(u_image: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Dataset index of each design row from its image column ``u`` in [0, 1): ``floor(u · n)``."""
+    return torch.clamp((u_image * n_images).floor().long(), 0, n_images - 1)
+
+
+def _item(data: Any, i: int) -> torch.Tensor:
+    item = data[i]
+    x = item if isinstance(item, torch.Tensor) else item["x"] if isinstance(item, dict) else item[0]
+    return x
+
+
+def sensitivity(model: nn.Module, data: Any,
+                variables: Sequence[VariableSpec] | Mapping[str, Any] | None = None, n: int = 256,
+                layers: LayerSpec | None = None, *, analysis: Sensitivity | None = None,
+                reduce: str = "mean", second_order: bool = False, bootstrap: int = 100, seed: int = 0,
+                batch_size: int = 256, device: str | torch.device = "auto",
+                progress: bool = False, shard: tuple[int, int] | None = None,
+                config: dict[str, Any] | None = None) -> Any:
+    """Sobol' indices of every unit of ``layers`` to augmentation ``variables`` and the image.
+
+    Streams the Saltelli design in chunks of base samples: for each chunk, the images of its A and
+    B rows are loaded once, every design row is augmented with its own parameters, the model runs
+    once on all rows (``batch_size`` rows at most) with hooks on the layers, and the units'
+    outputs are folded into one :class:`~unitscope.stats.sobol.SobolAccumulator` per layer.
+
+    Args:
+        model: the network (its input must be images in [0, 1]; put normalisation in the model).
+        data: a map-style dataset of images ``(C, H, W)`` in [0, 1] (items may be tuples).
+        variables: augmentation variables (or give ``analysis``).
+        n: base samples (a power of two).
+        layers: the layers to analyse.
+        analysis: a ready :class:`Sensitivity` (then ``variables``, ``n``, ``reduce``, ... come from it).
+        reduce, second_order, bootstrap, seed: see :class:`Sensitivity`.
+        batch_size: design rows per forward (at least one base sample's rows).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        progress: show a progress bar.
+        shard: ``(i, k)``: evaluate only the i-th of k contiguous ranges of base samples; merge the
+            shards' analyses (``a.merge(b)``) to get the one-pass result.
+        config: recorded in the manifest.
+
+    Returns:
+        A :class:`unitscope.Run` with the tables of :meth:`Sensitivity.tables`.
+
+    Example:
+        >>> import torch, unitscope
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> model = unitscope.load_model("digits-cnn")
+        >>> data = unitscope.load_dataset("digits", "test")
+        >>> run = sensitivity(model, data, ["brightness", "hflip"], n=16, layers="conv3", bootstrap=0)
+        >>> sorted(run.table("sensitivity").variable.unique())
+        ['brightness', 'hflip', 'image']
+    """
+    from ..engine import resolve_device, shard_range
+    from ..results import Run
+
+    if analysis is None:
+        if variables is None:
+            raise ValueError("name the augmentation variables, e.g. variables=['brightness', 'hue']")
+        analysis = Sensitivity(variables, n=n, layers=layers, reduce=reduce, second_order=second_order,
+                               bootstrap=bootstrap, seed=seed)
+    a = analysis
+    if len(data) == 0:
+        raise ValueError("the dataset is empty: sensitivity needs images to augment")
+    names = resolve_layers(model, a.layers if a.layers is not None else layers)
+    design = saltelli_sample(a.columns, a.n, a.seed, a.second_order)
+    total = design.A.shape[0]
+    start, stop = shard_range(total, *(shard or (0, 1)))
+    d = len(a.groups)
+    per_base = (2 * d if a.second_order else d) + 2
+    chunk = max(1, batch_size // per_base)
+    first = _item(data, 0)
+    a.augmenter.check_channels(first.shape[0])
+    dev = resolve_device(device)
+    a.start(names)
+    a.to(dev)
+    was_training = model.training
+    old_device = next((p.device for p in model.parameters()), None)
+    model.eval()
+    model.to(dev)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=stop - start, desc="sensitivity", unit="base sample")
+    t0 = time.perf_counter()
+    try:
+        with Capture(model, names, {"r": a.reduce}, stop=True) as cap, torch.inference_mode():
+            for lo in range(start, stop, chunk):
+                hi = min(lo + chunk, stop)
+                x = _augmented(a.augmenter, data, design.rows(a.groups, lo, hi), dev)
+                with contextlib.suppress(StopForward):  # hooks stop the forward after the last layer
+                    model(x)
+                c = hi - lo
+                for key in names:
+                    y = cap.outputs["r"][key]
+                    y = y.reshape(c, per_base, *y.shape[1:])
+                    y_ba = y[:, 1 + d:1 + 2 * d].movedim(1, 0) if a.second_order else None
+                    a.accumulators[key].update(y[:, 0], y[:, -1], y[:, 1:1 + d].movedim(1, 0), y_ba,
+                                               index=torch.arange(lo, hi))
+                if bar is not None:
+                    bar.update(c)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+        if old_device is not None:
+            model.to(old_device)
+    manifest = _manifest(model, data, a, names, dev, (start, stop), total, time.perf_counter() - t0,
+                         shard, config)
+    return Run([a], manifest)
+
+
+def _augmented(aug: Augmenter, data: Any, rows: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Images of every design row ``(c, R, d + 1)``, augmented: ``(c·R, C, H, W)`` on ``dev``."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    idx = design_images(flat[:, -1], len(data))
+    uniq, inverse = torch.unique(idx, return_inverse=True)
+    images = torch.stack([_item(data, int(i)) for i in uniq]).to(dev)
+    if not images.is_floating_point() or images.amin() < -1e-6 or images.amax() > 1 + 1e-6:
+        raise AugmentError(f"augmentations need float images in [0, 1]; the data gives {images.dtype} in "
+                           f"[{images.amin().item():.3g}, {images.amax().item():.3g}]. Feed unnormalised "
+                           "images and put the normalisation inside the model")
+    return aug(images[inverse.to(dev)], flat[:, :-1])
+
+
+def _manifest(model: nn.Module, data: Any, a: Sensitivity, layers: list[str], dev: torch.device,
+              span: tuple[int, int], total: int, seconds: float, shard: tuple[int, int] | None,
+              config: dict[str, Any] | None) -> dict[str, Any]:
+    import platform
+
+    from .. import __version__
+    from ..data.arrays import dataset_fingerprint
+    from ..models.registry import model_fingerprint
+
+    return {
+        "status": "complete", "kind": "sensitivity", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"unitscope": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "device": str(dev), "seed": a.seed, "world_size": 1,
+        "shard": {"index": shard[0], "count": shard[1]} if shard else None,
+        "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "data": {"name": getattr(data, "name", type(data).__name__), "size": len(data),
+                 "fingerprint": dataset_fingerprint(data), "range": [0, len(data)]},
+        "design": {"n": total, "range": list(span), "variables": a.variables,
+                   "columns": [*a.augmenter.columns, "image.u"]},
+        "layers": layers, "analyses": [{"name": a.name, "config": a.config()}], "nonfinite": {},
+        "timings": {"pass_s": seconds, "samples": span[1] - span[0]},
+        "config": config or {},
+    }

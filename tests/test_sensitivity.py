@@ -1,0 +1,181 @@
+"""Sensitivity of units to augmentations: known answers on built units, shards, design bookkeeping."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import unitscope
+from unitscope.analyses.sensitivity import (
+    Sensitivity,
+    design_images,
+    lda_signature,
+    sensitivity,
+    variable_correlation,
+)
+from unitscope.stats.sobol import saltelli_sample
+
+
+class Unit(nn.Module):
+    """A 'layer' whose output is a fixed function of the image."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+        self.dummy = nn.Parameter(torch.zeros(()))  # so the model has a device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def unit_model(fn) -> nn.Module:
+    return nn.Sequential(OrderedDict(unit=Unit(fn)))
+
+
+@pytest.fixture(scope="module")
+def shapes() -> torch.Tensor:
+    data = unitscope.load_dataset("shapes", "test", n=16, size=32)
+    return torch.stack([data[i][0] for i in range(len(data))])
+
+
+def test_brightness_unit_is_sensitive_to_brightness_only(shapes):
+    images = [shapes[0] * 0.39]  # one fixed image, dark enough that a factor of 2.5 cannot clip
+    model = unit_model(lambda x: x.mean((1, 2, 3))[:, None])
+    run = sensitivity(model, images, ["brightness", "hflip", "roll"], n=256, layers="unit", bootstrap=20,
+                      batch_size=200)
+    t = run.table("sensitivity").set_index("variable")
+    assert t.loc["brightness", "S1"] == pytest.approx(1.0, abs=0.02)
+    assert t.loc["brightness", "ST"] == pytest.approx(1.0, abs=0.02)
+    for var in ("hflip", "roll", "image"):
+        assert abs(t.loc[var, "S1"]) < 1e-6 and abs(t.loc[var, "ST"]) < 1e-6
+    assert 0 < t.loc["brightness", "ST_conf"] < 0.2
+    layers = run.table("sensitivity_layers").set_index("variable")
+    assert layers.loc["brightness", "dominant_fraction"] == 1.0
+
+
+def test_image_unit_is_sensitive_to_the_image_only(shapes):
+    model = unit_model(lambda x: x[:, :, 5:20, 5:20].mean((1, 2, 3))[:, None])
+    run = sensitivity(model, list(shapes), ["hflip"], n=128, layers="unit", bootstrap=0)
+    t = run.table("sensitivity").set_index("variable")
+    assert t.loc["image", "S1"] == pytest.approx(1.0, abs=0.1)
+    assert t.loc["image", "ST"] == pytest.approx(1.0, abs=0.05)
+    # with the image fixed per base sample, flipping a centred window changes little but not nothing
+    assert t.loc["hflip", "ST"] < t.loc["image", "ST"]
+
+
+def test_paired_rows_see_the_same_image():
+    design = saltelli_sample(3, 64, seed=0)
+    groups = [[0], [1], [2]]  # the last group is the image column
+    rows = design.rows(groups)
+    ids = design_images(rows[..., -1], 1000)
+    for j in (1, 2):  # AB rows of the augmentation groups keep A's image
+        assert torch.equal(ids[:, j], ids[:, 0])
+    assert torch.equal(ids[:, 3], ids[:, -1])  # AB_image takes B's image
+    assert (ids[:, 0] != ids[:, -1]).float().mean() > 0.9
+
+
+def test_constant_unit_gives_nan_and_flag(shapes):
+    model = unit_model(lambda x: torch.stack([torch.zeros(len(x)), x.mean((1, 2, 3))], 1))
+    run = sensitivity(model, list(shapes[:4]), ["brightness"], n=32, layers="unit", bootstrap=4)
+    t = run.table("sensitivity")
+    dead = t[t.unit == 0]
+    assert dead["constant"].all() and dead["S1"].isna().all() and dead["ST_conf"].isna().all()
+    assert t[t.unit == 1]["S1"].notna().all() and not t[t.unit == 1]["constant"].any()
+
+
+@pytest.fixture(scope="module")
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return unitscope.load_model("shapes-cnn").eval()
+
+
+@pytest.fixture(scope="module")
+def shapes64():
+    return unitscope.load_dataset("shapes", "test", n=32)
+
+
+def _tables_close(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for col in a.columns:
+        if a[col].dtype.kind == "f":
+            np.testing.assert_allclose(a[col], b[col], rtol=1e-9, atol=1e-12, equal_nan=True)
+        else:
+            assert (a[col].to_numpy() == b[col].to_numpy()).all()
+
+
+def test_shards_merged_equal_one_pass_and_batch_size_does_not_matter(cnn, shapes64):
+    kw = dict(variables=["hue", "brightness", "rotation"], n=16, layers=["relu3", "fc"], bootstrap=8,
+              second_order=True, device="cpu")
+    one = sensitivity(cnn, shapes64, batch_size=64, **kw)
+    other = sensitivity(cnn, shapes64, batch_size=20, **kw)
+    parts = [sensitivity(cnn, shapes64, batch_size=64, shard=(i, 3), **kw) for i in range(3)]
+    merged = parts[2].analysis("sensitivity").merge(parts[0].analysis("sensitivity"))
+    merged.merge(parts[1].analysis("sensitivity"))
+    ref = one.analysis("sensitivity").tables()
+    for name, table in merged.tables().items():
+        _tables_close(ref[name], table)
+        _tables_close(ref[name], other.analysis("sensitivity").tables()[name])
+    assert set(ref) == {"sensitivity", "sensitivity_layers", "sensitivity_correlation", "sensitivity_s2"}
+    assert list(ref["sensitivity"].columns) == ["layer", "unit", "variable", "S1", "ST", "S1_conf",
+                                                "ST_conf", "constant"]
+    assert len(ref["sensitivity"]) == (64 + 4) * 4
+
+
+def test_run_saves_and_loads_back(cnn, shapes64, tmp_path):
+    run = sensitivity(cnn, shapes64, ["brightness", "hflip"], n=8, layers="relu4", bootstrap=0)
+    back = unitscope.load_run(run.save(tmp_path / "run"))
+    _tables_close(run.table("sensitivity"), back.table("sensitivity"))
+    _tables_close(run.table("sensitivity"), back.analysis("sensitivity").tables()["sensitivity"])
+
+
+def test_map_mode_gives_maps_and_per_channel_aggregates(cnn, shapes64):
+    run = sensitivity(cnn, shapes64, ["brightness", "hue"], n=8, layers="relu4", reduce="map", bootstrap=0)
+    maps = run.arrays["sensitivity"]
+    assert maps["relu4/S1"].shape == (3, 64, 8, 8)
+    acc = run.analysis("sensitivity").accumulators["relu4"]
+    per = acc.compute()
+    v1 = torch.nan_to_num(per.V1).sum((-2, -1))
+    expected = v1 / per.V.sum((-2, -1))
+    t = run.table("sensitivity")
+    got = torch.tensor(t.pivot(index="variable", columns="unit", values="S1").loc[
+        ["brightness", "hue", "image"]].to_numpy())
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+
+def test_bad_input_is_refused(cnn, shapes64):
+    with pytest.raises(TypeError, match="own design"):
+        unitscope.analyze(cnn, shapes64, layers="fc", analyses=[Sensitivity(["hue"])], progress=False)
+    digits = unitscope.load_dataset("digits", "test")
+    with pytest.raises(ValueError, match="need RGB"):
+        sensitivity(unitscope.load_model("digits-cnn"), digits, ["hue"], n=4, layers="fc")
+    with pytest.raises(ValueError, match="reduce"):
+        Sensitivity(["hue"], reduce="median")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        sensitivity(cnn, [torch.full((3, 64, 64), 3.0)], ["brightness"], n=4, layers="fc")
+    with pytest.warns(UserWarning, match="power of two"):
+        sensitivity(cnn, shapes64, ["brightness"], n=6, layers="fc", bootstrap=0)
+
+
+def test_lda_separates_template_maps_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    templates = torch.rand(4, 1, 36, generator=g)
+    maps = templates + 0.05 * torch.randn(4, 30, 36, generator=g)
+    acc, conf = lda_signature(maps, n_repeats=2)
+    assert acc > 0.95 and conf.shape == (4, 4)
+    np.testing.assert_allclose(conf.sum(1), 1.0)
+    noise, _ = lda_signature(torch.randn(4, 30, 36, generator=g), n_repeats=4)
+    assert abs(noise - 0.25) < 0.15
+
+
+def test_variable_correlation_of_profiles():
+    st_a = np.arange(10.0)
+    table = pd.DataFrame({"layer": "l", "unit": np.repeat(np.arange(10), 3),
+                          "variable": np.tile(["a", "b", "c"], 10),
+                          "ST": np.stack([st_a, st_a ** 2, -st_a], 1).reshape(-1), "constant": False})
+    corr = variable_correlation(table).set_index(["variable_a", "variable_b"])["spearman"]
+    assert corr[("a", "b")] == pytest.approx(1.0) and corr[("a", "c")] == pytest.approx(-1.0)
