@@ -138,3 +138,54 @@ def test_config_round_trip():
     a = TopK(k=4, reduce="mean", layers=["relu1"])
     b = unitscope.analyses.base.build_analysis("topk", a.config())
     assert b.config() == a.config() == {"layers": ["relu1"], "k": 4, "reduce": "mean"}
+
+
+# ----------------------------------------------------------------------------- mosaics
+def test_rf_boxes_of_alexnet_conv1_and_pool5():
+    from unitscope.analyses.mosaics import rf_boxes
+    from unitscope.analyses.occlusion import layer_rf
+
+    model = unitscope.load_model("alexnet")
+    conv1 = layer_rf(model, "features.0", (224, 224))
+    assert (conv1.size, conv1.jump) == (11, 4)
+    # spec C.3.5: conv1 cell 0 is centred on pixel 3 (0-based), so it spans pixels -2..8
+    assert rf_boxes(conv1, torch.tensor([[0, 1]])).tolist() == [[-2, 9, 2, 13]]
+    pool5 = layer_rf(model, "features.12", (224, 224))
+    assert (pool5.size, pool5.jump) == (195, 32)
+    assert pool5.centre(torch.tensor([[1, 2]])).tolist() == [[63.0, 95.0]]  # 31 + 32·(u, v)
+
+
+def test_mosaic_marks_and_crops_the_receptive_field(tmp_path):
+    from unitscope.analyses.mosaics import display_images, mosaic, save_mosaics, unit_mosaics
+
+    data, model = _bright_data(), window_sum_model()
+    run = unitscope.analyze(model, data, layers="conv", analyses=[TopK(k=4)], progress=False)
+    crops = unit_mosaics(model, data, run.table("topk"), ["conv:0"], mode="crop", nrow=4)["conv:0"]
+    # every crop is exactly the bright B×B window (the brightest pixels of each picture)
+    assert crops.shape == (3, B + 4, 4 * B + 10)
+    top = unit_topk(run.table("topk"), "conv", 0)
+    for t in range(4):
+        tile = crops[0, 2:2 + B, 2 + t * (B + 2): 2 + t * (B + 2) + B]
+        i, y, x = (int(top[c][t]) for c in ("index", "y", "x"))
+        assert torch.equal(tile, display_images(data.x[i:i + 1])[0, 0, y:y + B, x:x + B])
+        assert tile.min() > 0.9  # the bright window, not the dim background
+    marked = mosaic(torch.zeros(1, 1, 12, 12), torch.tensor([[3, 8, 4, 9]]), nrow=1, padding=0)
+    edge = (marked == torch.tensor([1.0, 0.1, 0.1])[:, None, None]).all(0)
+    assert edge[3, 4:9].all() and edge[7, 4:9].all() and edge[3:8, 4].all() and edge[3:8, 8].all()
+    assert not edge[5, 6] and not edge[0, 0] and not edge[10, 10]
+    paths = save_mosaics({"conv:0": crops}, tmp_path, scale=2)
+    from PIL import Image
+
+    assert Image.open(paths[0]).size == (2 * crops.shape[2], 2 * crops.shape[1])
+    with pytest.raises(ValueError, match="mode='box'"):
+        mosaic(torch.zeros(1, 1, 4, 4), torch.tensor([[0, 2, 0, 2]]), mode="box")
+
+
+def _bright_data(n: int = 6, side: int = 20) -> ArrayDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, side, side, generator=g) * 0.1
+    corners = torch.randint(0, side - B, (n, 2), generator=g)
+    for i, (a, b) in enumerate(corners.tolist()):
+        x[i, 0, a:a + B, b:b + B] = 1.0 + 0.1 * i
+        x[i, 0, a:a + B, b:b + B] -= torch.rand(B, B, generator=g) * 0.01
+    return ArrayDataset(x, torch.zeros(n, dtype=torch.int64))

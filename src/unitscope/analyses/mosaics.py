@@ -1,0 +1,181 @@
+"""Mosaics of a unit's top-k inputs with the receptive field of its maximum marked or cropped.
+
+Each top input (read from the dataset by its index in a ``topk`` table) is shown as the network sees
+it, rescaled to [0, 1] per image. The analytic receptive field (:func:`unitscope.receptive_fields`:
+``rf_size``, ``jump``, ``start``) of the cell that held the maximum is either outlined
+(``mode="mark"``) or cut out (``mode="crop"``, padded with grey where the field leaves the image),
+and the images are tiled into one picture per unit, saved as PNG and shown in the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .occlusion import LayerRF, layer_rf
+
+MODES = ("mark", "crop")
+
+
+def rf_boxes(rf: LayerRF, locations: torch.Tensor) -> torch.Tensor:
+    """Pixel boxes ``(K, 4)`` = ``(y0, y1, x0, x1)`` (end exclusive, not clipped) of the receptive
+    fields of the map cells ``locations`` ``(K, 2)``.
+
+    Example:
+        >>> rf_boxes(LayerRF(size=3, jump=2, start=1.5), torch.tensor([[0, 2]])).tolist()
+        [[0, 3, 4, 7]]
+    """
+    centre = rf.centre(locations)
+    lo = torch.floor(centre - (rf.size - 1) / 2 + 1e-9).to(torch.int64)
+    side = math.ceil(rf.size)
+    return torch.stack([lo[:, 0], lo[:, 0] + side, lo[:, 1], lo[:, 1] + side], 1)
+
+
+def display_images(images: torch.Tensor) -> torch.Tensor:
+    """``(K, C, H, W)`` network inputs as ``(K, 3, H, W)`` pictures in [0, 1] (min-max per image;
+    one channel is repeated to grey, more than three keep the first three)."""
+    x = images.detach().to(torch.float32)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] != 3:
+        x = x[:, :3] if x.shape[1] > 3 else torch.cat([x, x[:, :1].expand(-1, 3 - x.shape[1], -1, -1)], 1)
+    flat = x.flatten(1)
+    lo, hi = flat.amin(1)[:, None, None, None], flat.amax(1)[:, None, None, None]
+    return ((x - lo) / (hi - lo).clamp(min=1e-12)).clamp(0, 1)
+
+
+def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: int | None = None,
+           colour: Sequence[float] = (1.0, 0.1, 0.1), padding: int = 2) -> torch.Tensor:
+    """Tile ``images`` ``(K, C, H, W)`` into one ``(3, H', W')`` picture with their ``boxes``.
+
+    Args:
+        images: the inputs as the network sees them.
+        boxes: ``(K, 4)`` from :func:`rf_boxes`.
+        mode: ``"mark"`` outlines each box (2 px, clipped to the image); ``"crop"`` shows only the
+            box (grey outside the image).
+        nrow: images per row (default ``ceil(sqrt(K))``).
+        colour: RGB of the outline.
+        padding: pixels between tiles.
+
+    Example:
+        >>> m = mosaic(torch.rand(4, 1, 10, 10), torch.tensor([[2, 7, 2, 7]] * 4))
+        >>> tuple(m.shape)
+        (3, 26, 26)
+    """
+    from torchvision.utils import make_grid
+
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: use 'mark' (outline the receptive field) or 'crop'")
+    if images.dim() != 4 or len(images) == 0:
+        raise ValueError(f"images must be a non-empty (K, C, H, W) tensor, got {tuple(images.shape)}")
+    pics = display_images(images)
+    k, _, h, w = pics.shape
+    boxes = boxes.to(torch.int64)
+    if mode == "crop":
+        side_y, side_x = int(boxes[0, 1] - boxes[0, 0]), int(boxes[0, 3] - boxes[0, 2])
+        pad = max(side_y, side_x)
+        padded = nn.functional.pad(pics, (pad, pad, pad, pad), value=0.5)
+        ry = boxes[:, 0, None] + pad + torch.arange(side_y)
+        rx = boxes[:, 2, None] + pad + torch.arange(side_x)
+        pics = padded[torch.arange(k)[:, None, None], :, ry[:, :, None], rx[:, None, :]].permute(0, 3, 1, 2)
+    else:
+        yy = torch.arange(h)[None, :, None]
+        xx = torch.arange(w)[None, None, :]
+        y0, y1 = boxes[:, 0, None, None], boxes[:, 1, None, None] - 1
+        x0, x1 = boxes[:, 2, None, None], boxes[:, 3, None, None] - 1
+        inside = (yy >= y0 - 1) & (yy <= y1 + 1) & (xx >= x0 - 1) & (xx <= x1 + 1)
+        core = (yy > y0) & (yy < y1) & (xx > x0) & (xx < x1)
+        edge = (inside & ~core)[:, None]
+        paint = torch.tensor(list(colour), dtype=pics.dtype)[None, :, None, None]
+        pics = torch.where(edge, paint, pics)
+    nrow = nrow or math.ceil(math.sqrt(k))
+    return make_grid(pics.contiguous(), nrow=nrow, padding=padding, pad_value=1.0)
+
+
+def _item_x(item: Any) -> torch.Tensor:
+    return item if isinstance(item, torch.Tensor) else item[0]
+
+
+def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
+                 units: Sequence[str | tuple[str, int]], k: int | None = None, mode: str = "mark",
+                 nrow: int | None = None) -> dict[str, torch.Tensor]:
+    """One mosaic per unit from a ``topk`` table: ``"layer:unit"`` -> ``(3, H', W')`` in [0, 1].
+
+    Args:
+        model: the network (for the analytic receptive fields).
+        data: the dataset the table's ``index`` column refers to.
+        topk: a table from :class:`unitscope.analyses.topk.TopK`.
+        units: ``"layer:unit"`` strings or ``(layer, unit)`` pairs.
+        k: how many top inputs (default all in the table).
+        mode, nrow: see :func:`mosaic`.
+
+    Example:
+        >>> import unitscope
+        >>> from unitscope.analyses.topk import TopK
+        >>> model, data = unitscope.load_model("digits-cnn"), unitscope.load_dataset("digits", "test")
+        >>> run = unitscope.analyze(model, data, layers="relu2", analyses=[TopK(k=4)], progress=False)
+        >>> m = unit_mosaics(model, data, run.table("topk"), ["relu2:3"])
+        >>> list(m), tuple(m["relu2:3"].shape)
+        (['relu2:3'], (3, 22, 22))
+    """
+    from .topk import parse_unit, unit_topk
+
+    out: dict[str, torch.Tensor] = {}
+    rfs: dict[str, LayerRF | None] = {}
+    for spec in units:
+        layer, unit = parse_unit(spec) if isinstance(spec, str) else (spec[0], int(spec[1]))
+        rows = unit_topk(topk, layer, unit)
+        if k is not None:
+            rows = rows.head(k)
+        images = torch.stack([_item_x(data[int(i)]) for i in rows["index"]])
+        if layer not in rfs:
+            rfs[layer] = layer_rf(model, layer, tuple(images.shape[-2:]))
+        rf = rfs[layer]
+        loc = torch.tensor(rows[["y", "x"]].to_numpy(), dtype=torch.int64)
+        if rf is None or bool((loc < 0).any()):  # no map: the whole image is the field
+            h, w = images.shape[-2:]
+            boxes = torch.tensor([[0, h, 0, w]]).expand(len(rows), 4)
+        else:
+            boxes = rf_boxes(rf, loc)
+        out[f"{layer}:{unit}"] = mosaic(images, boxes, mode=mode, nrow=nrow)
+    return out
+
+
+def save_mosaics(mosaics: dict[str, torch.Tensor], out_dir: str | Path, scale: int = 1) -> list[Path]:
+    """Write every mosaic as ``out_dir/<layer>_<unit>.png`` (``scale``× nearest upsampling)."""
+    from torchvision.utils import save_image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for key, pic in mosaics.items():
+        if scale > 1:
+            pic = nn.functional.interpolate(pic[None], scale_factor=scale, mode="nearest")[0]
+        path = out_dir / f"{key.replace(':', '_').replace('/', '_')}.png"
+        save_image(pic, str(path))
+        paths.append(path)
+    return paths
+
+
+def plot_mosaics(mosaics: dict[str, torch.Tensor], cols: int = 3, ax: Any = None) -> Any:
+    """The mosaics side by side, titled by unit; returns the figure."""
+    from matplotlib.figure import Figure
+
+    keys = list(mosaics)
+    cols = max(1, min(cols, len(keys)))
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig = Figure(figsize=(3.4 * cols, 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for axis in axes.flat:
+        axis.set_axis_off()
+    for axis, key in zip(axes.flat, keys):
+        axis.imshow(mosaics[key].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        axis.set_title(key, fontsize=9)
+    fig.suptitle("top inputs per unit, receptive field of the maximum marked")
+    return fig
