@@ -336,3 +336,46 @@ def test_heatmap_figure(digits_model, digits_test):
     run = unitscope.analyze(digits_model, digits_test, layers="conv*", analyses=[CKA()], progress=False)
     fig = plot_cka(run.table("cka"))
     assert fig.axes[0].images[0].get_array().shape == (3, 3)
+
+
+# ------------------------------------------------------------------------------- experiment, report, demo
+def test_cka_experiment_between_two_weight_files_and_its_report(tmp_path):
+    from unitscope.experiments import run_config
+    from unitscope.report import write_report
+
+    torch.manual_seed(0)
+    torch.save(unitscope.load_model("digits-cnn").state_dict(), tmp_path / "a.pt")
+    torch.save(unitscope.load_model("digits-cnn").state_dict(), tmp_path / "b.pt")
+    (tmp_path / "cka.toml").write_text(
+        'experiment = "cka"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+        f'weights = "{tmp_path / "a.pt"}"\nother_weights = "{tmp_path / "b.pt"}"\n'
+        'layers = ["relu1", "fc"]\nestimator = "unbiased"\nbatch_size = 60\n')
+    [(target, status)] = run_config(tmp_path / "cka.toml", out=tmp_path / "runs", progress=False)
+    assert status == "done"
+    run = unitscope.load_run(target)
+    table = run.table("cka")
+    assert list(table.layer_x) == ["relu1", "relu1", "fc", "fc"]
+    assert list(table.layer_y) == ["relu1", "fc"] * 2
+    assert 0 < float(table.cka.iloc[0]) < 1  # different weights: not identical representations
+    page = write_report(target).read_text()
+    assert "<h2 id='cka'>" in page and page.count("<img") == 1
+
+
+def test_demo_part_adds_cka_between_two_trainings(digits_test):
+    from pathlib import Path
+
+    from unitscope.demo import DemoContext
+    from unitscope.families import similarity
+    from unitscope.results import Run
+
+    model = unitscope.load_model("digits-cnn").eval()
+    run = Run([], {"versions": {}, "created": ""}, tables={}, arrays={})
+    train = torch.utils.data.Subset(unitscope.load_dataset("digits", "train"), range(96))
+    test = torch.utils.data.Subset(digits_test, range(120))
+    ctx = DemoContext(name="digits-cnn", model=model, dataset="digits", train_data=train, test_data=test,
+                      run=run, out=Path("."), quick=True, progress=False)
+    similarity.demo(ctx)
+    assert set(run.tables) == {"cka", "cka_within"}
+    within = run.arrays["cka_within"]["matrix"]
+    assert torch.allclose(torch.diagonal(within), torch.ones(4, dtype=F64), atol=1e-12)
+    assert len(similarity.SECTIONS["cka"](run)) == 2

@@ -204,3 +204,42 @@ def test_works_on_a_torchvision_model_with_imagenet_preprocessing():
     net = unitscope.load_model("alexnet")
     vis = visualize(net, ["features.0:3"], size=32, steps=2, device="cpu")
     assert vis.images.shape == (1, 3, 32, 32)
+
+
+def test_visualize_experiment_and_report_section(tmp_path):
+    from unitscope.experiments import run_config
+    from unitscope.report import write_report
+
+    (tmp_path / "vis.toml").write_text(
+        'experiment = "visualize"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+        'targets = ["conv2:3", "fc:1"]\nsteps = [4, 6]\ndevice = "cpu"\n')
+    [(target, _)] = run_config(tmp_path / "vis.toml", out=tmp_path / "runs", progress=False)
+    run = unitscope.load_run(target)
+    assert list(run.table("visualize").target) == ["conv2:3", "fc:1"]
+    assert run.arrays["visualize"]["images"].shape == (2, 1, 8, 8)
+    assert run.arrays["visualize"]["trace"].shape == (6, 2) and "step_4" in run.arrays["visualize"]
+    page = write_report(target).read_text()
+    assert "<h2 id='visualize'>" in page and page.count("<img") == 2
+
+
+def test_visualize_experiment_needs_targets(tmp_path):
+    from unitscope.experiments import ConfigError, run_config
+
+    (tmp_path / "vis.toml").write_text('experiment = "visualize"\nmodel = "digits-cnn"\ndataset = "digits"\n')
+    with pytest.raises(ConfigError, match="targets is required"):
+        run_config(tmp_path / "vis.toml", out=tmp_path / "runs", progress=False)
+
+
+def test_demo_part_adds_visualisations_of_shapes_cnn():
+    from pathlib import Path
+
+    from unitscope.demo import DemoContext
+    from unitscope.families import similarity
+    from unitscope.results import Run
+
+    run = Run([], {"versions": {}, "created": ""}, tables={}, arrays={})
+    ctx = DemoContext(name="shapes-cnn", model=unitscope.load_model("shapes-cnn").eval(), dataset="shapes",
+                      train_data=None, test_data=None, run=run, out=Path("."), quick=True, progress=False)
+    similarity.demo(ctx)
+    assert run.arrays["visualize"]["images"].shape == (8, 3, 64, 64)
+    assert len(similarity.SECTIONS["visualize"](run)) == 2
