@@ -377,7 +377,8 @@ def test_surprise_bucket_edges_and_diagnostics():
     mdsc = MDSC(bounds=(0.0, 2.0), n_buckets=4).fit(cross)
     # MDSA(mu) = 0 lands in bucket 0; MDSA = 4 overflows
     assert mdsc.update(torch.tensor([[0.0, 0.0], [2.0, 4.0]])) == 0.25
-    assert mdsc.diagnostics() == {"underflow": 0.0, "overflow": 1.0, "dropped": 0.0, "units": 2.0}
+    expected = {"underflow": 0.0, "overflow": 1.0, "dropped": 0.0, "units": 2.0, "ridged": 0.0}
+    assert mdsc.diagnostics() == expected
     dsc_edge = DSC(bounds=(0.0, 0.5), n_buckets=5, min_var=0.0).fit(DSA_TRAIN, DSA_CLASSES)
     assert dsc_edge.update(DSA_TEST, torch.tensor([0, 0])) == 0.2  # DSA 0.0667 in bucket 0, DSA 0.5 = U
     assert dsc_edge.diagnostics()["overflow"] == 1.0
@@ -412,11 +413,14 @@ def test_kde_and_covariance_with_too_few_samples():
     lsc = LSC(min_var=0.0).fit(spread, torch.tensor([0, 0, 0, 0, 1]))
     with pytest.raises(ValueError, match="class 1 has 1 training input.*bandwidth=<float>"):
         lsc.update(torch.zeros(1, 2), torch.tensor([0]))
-    singular = LSC(min_var=0.0).fit(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
-    with pytest.raises(ValueError, match="singular.*ridge"):
-        singular.update(torch.zeros(1, 2))
-    assert math.isfinite(LSC(min_var=0.0, ridge=1e-6).fit(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
-                         .surprise(torch.zeros(1, 2)).item())
+    line = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+    for crit in (LSC(min_var=0.0, ridge=0.0), MDSC(ridge=0.0)):
+        with pytest.raises(ValueError, match="singular.*ridge"):
+            crit.fit(line).update(torch.zeros(1, 2))
+    for crit in (LSC(min_var=0.0), MDSC()):  # the default ridge is added, and reported
+        crit.fit(line).update(torch.zeros(1, 2))
+        assert math.isfinite(crit.surprise(torch.zeros(1, 2)).item())
+        assert crit.diagnostics()["ridged"] == 1.0
     with pytest.raises(ValueError, match="at least 2"):
         MDSC().fit(torch.ones(1, 2) * torch.tensor([1.0, 2.0])).update(torch.zeros(1, 2))
     with pytest.raises(ValueError, match="at least two classes"):
@@ -461,3 +465,13 @@ def test_phases_are_enforced():
 def test_all_criteria_registered():
     assert set(CRITERIA) == {"nc", "kmnc", "nbc", "snac", "tknc", "tknp", "cc", "lsc", "dsc", "mdsc"}
     assert all(CRITERIA[k].key == k for k in CRITERIA)
+
+
+def test_lsc_default_lower_bound_is_the_smallest_training_lsa():
+    g = torch.Generator().manual_seed(7)
+    train = torch.randn(30, 2, generator=g)
+    lsc = LSC().fit(train)
+    lsc.update(train[:3])
+    lower = math.floor(float(lsc.surprise(train).min()))
+    assert lsc._sh["bounds"].tolist() == [lower, 2000.0]
+    assert lsc.diagnostics()["underflow"] == 0.0

@@ -374,6 +374,8 @@ def criterion(spec: str | Criterion, **options: Any) -> Criterion:
     Raises:
         ValueError: an unknown name; the message lists the known ones.
     """
+    from . import cluster, neuron, surprise  # noqa: F401  (importing them registers the criteria)
+
     if isinstance(spec, Criterion):
         if options:
             raise ValueError(f"options {sorted(options)} given for a {type(spec).__name__} object; set them "

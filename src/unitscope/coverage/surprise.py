@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -43,6 +44,8 @@ from .base import Criterion, union_ids
 
 __all__ = ["DSC", "LSC", "MDSC"]
 
+log = logging.getLogger(__name__)
+
 #: rows per distance block
 CHUNK = 2048
 
@@ -52,7 +55,7 @@ class _Surprise(Criterion):
 
     needs_fit = True
     needs_classes = True
-    default_bounds: tuple[float, float] = (0.0, 1.0)
+    default_bounds: tuple[float, float] | None = (0.0, 1.0)
     default_width: float = 1.0
 
     def __init__(self, bounds: tuple[float, float] | list[float] | None = None, n_buckets: int = 1000,
@@ -60,9 +63,12 @@ class _Surprise(Criterion):
                  var_scope: str = "class") -> None:
         super().__init__()
         name = type(self).__name__
-        lo, hi = bounds if bounds is not None else self.default_bounds
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"{name}(bounds={bounds}): need finite lower < upper")
+        bounds = bounds if bounds is not None else self.default_bounds
+        if bounds is not None:
+            lo, hi = bounds
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"{name}(bounds={bounds}): need finite lower < upper")
+            bounds = (float(lo), float(hi))
         if int(n_buckets) < 1:
             raise ValueError(f"{name}(n_buckets={n_buckets}): need at least one bucket")
         if buckets not in ("fixed", "anchor"):
@@ -72,15 +78,16 @@ class _Surprise(Criterion):
             raise ValueError(f"{name}(width={width}): the anchor bucket width must be > 0")
         if var_scope not in ("class", "global"):
             raise ValueError(f"{name}(var_scope={var_scope!r}): use 'class' (SADL) or 'global'")
-        self.bounds = (float(lo), float(hi))
+        self.bounds = bounds
         self.n_buckets, self.buckets, self.width = int(n_buckets), buckets, width
         self.min_var, self.var_scope = float(min_var), var_scope
         self.kind = "count" if buckets == "anchor" else "fraction"  # type: ignore[misc]
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments."""
-        return {"bounds": list(self.bounds), "n_buckets": self.n_buckets, "buckets": self.buckets,
-                "width": self.width, "min_var": self.min_var, "var_scope": self.var_scope}
+        return {"bounds": None if self.bounds is None else list(self.bounds), "n_buckets": self.n_buckets,
+                "buckets": self.buckets, "width": self.width, "min_var": self.min_var,
+                "var_scope": self.var_scope}
 
     def _has_layer_values(self) -> bool:
         return False
@@ -119,6 +126,8 @@ class _Surprise(Criterion):
         self._sh["mask"] = self.mask()
         self._prepare_model()
         dev = self._sh["mask"].device
+        bounds = self.bounds if self.bounds is not None else self._auto_bounds()
+        self._sh["bounds"] = torch.tensor(bounds, dtype=torch.float64, device=dev)
         self._sh["ids"] = torch.zeros(0, dtype=torch.long, device=dev)
         for name in ("underflow", "overflow", "dropped"):
             self._sh[name] = torch.zeros((), dtype=torch.long, device=dev)
@@ -161,7 +170,7 @@ class _Surprise(Criterion):
         if self.buckets == "anchor":
             ids = torch.trunc(sa / self.width).long()
         else:
-            lo, hi = self.bounds
+            lo, hi = self._sh["bounds"].tolist()
             self._sh["underflow"] += int((sa < lo).sum())
             self._sh["overflow"] += int((sa >= hi).sum())
             sa = sa[(sa >= lo) & (sa < hi)]
@@ -178,14 +187,32 @@ class _Surprise(Criterion):
         return float(hit) if self.buckets == "anchor" else hit / self.n_buckets
 
     def diagnostics(self) -> dict[str, float]:
-        """``units`` kept by the variance mask; ``underflow``, ``overflow``, ``dropped`` input counts."""
+        """``units`` kept by the mask, ``ridged`` classes, ``underflow``/``overflow``/``dropped`` inputs."""
         if "ids" not in self._sh:
             return {}
         out = {name: float(self._sh[name]) for name in ("underflow", "overflow", "dropped")}
         out["units"] = float(self._sh["mask"].sum())
+        self._prepare_model()
+        out["ridged"] = float(len(self._cache.get("ridged", ())))
         return out
 
+    def _factor(self, cov: torch.Tensor, c: int) -> torch.Tensor | None:
+        """Cholesky factor of ``cov``; with the ridge added (and recorded) when it is singular."""
+        factor = _cholesky(cov)
+        ridge = getattr(self, "ridge", 0.0)
+        if factor is None and ridge:
+            eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+            factor = _cholesky(cov + ridge * cov.diagonal().mean() * eye)
+            if factor is not None:
+                self._cache.setdefault("ridged", set()).add(c)
+                log.info("%s: the covariance of class %d is singular; added the ridge %g · mean(diag) · I",
+                         type(self).__name__, c, ridge)
+        return factor
+
     # ------------------------------------------------------------------ to implement
+    def _auto_bounds(self) -> tuple[float, float]:
+        raise NotImplementedError(f"{type(self).__name__} needs explicit bounds=(lower, upper)")
+
     def _check_counts(self) -> None:
         """Raise a clear error when a class has too few training inputs for the estimator."""
 
@@ -268,12 +295,15 @@ class LSC(_StoredTraces):
         bandwidth: ``"scott"`` (default; scipy ``gaussian_kde`` as in SADL and DeepImportance: the
             kernel covariance is the class's sample covariance × n_c^(−2/(d+4))) or a float h for an
             isotropic kernel h²·I (the anchor uses sklearn ``KernelDensity`` with h = 0.2).
-        ridge: added to the kernel covariance as ``ridge · mean(diag) · I`` when the covariance is
-            singular (more units than training inputs of a class); 0 (default) gives scipy's value
-            and an error naming this option when the covariance is singular.
-        bounds: [L, U) of the fixed buckets; default (0, 2000) with U = 2000 as in SADL and L fixed
-            at 0 instead of the target set's minimum (which would make coverage non-monotone).
-            LSA can be negative (density above 1); such values go to ``underflow``.
+        ridge: when a class's kernel covariance is singular to working precision (about as many
+            units as training inputs of the class), ``ridge · mean(diag) · I`` is added to it
+            (default 1e-6; the classes it was added to are counted in ``diagnostics()["ridged"]``
+            and logged). A non-singular covariance is used as is, so values equal scipy's.
+            ``ridge=0`` raises an error for a singular covariance instead.
+        bounds: [L, U) of the fixed buckets. Default: U = 2000 as in SADL, and L = the smallest LSA
+            of the training traces (rounded down), fixed when the first test input arrives. SADL
+            takes L from the target set instead, which makes coverage non-monotone; LSA is a log
+            density, so its scale shifts with the number of units and can be negative.
         n_buckets: 1000 (SADL).
         buckets, width: ``"anchor"`` counts distinct ``trunc(LSA / width)``, width 10 as in SEED.
         min_var, var_scope: the variance filter (1e-5, per class as in SADL).
@@ -281,10 +311,12 @@ class LSC(_StoredTraces):
     """
 
     key = "lsc"
-    default_bounds = (0.0, 2000.0)
+    default_bounds = None
     default_width = 10.0
+    #: the upper bound of the default buckets (SADL's U)
+    upper = 2000.0
 
-    def __init__(self, bandwidth: str | float = "scott", ridge: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, bandwidth: str | float = "scott", ridge: float = 1e-6, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not (bandwidth == "scott" or (isinstance(bandwidth, (int, float)) and bandwidth > 0)):
             raise ValueError(f"LSC(bandwidth={bandwidth!r}): use 'scott' or a positive float")
@@ -316,9 +348,7 @@ class LSC(_StoredTraces):
                 cov = torch.atleast_2d(torch.cov(x.T)) * n ** (-2.0 / (d + 4))
             else:
                 cov = torch.eye(d, dtype=x.dtype, device=x.device) * float(self.bandwidth) ** 2
-            if self.ridge:
-                cov = cov + self.ridge * cov.diagonal().mean() * torch.eye(d, dtype=x.dtype, device=x.device)
-            chol = _cholesky(cov)
+            chol = self._factor(cov, c)
             if chol is None:
                 raise ValueError(f"LSC: the kernel covariance of class {c} is singular ({n} training inputs, "
                                  f"{d} units); fit on more inputs, use fewer layers, pass ridge=1e-6 or an "
@@ -328,6 +358,13 @@ class LSC(_StoredTraces):
             kde[c] = (chol, z, log_norm)
         self._cache["kde"] = kde
         self._cache["classes"] = set(kde)
+
+    def _auto_bounds(self) -> tuple[float, float]:
+        lower = min(float(self._class_surprise(x, c).min()) for c, x in self._class_data().items())
+        lower = math.floor(lower)
+        if not lower < self.upper:
+            raise ValueError(f"LSC: the training traces have LSA >= {self.upper}; pass bounds=(lower, upper)")
+        return float(lower), self.upper
 
     def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
         chol, z_train, log_norm = self._cache["kde"][c]
@@ -411,8 +448,9 @@ class MDSC(_Surprise):
 
     Args:
         covariance: ``"population"`` (default, anchor: ÷ n) or ``"sample"`` (÷ (n − 1)).
-        ridge: ``ridge · mean(diag) · I`` added to a singular covariance; 0 (default) raises an error
-            naming this option instead.
+        ridge: ``ridge · mean(diag) · I`` is added to a covariance that is singular to working
+            precision (default 1e-6, counted in ``diagnostics()["ridged"]`` and logged); ``ridge=0``
+            raises an error instead. A non-singular covariance is used as is.
         bounds: [L, U) of the fixed buckets, default (0, 100) (unitscope's choice: MDSA of a
             d-unit Gaussian trace is about sqrt(d)).
         n_buckets: 1000.
@@ -425,7 +463,7 @@ class MDSC(_Surprise):
     default_bounds = (0.0, 100.0)
     default_width = 10.0
 
-    def __init__(self, covariance: str = "population", ridge: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, covariance: str = "population", ridge: float = 1e-6, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if covariance not in ("population", "sample"):
             raise ValueError(f"MDSC(covariance={covariance!r}): use 'population' or 'sample'")
@@ -503,10 +541,7 @@ class MDSC(_Surprise):
             ddof = 1 if self.covariance == "sample" else 0
             cov = self._sh["m2"][c][keep][:, keep] / (n - ddof)
             d = cov.shape[0]
-            if self.ridge:
-                eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-                cov = cov + self.ridge * cov.diagonal().mean() * eye
-            factor = _cholesky(cov)
+            factor = self._factor(cov, c)
             if factor is None:
                 raise ValueError(f"MDSC: the covariance of class {c} is singular ({int(n)} training inputs, "
                                  f"{d} units); fit on more inputs, use fewer layers or pass ridge=1e-6")
