@@ -9,7 +9,9 @@ and relu3 are already 4×4). Each round fits one probe per layer with both metho
 * scikit-learn ``LogisticRegression(C=1, solver="lbfgs", max_iter=10000)`` (default tol 1e-4) on
   the float32 features as given (no standardisation), and
 * ``unitscope.stats.logreg.fit_logreg(C=1, dtype=float32)`` with its defaults (tol 1e-6 on the
-  largest gradient entry, max_iter 1000).
+  largest gradient entry, max_iter 1000), one layer after another, and
+* ``unitscope.stats.logreg.fit_logreg_many`` (same options): all six layers in one joint L-BFGS
+  run, which is what ``unitscope.probes`` does.
 
 Reported: median total fit seconds over rounds, their ratio, per-layer test accuracies, and the
 objective of each solution (computed in float64 by ``unitscope.stats.logreg.objective``).
@@ -29,7 +31,7 @@ import torch
 
 import unitscope
 from unitscope.features import extract_features
-from unitscope.stats.logreg import accuracy, fit_logreg, objective
+from unitscope.stats.logreg import accuracy, fit_logreg, fit_logreg_many, objective
 from unitscope.train import evaluate, train
 
 LAYERS = ["conv1", "relu1", "conv2", "relu2", "conv3", "relu3"]
@@ -71,43 +73,55 @@ def main() -> None:
             raise RuntimeError("unitscope probe did not converge")
         return r.weight, r.bias, r.n_iter
 
-    methods = {"sklearn": fit_sklearn, "unitscope": fit_ours}
+    def fit_joint(xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        rs = fit_logreg_many(xs, y_tr, 1.0, num_classes=10)
+        if not all(r.converged for r in rs):
+            raise RuntimeError("unitscope joint probes did not converge")
+        return [(r.weight, r.bias, r.n_iter) for r in rs]
+
+    def one_by_one(fit):
+        return lambda xs: [fit(x) for x in xs]
+
+    methods = {"sklearn": one_by_one(fit_sklearn), "unitscope": one_by_one(fit_ours),
+               "unitscope joint": fit_joint}
     times: dict[str, list[float]] = {k: [] for k in methods}
     last: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]] = {k: {} for k in methods}
+    xs = [data[la][0] for la in LAYERS]
     with threadpool_limits(args.threads):
         for name in methods:  # warm-up (thread pools, first-call allocations)
-            methods[name](data["conv1"][0])
+            methods[name](xs[:1])
         for r in range(args.rounds):
             order = list(methods) if r % 2 == 0 else list(methods)[::-1]
             for name in order:
                 t0 = time.perf_counter()
-                for la in LAYERS:
-                    last[name][la] = methods[name](data[la][0])
+                last[name] = dict(zip(LAYERS, methods[name](xs)))
                 times[name].append(time.perf_counter() - t0)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nrounds {args.rounds}; total fit seconds over {len(LAYERS)} layers (median, min):")
     for k in methods:
         print(f"  {k}: {med[k]:.3f} s (min {min(times[k]):.3f})")
-    print(f"  speed-up (median sklearn / median unitscope): {med['sklearn'] / med['unitscope']:.1f}x")
-    ratios = [a / b for a, b in zip(times["sklearn"], times["unitscope"])]
-    print("  per-round ratios: " + ", ".join(f"{r:.1f}x" for r in ratios))
-    print("\n| layer | features | sklearn iters | unitscope iters | sklearn test acc | unitscope test acc "
-          "| sklearn train acc | unitscope train acc | sklearn objective | unitscope objective |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in list(methods)[1:]:
+        ratios = [a / b for a, b in zip(times["sklearn"], times[k])]
+        print(f"  speed-up of {k} (median sklearn / median {k}): {med['sklearn'] / med[k]:.1f}x; "
+              "per round " + ", ".join(f"{r:.1f}x" for r in ratios))
+    names = list(methods)
+    print("\n| layer | features | " + " | ".join(f"{k} iters" for k in names) + " | "
+          + " | ".join(f"{k} test acc" for k in names) + " | "
+          + " | ".join(f"{k} objective" for k in names) + " |")
+    print("|---|---:|" + "---:|" * (3 * len(names)))
     same = True
     for la in LAYERS:
         xtr, xte = data[la]
         cells = []
-        for k in methods:
+        for k in names:
             w, b, it = last[k][la]
             cells.append((it, accuracy(xte, y_te, w.float(), b.float()),
-                          accuracy(xtr, y_tr, w.float(), b.float()),
                           objective(xtr.double(), y_tr, w.double(), b.double())))
-        same &= cells[0][1] == cells[1][1]
-        s, u = cells
-        print(f"| {la} | {xtr.shape[1]} | {s[0]} | {u[0]} | {s[1]:.4f} | {u[1]:.4f} | {s[2]:.4f} "
-              f"| {u[2]:.4f} | {s[3]:.6f} | {u[3]:.6f} |")
+        same &= all(c[1] == cells[0][1] for c in cells)
+        print(f"| {la} | {xtr.shape[1]} | " + " | ".join(str(c[0]) for c in cells) + " | "
+              + " | ".join(f"{c[1]:.4f}" for c in cells) + " | "
+              + " | ".join(f"{c[2]:.6f}" for c in cells) + " |")
     print(f"\nidentical test accuracy on every layer: {same}")
 
 

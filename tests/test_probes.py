@@ -12,7 +12,7 @@ from unitscope.analyses import probes as probes_mod
 from unitscope.analyses.probes import COLUMNS, fit_probes, probes
 from unitscope.capture import LayerError
 from unitscope.features import extract_features
-from unitscope.stats.logreg import accuracy, fit_logreg, objective
+from unitscope.stats.logreg import accuracy, fit_logreg, fit_logreg_many, objective
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_probes_table_cache_and_pairing(digits_model, tmp_path, monkeypatch, cap
     def no_fit(*args, **kwargs):
         raise AssertionError("a cached probe was refitted")
 
-    monkeypatch.setattr(probes_mod, "fit_logreg", no_fit)
+    monkeypatch.setattr(probes_mod, "fit_logreg_many", no_fit)
     t2 = probes(digits_model, tr, te, ["conv1", "relu3", "fc"], 2, out=tmp_path)
     assert t2.cached.all()
     cols = ["train_acc", "test_acc", "objective", "n_iter"]
@@ -164,3 +164,24 @@ def test_fit_logreg_bad_input():
         fit_logreg(x, y[:5])
     with pytest.raises(ValueError, match="two classes"):
         fit_logreg(x, torch.zeros(10, dtype=torch.long))
+
+
+def test_joint_fit_equals_separate_fits():
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(300) % 4
+    signal = torch.nn.functional.one_hot(y, 4).double()
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    xs = [signal @ randn(4, 6) + randn(300, 6), signal @ randn(4, 6) + 2 * randn(300, 6),
+          torch.cat([signal, randn(300, 9)], 1)]
+    joint = fit_logreg_many(xs, y, 0.5, dtype=torch.float64, tol=1e-9)
+    for x, r in zip(xs, joint):
+        alone = fit_logreg(x, y, 0.5, dtype=torch.float64, tol=1e-9)
+        assert r.converged and r.weight.shape == alone.weight.shape
+        assert abs(r.objective - alone.objective) < 1e-12
+        torch.testing.assert_close(r.weight, alone.weight, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r.bias, alone.bias, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="at least one"):
+        fit_logreg_many([], y)

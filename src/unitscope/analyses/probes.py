@@ -3,7 +3,8 @@
 :func:`probes` extracts each layer's features on the train and test splits (eval mode, no
 augmentation, see :mod:`unitscope.features`), fits a multinomial logistic regression on the
 training features of each layer with scikit-learn's ``LogisticRegression(C=C)`` objective
-(:mod:`unitscope.stats.logreg`, no feature standardisation, as in phd-lab) and reports its
+(:mod:`unitscope.stats.logreg`, no feature standardisation, as in phd-lab; every layer and
+position in one joint L-BFGS run, :func:`~unitscope.stats.logreg.fit_logreg_many`) and reports its
 accuracy on both splits, relative to the model's own test accuracy. Train and test features
 are paired by layer name. Fitted probes are cached under ``OUT/probes/`` (safetensors + JSON),
 keyed by the features' fingerprint and the fit options, and reused on the next call.
@@ -35,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..capture import LayerError, LayerSpec
 from ..features import FeatureStore, extract_features
-from ..stats.logreg import LogRegResult, accuracy, fit_logreg
+from ..stats.logreg import LogRegResult, accuracy, fit_logreg_many
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
                          "of (x, y) items")
     k = int(max(int(y_train.max()), int(y_test.max()))) + 1
     dev = resolve_device(device)
-    rows: list[dict[str, Any]] = []
+    probes_: list[dict[str, Any]] = []
     for layer in layers:
         x_train = train.features(layer, as_tensor=True)
         x_test = test.features(layer, as_tensor=True)
@@ -148,24 +149,51 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
         for pos, xtr, xte in _positions(x_train, x_test, train.downsample):
             key = _cache_key(train.fingerprint, layer, pos, C, dname, train.downsample, max_iter, tol)
             res, cached = _load(cache, key) if cache is not None else (None, False)
-            if res is None:
-                res = fit_logreg(xtr.to(dev), y_train.to(dev), C, num_classes=k, dtype=_DTYPES[dname],
-                                 max_iter=max_iter, tol=tol)
-                if cache is not None:
-                    _save(cache, key, res, {"layer": layer, "position": pos, "C": C, "dtype": dname,
-                                            "downsample": train.downsample, "features": train.fingerprint})
-            if not res.converged:
-                log.warning("the probe of layer %s%s did not converge in %d L-BFGS iterations (largest "
-                            "gradient %.2e > tol %.1e); raise max_iter or use dtype=torch.float64",
-                            layer, f" at {pos}" if pos else "", res.n_iter, res.grad_max, tol)
-            w, b = res.weight.to(dev), res.bias.to(dev)
-            test_acc = accuracy(xte.to(dev), y_test, w, b)
-            rows.append({"layer": layer, "position": pos, "train_acc": accuracy(xtr.to(dev), y_train, w, b),
-                         "test_acc": test_acc,
-                         "relative_test_acc": test_acc / model_acc if model_acc else float("nan"),
-                         "objective": res.objective, "converged": res.converged, "n_iter": res.n_iter,
-                         "features": int(xtr.shape[1]), "cached": cached})
+            probes_.append({"layer": layer, "position": pos, "train": xtr, "test": xte, "key": key,
+                            "result": res, "cached": cached})
+    _fit_together([p for p in probes_ if p["result"] is None], y_train, k, C, _DTYPES[dname], max_iter, tol,
+                  dev, cache, {"C": C, "dtype": dname, "downsample": train.downsample,
+                               "features": train.fingerprint})
+    rows: list[dict[str, Any]] = []
+    for p in probes_:
+        res, layer, pos = p["result"], p["layer"], p["position"]
+        if not res.converged:
+            log.warning("the probe of layer %s%s did not converge in %d L-BFGS iterations (largest "
+                        "gradient %.2e > tol %.1e); raise max_iter or use dtype=torch.float64",
+                        layer, f" at {pos}" if pos else "", res.n_iter, res.grad_max, tol)
+        w, b = res.weight.to(dev), res.bias.to(dev)
+        test_acc = accuracy(p["test"].to(dev), y_test, w, b)
+        train_acc = accuracy(p["train"].to(dev), y_train, w, b)
+        rows.append({"layer": layer, "position": pos, "train_acc": train_acc, "test_acc": test_acc,
+                     "relative_test_acc": test_acc / model_acc if model_acc else float("nan"),
+                     "objective": res.objective, "converged": res.converged, "n_iter": res.n_iter,
+                     "features": int(p["train"].shape[1]), "cached": p["cached"]})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+#: the most feature values (all probes' training matrices together) fitted in one L-BFGS run
+JOINT_LIMIT = 1 << 27
+
+
+def _fit_together(todo: list[dict[str, Any]], y: torch.Tensor, k: int, C: float, dtype: torch.dtype,
+                  max_iter: int, tol: float, device: torch.device, cache: str | Path | None,
+                  about: dict[str, Any]) -> None:
+    """Fit the probes of ``todo`` in joint L-BFGS runs of at most :data:`JOINT_LIMIT` values each."""
+    chunks: list[list[dict[str, Any]]] = []
+    size = 0
+    for p in todo:
+        if not chunks or size + p["train"].numel() > JOINT_LIMIT:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(p)
+        size += p["train"].numel()
+    for chunk in chunks:
+        results = fit_logreg_many([p["train"].to(device) for p in chunk], y.to(device), C, num_classes=k,
+                                  dtype=dtype, max_iter=max_iter, tol=tol)
+        for p, res in zip(chunk, results):
+            p["result"] = res
+            if cache is not None:
+                _save(cache, p["key"], res, {"layer": p["layer"], "position": p["position"], **about})
 
 
 def _positions(x_train: torch.Tensor, x_test: torch.Tensor, downsample: str) -> Any:

@@ -26,11 +26,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LogRegResult", "accuracy", "fit_logreg", "objective", "predict"]
+__all__ = ["LogRegResult", "accuracy", "fit_logreg", "fit_logreg_many", "objective", "predict"]
 
 
 @dataclass
@@ -74,17 +75,22 @@ def _as_xy(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
 def _loss_grad(x: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                lam: float, grad: bool = True, penalty: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Objective (and gradient); ``penalty`` weighs each feature's squared weights (default 1)."""
-    n = len(x)
-    z = torch.addmm(b, x, w.T)
-    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    """Objectives (and gradients) of ``P`` problems that share ``n``: one value per problem.
+
+    Shapes: ``x (P, n, d)``, ``onehot (n, k)``, ``w (P, k, d)``, ``b (P, k)``; ``penalty`` weighs
+    each feature's squared weights (``(P, 1, d)``, default 1). Returns ``loss (P,)``,
+    ``grad_w (P, k, d)`` and ``grad_b (P, k)``.
+    """
+    n = x.shape[1]
+    z = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    lse = torch.logsumexp(z, dim=2, keepdim=True)
     wq = w if penalty is None else w * penalty
-    loss = (lse.sum() - (z * onehot).sum()) / n + 0.5 * lam * (w * wq).sum()
+    loss = (lse.sum((1, 2)) - (z * onehot).sum((1, 2))) / n + 0.5 * lam * (w * wq).sum((1, 2))
     if not grad:
         return loss, None, None
     r = torch.exp(z - lse).sub_(onehot).div_(n)
-    gw = torch.addmm(wq, r.T, x, beta=lam)
-    return loss, gw, r.sum(0)
+    gw = torch.baddbmm(wq, r.transpose(1, 2), x, beta=lam)
+    return loss, gw, r.sum(1)
 
 
 def objective(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -110,8 +116,8 @@ def objective(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torc
     w = w.to(x.device, dtype)
     b = torch.as_tensor(bias).to(x.device, dtype)
     onehot = torch.nn.functional.one_hot(y, w.shape[0]).to(dtype)
-    loss, _, _ = _loss_grad(x, onehot, w, b, 1.0 / (C * len(x)), grad=False)
-    return float(loss)
+    loss, _, _ = _loss_grad(x[None], onehot, w[None], b[None], 1.0 / (C * len(x)), grad=False)
+    return float(loss[0])
 
 
 def predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -160,12 +166,53 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, *, num_classes:
         >>> r.weight.shape, r.converged
         (torch.Size([2, 1]), True)
     """
+    return fit_logreg_many([x], y, C, num_classes=num_classes, dtype=dtype, max_iter=max_iter, tol=tol,
+                           history_size=history_size, precondition=precondition, device=device)[0]
+
+
+def fit_logreg_many(xs: Sequence[torch.Tensor], y: torch.Tensor, C: float = 1.0, *,
+                    num_classes: int | None = None, dtype: torch.dtype = torch.float32,
+                    max_iter: int = 1000, tol: float = 1e-6, history_size: int = 20,
+                    precondition: bool = True,
+                    device: str | torch.device | None = None) -> list[LogRegResult]:
+    """Fit one probe per feature matrix of ``xs`` (same samples and labels), all in one L-BFGS run.
+
+    Probes whose features have the same width (the positions of pixelwise probes, layers of equal
+    width) are fitted in one L-BFGS run, their objectives and gradients evaluated as one batched
+    matrix product. The probes are independent, so the minimiser of the sum of their objectives is
+    the tuple of their minimisers, and the gradient of the sum is their gradients side by side:
+    stopping when its largest entry is below ``tol`` stops every probe on the criterion of
+    :func:`fit_logreg`. One run costs one line search and one set of dispatches per iteration for
+    all its probes instead of one per probe. Probes of different widths get separate runs, as their
+    curvatures differ too much for one shared step length to suit them all.
+
+    Args:
+        xs: feature matrices ``(n, d_i)``, one per probe (the widths may differ).
+        y: the labels ``(n,)`` every probe is fitted on.
+        C, num_classes, dtype, max_iter, tol, history_size, precondition, device: as in
+            :func:`fit_logreg`; ``n_iter`` and ``converged`` are those of the probe's joint run.
+
+    Returns:
+        One :class:`LogRegResult` per matrix of ``xs``, in order.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> y = torch.arange(90) % 3
+        >>> onehot = torch.nn.functional.one_hot(y, 3).float()
+        >>> xs = [onehot + 0.1 * torch.randn(90, 3), torch.cat([onehot, torch.randn(90, 5)], 1)]
+        >>> [(r.weight.shape[1], r.converged) for r in fit_logreg_many(xs, y)]
+        [(3, True), (8, True)]
+    """
     if not C > 0:
         raise ValueError(f"C must be > 0 (it is the inverse regularisation strength), got {C}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    x, y = _as_xy(x, y, dtype, device)
-    n, d = x.shape
+    if not xs:
+        raise ValueError("fit_logreg_many needs at least one feature matrix")
+    pairs = [_as_xy(x, y, dtype, device) for x in xs]
+    y = pairs[0][1]
+    n = len(y)
     k = int(num_classes) if num_classes is not None else int(y.max()) + 1
     if int(y.min()) < 0 or int(y.max()) >= k:
         raise ValueError(f"labels must lie in [0, {k}); got range [{int(y.min())}, {int(y.max())}]")
@@ -173,25 +220,39 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, *, num_classes:
         raise ValueError("a probe needs at least two classes; the labels hold only one")
     onehot = torch.nn.functional.one_hot(y, k).to(dtype)
     lam = 1.0 / (C * n)
+    groups: dict[int, list[int]] = {}
+    for i, (x, _) in enumerate(pairs):
+        groups.setdefault(x.shape[1], []).append(i)
+    results: list[LogRegResult | None] = [None] * len(pairs)
+    for members in groups.values():
+        fitted = _fit_batch(torch.stack([pairs[i][0] for i in members]), onehot, lam, dtype, max_iter, tol,
+                            history_size, precondition)
+        for i, res in zip(members, fitted):
+            results[i] = res
+    return [r for r in results if r is not None]
+
+
+def _fit_batch(x: torch.Tensor, onehot: torch.Tensor, lam: float, dtype: torch.dtype, max_iter: int,
+               tol: float, history_size: int, precondition: bool) -> list[LogRegResult]:
+    """One L-BFGS run over ``P`` probes of equal width: ``x`` is ``(P, n, d)``."""
+    k, d = onehot.shape[1], x.shape[2]
     if precondition:
         # exact change of variables: xc = (x - mu) / s, v = w * s, b' = b + w @ mu; the objective
         # (penalty ||v / s||²) and its minimiser are unchanged, only the conditioning improves
-        mu = x.mean(0)
-        s = (x.var(0, unbiased=False) + lam).sqrt_()
-        xs = (x - mu).div_(s)
-        q = s.reciprocal().square_()
+        mu = x.mean(1, keepdim=True)
+        s = (x.var(1, unbiased=False, keepdim=True) + lam).sqrt_()
+        x_fit, q = (x - mu).div_(s), s.reciprocal().square_()
     else:
-        xs, q = x, None
-    theta = torch.zeros(k, d + 1, dtype=dtype, device=x.device, requires_grad=True)
+        x_fit, q = x, None
+    theta = torch.zeros(x.shape[0], k, d + 1, dtype=dtype, device=x.device, requires_grad=True)
 
     def closure() -> torch.Tensor:
         with torch.no_grad():
-            loss, gw, gb = _loss_grad(xs, onehot, theta[:, :d], theta[:, d], lam, penalty=q)
-            g = torch.empty_like(theta)
-            g[:, :d] = gw
-            g[:, d] = gb
-            theta.grad = g
-        return loss
+            loss, gw, gb = _loss_grad(x_fit, onehot, theta[:, :, :d], theta[:, :, d], lam, penalty=q)
+            theta.grad = torch.cat([gw, gb.unsqueeze(2)], dim=2)
+        # summed in float64: a float32 sum would hide the small changes of each probe's objective
+        # from L-BFGS's tolerance_change test and stop it early
+        return loss.double().sum()
 
     max_eval = int(max_iter * 1.25) + 1
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tol,
@@ -200,14 +261,15 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, *, num_classes:
     opt.step(closure)
     n_iter = int(opt.state[theta].get("n_iter", 0))
     evals = int(opt.state[theta].get("func_evals", 0))
+    converged = n_iter < max_iter and evals < max_eval
     with torch.no_grad():
-        w = theta[:, :d].detach().clone()
-        b = theta[:, d].detach().clone()
+        w = theta[:, :, :d].detach().clone()
+        b = theta[:, :, d].detach().clone()
         if precondition:
             w.div_(s)
-            b -= w @ mu
+            b -= torch.bmm(w, mu.transpose(1, 2)).squeeze(2)
         loss, gw, gb = _loss_grad(x, onehot, w, b, lam)
-        grad_max = float(torch.maximum(gw.abs().max(), gb.abs().max()))
-    converged = n_iter < max_iter and evals < max_eval
-    return LogRegResult(weight=w, bias=b, objective=float(loss), converged=converged, n_iter=n_iter,
-                        grad_max=grad_max)
+        gmax = torch.maximum(gw.abs().amax((1, 2)), gb.abs().amax(1))
+    return [LogRegResult(weight=w[j].clone(), bias=b[j].clone(), objective=float(loss[j]),
+                         converged=converged, n_iter=n_iter, grad_max=float(gmax[j]))
+            for j in range(x.shape[0])]
