@@ -1,0 +1,370 @@
+"""Coverage as an analysis: the ten criteria of :mod:`unitscope.coverage`, fed by one forward pass.
+
+Coverage is measured in two passes: a *build* pass over training data gives the criteria their
+profiles (unit ranges for KMNC/NBC/SNAC, training traces for LSC/DSC, class means and
+covariances for MDSC), then a *test* pass updates every criterion from the same captured
+activations, batch after batch. So the analysis has a ``fit`` step before ``analyze``::
+
+    cov = Coverage(["nc", "kmnc", "lsc"]).fit(model, train_data)
+    run = unitscope.analyze(model, test_data, analyses=[cov])
+    run.table("coverage")        # criterion, layer ("all" for the whole network), value
+    run.table("coverage_curve")  # criterion, n_inputs, value after every batch
+
+or, in one call, :func:`coverage`. Criteria that need no profile (NC, TKNC, TKNP, CC) also run
+without ``fit``.
+
+Example:
+    >>> import unitscope
+    >>> from unitscope.analyses.coverage import Coverage
+    >>> model = unitscope.load_model("digits-cnn")
+    >>> cov = Coverage(["nc", "kmnc", "mdsc"], options={"mdsc": {"ridge": 1e-6}}).fit(
+    ...     model, unitscope.load_dataset("digits", "train"), progress=False)
+    >>> run = unitscope.analyze(model, unitscope.load_dataset("digits", "test"), analyses=[cov],
+    ...                         progress=False)
+    >>> sorted(run.table("coverage").query("layer == 'all'").criterion)
+    ['kmnc', 'mdsc', 'nc']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..capture import LayerSpec, Reduction, resolve_layers
+from ..coverage import cluster, surprise  # noqa: F401  (importing them registers the criteria)
+from ..coverage.base import CRITERIA, Criterion, criterion
+from ..coverage.neuron import NC
+from ..results import Run
+from ..stats.base import Accumulator, MergeError
+from .base import Analysis, Batch
+
+__all__ = ["DEFAULT_CRITERIA", "Coverage", "CoverageCurve", "coverage", "plot_coverage_curve"]
+
+#: every criterion, in the order of the spec
+DEFAULT_CRITERIA = ("nc", "kmnc", "nbc", "snac", "tknc", "tknp", "cc", "lsc", "dsc", "mdsc")
+
+#: the module types whose outputs are covered by default (the anchor's choice: pre-activation)
+DEFAULT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class CoverageCurve(Accumulator):
+    """The value of every criterion after every batch of a pass: ``n_inputs`` and ``values`` rows.
+
+    A curve belongs to one stream of inputs: it is not merged like the criteria (see
+    :meth:`Coverage.merge`).
+    """
+
+    rules: ClassVar[dict[str, str]] = {"n_inputs": "custom", "values": "custom"}
+
+    def __init__(self, criteria: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.criteria = list(criteria)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments."""
+        return {"criteria": self.criteria}
+
+    def append(self, n_new: int, values: Sequence[float]) -> None:
+        """Add a row: ``n_new`` more inputs were seen, after which the criteria read ``values``."""
+        last = int(self._states["n_inputs"][-1]) if self.initialized and len(self._states["n_inputs"]) else 0
+        row_n = torch.tensor([last + int(n_new)], dtype=torch.long)
+        row_v = torch.tensor([list(values)], dtype=torch.float64)
+        if not self.initialized:
+            self._states = {"n_inputs": row_n, "values": row_v}
+        else:
+            self._states = {"n_inputs": torch.cat([self._states["n_inputs"], row_n.to(self.device)]),
+                            "values": torch.cat([self._states["values"], row_v.to(self.device)])}
+
+    def _merge_states(self, theirs: dict[str, torch.Tensor]) -> None:
+        raise MergeError("a coverage curve follows one stream of inputs; merge the Coverage analysis, "
+                         "which keeps the first shard's curve and appends the merged value")
+
+    def compute(self) -> pd.DataFrame:
+        """Long table: criterion, n_inputs, value."""
+        if not self.initialized:
+            return pd.DataFrame({"criterion": [], "n_inputs": [], "value": []})
+        n = self._states["n_inputs"].cpu().numpy()
+        v = self._states["values"].cpu().numpy()
+        frames = [pd.DataFrame({"criterion": name, "n_inputs": n, "value": v[:, i]})
+                  for i, name in enumerate(self.criteria)]
+        return pd.concat(frames, ignore_index=True)
+
+
+class Coverage(Analysis):
+    """Coverage criteria of the selected layers, all updated from one forward pass per batch.
+
+    Args:
+        criteria: short names (see :data:`unitscope.coverage.base.CRITERIA`: ``"nc"``, ``"kmnc"``,
+            ``"nbc"``, ``"snac"``, ``"tknc"``, ``"tknp"``, ``"cc"``, ``"lsc"``, ``"dsc"``, ``"mdsc"``)
+            or criterion objects (e.g. ``NC(threshold=0.5)``); each at most once. Default: all ten.
+        layers: the layers whose units are covered. Default: every Conv/Linear module output
+            (pre-activation, the anchor's choice) when :meth:`fit` runs, otherwise the layers given
+            to ``unitscope.analyze``. The surprise criteria use all of them, concatenated.
+        options: per-criterion constructor options by short name, e.g. ``{"nc": {"threshold": 0.5}}``.
+        reduce: how a conv map becomes one value per channel, ``"mean"`` (default) or ``"max"``;
+            an ``NC(scale="map_minmax")`` criterion makes the capture keep whole maps.
+        class_source: the class of an input for LSC/DSC/MDSC: ``"pred"`` (default, the model's
+            argmax, as in SADL) or ``"label"`` (the dataset label, as the anchor).
+
+    Tables: ``coverage`` (criterion, layer, value; layer ``"all"`` is the criterion's value over
+    all layers) and ``coverage_curve`` (criterion, n_inputs, value after every batch).
+    """
+
+    name = "coverage"
+
+    def __init__(self, criteria: Sequence[str | Criterion] = DEFAULT_CRITERIA,
+                 layers: LayerSpec | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
+                 reduce: Reduction = "mean", class_source: str = "pred") -> None:
+        super().__init__(layers)
+        if isinstance(criteria, (str, Criterion)):
+            criteria = [criteria]
+        options = {str(k).lower(): dict(v) for k, v in (options or {}).items()}
+        unknown = sorted(set(options) - set(CRITERIA))
+        if unknown:
+            raise ValueError(f"options for unknown criteria {unknown}; known criteria: "
+                             f"{', '.join(sorted(CRITERIA))}")
+        built = [criterion(c, **options.get(c.lower(), {})) if isinstance(c, str) else criterion(c)
+                 for c in criteria]
+        if not built:
+            raise ValueError("Coverage needs at least one criterion, e.g. Coverage(['nc', 'kmnc'])")
+        keys = [c.key for c in built]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"criterion {dup[0]!r} is given twice; give each criterion once")
+        stray = sorted(set(options) - set(keys))
+        if stray:
+            raise ValueError(f"options given for {stray}, which are not among the criteria {keys}")
+        if class_source not in ("pred", "label"):
+            raise ValueError(f"class_source={class_source!r}: use 'pred' (model prediction) or 'label'")
+        if callable(reduce) or reduce not in ("mean", "max", "none"):
+            raise ValueError(f"Coverage(reduce={reduce!r}): use 'mean' or 'max'")
+        self.names = [c.key for c in built]
+        self.class_source = class_source
+        self.reduce_option = reduce
+        maps = any(isinstance(c, NC) and c.scale == "map_minmax" for c in built)
+        self.reduce = "none" if maps else reduce
+        self.needs_output = class_source == "pred" and any(c.needs_classes for c in built)
+        self.accumulators = {**{c.key: c for c in built}, "curve": CoverageCurve(self.names)}
+        self._keys: list[str] | None = None
+
+    @property
+    def criteria(self) -> dict[str, Criterion]:
+        """The live criteria by short name (after a resume or a load, the restored ones)."""
+        return {k: self.accumulators[k] for k in self.names}  # type: ignore[misc]
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (criteria by name, their options, JSON-able)."""
+        return {**super().config(), "criteria": list(self.criteria),
+                "options": {k: c.config() for k, c in self.criteria.items()},
+                "reduce": self.reduce_option, "class_source": self.class_source}
+
+    # ------------------------------------------------------------------ build pass
+    def fit(self, model: nn.Module, train_data: Dataset, *, batch_size: int = 256,
+            device: str | torch.device = "auto", progress: bool = True) -> Coverage:
+        """Build the profiles of the criteria that need one on ``train_data``; returns ``self``.
+
+        One forward pass over ``train_data`` (eval mode) feeds every criterion's ``fit``; the
+        criteria that need no profile are left untouched. Resolves the default layers.
+        """
+        from ..engine import analyze
+
+        if self.layers is None:
+            names = [n for n, m in model.named_modules() if n and isinstance(m, DEFAULT_MODULES)]
+            if not names:
+                raise ValueError(f"{type(model).__name__} has no Conv/Linear module; name the layers to "
+                                 "cover with Coverage(layers=...)")
+            self.layers = names
+        todo = {k: c for k, c in self.criteria.items() if c.needs_fit}
+        if todo:
+            for c in todo.values():
+                c.reset()
+            profile = _Profile(self, todo)
+            analyze(model, train_data, analyses=[profile], batch_size=batch_size, device=device,
+                    progress=progress)
+        return self
+
+    def _classes(self, batch: Batch) -> torch.Tensor:
+        if self.class_source == "label":
+            if batch.y is None:
+                raise ValueError("Coverage(class_source='label') needs a dataset with labels; use "
+                                 "class_source='pred'")
+            return batch.y
+        if batch.output is None or batch.output.dim() != 2:
+            raise ValueError("Coverage(class_source='pred') needs a model whose output is (n, classes) "
+                             "logits; use class_source='label'")
+        return batch.output.argmax(1)
+
+    # ------------------------------------------------------------------ test pass
+    def start(self, keys: list[str]) -> None:
+        """Check that the pass captures the layers the criteria were fitted on."""
+        for k, c in self.criteria.items():
+            if c.needs_fit and not c.fitted:
+                raise ValueError(f"Coverage criterion {k!r} needs a profile of training data: call "
+                                 f"Coverage(...).fit(model, train_data) before analyze (or use "
+                                 "unitscope.analyses.coverage.coverage())")
+            if c.layers and set(c.layers) != set(keys):
+                raise ValueError(f"Coverage criterion {k!r} was fitted on layers {c.layers} but this pass "
+                                 f"captures {keys}; use the same model and layers for fit and analyze")
+        self._keys = list(keys)
+
+    def update(self, acts: Mapping[str, torch.Tensor], batch: Batch) -> None:
+        """Update every criterion from this batch's activations; record the curve."""
+        keys = self._keys if self._keys is not None else list(acts)
+        sub = {k: acts[k] for k in keys}
+        classes = self._classes(batch) if any(c.needs_classes for c in self.criteria.values()) else None
+        for c in self.criteria.values():
+            c.update(sub, classes)
+        self.accumulators["curve"].append(len(batch.x), [c.value() for c in self.criteria.values()])
+
+    def merge(self, other: Analysis) -> Analysis:
+        """Merge the criteria of another shard; the curve keeps this shard's rows plus the merged end."""
+        if not isinstance(other, Coverage):
+            raise MergeError(f"cannot merge {type(other).__name__} into Coverage")
+        n_other = _seen(other)
+        for k in other.names:
+            mine = self.accumulators.get(k)
+            if mine is None:
+                raise MergeError(f"cannot merge coverage runs with different criteria: {k!r}")
+            mine.merge(other.accumulators[k])
+        self._append_merged(n_other)
+        return self
+
+    def sync(self) -> None:
+        """All-reduce the criteria over the process group; the curve gets the merged end point."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        seen = torch.tensor([_seen(self)], dtype=torch.long)
+        for k in self.criteria:
+            self.accumulators[k].sync()
+        if dist.get_backend() == "nccl":
+            seen = seen.cuda()
+        dist.all_reduce(seen)
+        self._append_merged(int(seen) - _seen(self))
+
+    def _append_merged(self, n_other: int) -> None:
+        if n_other:
+            self.accumulators["curve"].append(n_other, [self.accumulators[k].value() for k in self.criteria])
+
+    # ------------------------------------------------------------------ results
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """``coverage`` (criterion, layer, value) and ``coverage_curve`` (criterion, n_inputs, value)."""
+        rows = []
+        for k, c in self.criteria.items():
+            rows.append({"criterion": k, "layer": "all", "value": c.value()})
+            rows += [{"criterion": k, "layer": layer, "value": v} for layer, v in c.layer_values().items()]
+        table = pd.DataFrame(rows, columns=["criterion", "layer", "value"])
+        curve = self.accumulators["curve"].compute()
+        return {"coverage": table, "coverage_curve": curve}
+
+
+def _seen(a: Coverage) -> int:
+    curve = a.accumulators["curve"]
+    return int(curve._states["n_inputs"][-1]) if curve.initialized else 0
+
+
+class _Profile(Analysis):
+    """The build pass of :meth:`Coverage.fit`: feeds ``fit`` of the criteria that need a profile."""
+
+    def __init__(self, owner: Coverage, criteria: dict[str, Criterion]) -> None:
+        super().__init__(owner.layers)
+        self.owner, self.criteria = owner, criteria
+        self.reduce = owner.reduce
+        self.needs_output = owner.needs_output
+        self._keys: list[str] = []
+
+    def config(self) -> dict[str, Any]:
+        """The owner's configuration (recorded in the build pass's manifest)."""
+        return self.owner.config()
+
+    def start(self, keys: list[str]) -> None:
+        """Remember the captured layers (in module order)."""
+        self._keys = list(keys)
+
+    def update(self, acts: Mapping[str, torch.Tensor], batch: Batch) -> None:
+        """Fold the batch into every profile."""
+        sub = {k: acts[k] for k in self._keys}
+        classes = self.owner._classes(batch) if any(c.needs_classes for c in self.criteria.values()) else None
+        for c in self.criteria.values():
+            c.fit(sub, classes)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """None: the build pass only fills the profiles."""
+        return {}
+
+
+def coverage(model: nn.Module, train_data: Dataset | None, test_data: Dataset,
+             layers: LayerSpec | None = None, criteria: Sequence[str | Criterion] = DEFAULT_CRITERIA,
+             options: Mapping[str, Mapping[str, Any]] | None = None, **analyze_options: Any) -> Run:
+    """Fit the coverage criteria on ``train_data``, then measure them on ``test_data`` (two passes).
+
+    Args:
+        model: the network.
+        train_data: the build set (may be None when no criterion needs a profile).
+        test_data: the inputs whose coverage is measured.
+        layers, criteria, options: as in :class:`Coverage`.
+        **analyze_options: passed to ``unitscope.analyze`` and to :meth:`Coverage.fit`
+            (``batch_size``, ``device``, ``progress``) or to analyze only (``out``, ...).
+
+    Returns:
+        The run of the test pass, with tables ``coverage`` and ``coverage_curve``.
+    """
+    from ..engine import analyze
+
+    cov = Coverage(criteria, layers=layers, options=options)
+    fit_options = {k: v for k, v in analyze_options.items() if k in ("batch_size", "device", "progress")}
+    if train_data is not None:
+        cov.fit(model, train_data, **fit_options)
+    elif any(c.needs_fit for c in cov.criteria.values()):
+        raise ValueError("these criteria need training data for their profiles: "
+                         f"{[k for k, c in cov.criteria.items() if c.needs_fit]}; pass train_data")
+    elif cov.layers is None:
+        cov.layers = resolve_layers(model, [n for n, m in model.named_modules()
+                                            if n and isinstance(m, DEFAULT_MODULES)])
+    return analyze(model, test_data, analyses=[cov], **analyze_options)
+
+
+def plot_coverage_curve(table: pd.DataFrame, ax: Any = None) -> Any:
+    """Coverage against the number of test inputs (a ``coverage_curve`` table); returns the figure.
+
+    Fractions share one axis in [0, 1]; counts (TKNP, CC, surprise buckets in anchor mode) are
+    drawn on a second panel, since their scale differs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(table["criterion"]))
+    counts = [n for n in names if _is_count(n, table)]
+    fractions = [n for n in names if n not in counts]
+    panels = [p for p in (fractions, counts) if p]
+    if ax is not None:
+        fig, axes = ax.figure, [ax] * len(panels)
+    else:
+        fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 3.2),
+                                 layout="constrained", squeeze=False)
+        axes = list(axes[0])
+    for panel, a in zip(panels, axes):
+        for name in panel:
+            rows = table[table["criterion"] == name]
+            a.plot(rows["n_inputs"], rows["value"], marker=".", label=name)
+        a.set_xlabel("test inputs")
+        a.set_ylabel("coverage" if panel is fractions else "count")
+        if panel is fractions:
+            a.set_ylim(0, 1.02)
+        a.legend(fontsize=8)
+    return fig
+
+
+def _is_count(name: str, table: pd.DataFrame) -> bool:
+    cls = CRITERIA.get(name)
+    if cls is not None and cls.kind == "count":
+        return True
+    return bool((table.loc[table["criterion"] == name, "value"] > 1).any())
