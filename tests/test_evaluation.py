@@ -92,3 +92,34 @@ def test_bad_input():
         evaluate_classifier(model, torch.utils.data.TensorDataset(x), device="cpu")
     with pytest.raises(ValueError, match="empty"):
         evaluate_classifier(model, ArrayDataset(x[:0], torch.zeros(0, dtype=torch.int64)), device="cpu")
+
+
+def test_evaluate_experiment_and_report(tmp_path):
+    from unitscope.experiments import run_config
+    from unitscope.report import write_report
+
+    config = tmp_path / "ev.toml"
+    config.write_text('experiment = "evaluate"\nmodel = "digits-cnn"\ndataset = "digits"\n')
+    [(target, _)] = run_config(config, out=tmp_path / "runs", progress=False)
+    run = unitscope.load_run(target)
+    assert run.table("evaluation")["support"].iloc[-1] == 360
+    assert run.table("evaluation_confusion")["count"].sum() == 360
+    page = write_report(target).read_text()
+    assert "<h2 id='evaluation'>" in page and "alt='evaluation figure'" in page
+
+
+def test_demo_part_on_shapes(tmp_path):
+    from unitscope.demo import DemoContext
+    from unitscope.families.portraits import demo
+
+    torch.manual_seed(0)
+    model = unitscope.load_model("shapes-cnn").eval()
+    data = unitscope.load_dataset("shapes", "test", n=60)
+    run = unitscope.analyze(model, data, layers="relu1", progress=False)
+    ctx = DemoContext(name="shapes-cnn", model=model, dataset="shapes", train_data=None, test_data=data,
+                      run=run, out=tmp_path, quick=True, progress=False)
+    demo(ctx)
+    assert {"evaluation", "evaluation_confusion", "topk", "receptive_field_empirical",
+            "receptive_field_empirical_layers"} <= set(run.tables)
+    assert len(run.arrays["topk_mosaics"]) == 4
+    assert run.tables["receptive_field_empirical"]["layer"].tolist() == ["relu2"] * 2 + ["relu3"] * 2

@@ -280,3 +280,30 @@ def test_truncated_forward_stops_at_the_layer_and_removes_its_hook():
     with pytest.raises(RuntimeError):
         truncated_forward(model, "conv2", torch.randn(2, 5, 8, 8))  # wrong channels: forward fails
     assert hooks(model) == 0
+
+
+# ----------------------------------------------------------------------------- experiment and report
+def test_receptive_field_empirical_experiment_and_report(tmp_path):
+    from unitscope.experiments import ConfigError, run_config
+    from unitscope.report import write_report
+
+    config = tmp_path / "erf.toml"
+    config.write_text('experiment = "receptive-field-empirical"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+                      'layers = ["relu1", "relu2"]\nunits = 2\nk = 3\noccluder = 3\nstride = 2\n')
+    [(target, _)] = run_config(config, out=tmp_path / "runs", progress=False)
+    run = unitscope.load_run(target)
+    per_unit = run.table("receptive_field_empirical")
+    assert per_unit["layer"].tolist() == ["relu1", "relu1", "relu2", "relu2"]
+    assert (per_unit["rf_size_empirical"] > 0).all()
+    assert run.table("receptive_field_empirical_layers")["rf_size"].tolist() == [3, 5]
+    assert len(run.arrays["receptive_field_empirical"]) == 8  # map and mask per unit
+    page = write_report(target).read_text()
+    assert "<h2 id='receptive_field_empirical'>" in page and "alt='receptive_field_empirical figure'" in page
+    config.write_text('experiment = "receptive-field-empirical"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+                      'layers = ["fc"]\n')
+    with pytest.raises(ConfigError, match="fc have no 2-D map"):
+        run_config(config, out=tmp_path / "runs2", progress=False)
+    config.write_text('experiment = "receptive-field-empirical"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+                      'layers = ["relu1"]\nunits = [16]\nk = 2\n')
+    with pytest.raises(ConfigError, match="unit 16 is out of range: layer 'relu1' has 16 units"):
+        run_config(config, out=tmp_path / "runs3", progress=False)

@@ -189,3 +189,26 @@ def _bright_data(n: int = 6, side: int = 20) -> ArrayDataset:
         x[i, 0, a:a + B, b:b + B] = 1.0 + 0.1 * i
         x[i, 0, a:a + B, b:b + B] -= torch.rand(B, B, generator=g) * 0.01
     return ArrayDataset(x, torch.zeros(n, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- experiment and report
+def test_topk_experiment_writes_mosaics_and_report(tmp_path):
+    from unitscope.experiments import ConfigError, run_config
+    from unitscope.report import write_report
+
+    config = tmp_path / "top.toml"
+    config.write_text('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 4\n'
+                      'mosaics = ["relu2:1", "relu3:4"]\nmosaic_mode = "crop"\n')
+    [(target, status)] = run_config(config, out=tmp_path / "runs", progress=False)
+    assert status == "done"
+    run = unitscope.load_run(target)
+    table = run.table("topk")
+    assert set(table["layer"]) == {"relu1", "relu2", "relu3"}
+    assert (table.groupby(["layer", "unit"]).size() == 4).all()
+    assert sorted(run.arrays["topk_mosaics"]) == ["relu2:1", "relu3:4"]
+    assert sorted(p.name for p in (target / "mosaics").iterdir()) == ["relu2_1.png", "relu3_4.png"]
+    page = write_report(target).read_text()
+    assert "<h2 id='topk'>" in page and "alt='topk figure'" in page
+    config.write_text('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 400\n')
+    with pytest.raises(ConfigError, match="k = 400 is larger than the dataset"):
+        run_config(config, out=tmp_path / "runs2", progress=False)

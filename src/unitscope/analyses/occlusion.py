@@ -619,10 +619,11 @@ def plot_empirical_rf(arrays: dict[str, torch.Tensor], table: pd.DataFrame | Non
         axis.set_axis_off()
     for axis, key in zip(axes.flat, keys):
         rf = arrays[key].to(torch.float64)
-        axis.imshow(rf.numpy(), cmap="magma")
         mask = arrays.get(f"{key}:mask")
+        window = _support_window(rf)
+        axis.imshow(rf[window].numpy(), cmap="magma")
         if mask is not None and bool(mask.any()):
-            axis.contour(mask.numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
+            axis.contour(mask[window].numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
         title = key
         if table is not None:
             layer, unit = key.rsplit(":", 1)
@@ -633,6 +634,15 @@ def plot_empirical_rf(arrays: dict[str, torch.Tensor], table: pd.DataFrame | Non
         axis.set_title(title, fontsize=8)
     fig.suptitle("empirical receptive fields (centred, averaged discrepancy)")
     return fig
+
+
+def _support_window(rf: torch.Tensor) -> tuple[slice, slice]:
+    """A square around the canvas centre that holds every non-zero pixel (plus a margin)."""
+    cy, cx = (rf.shape[0] - 1) // 2, (rf.shape[1] - 1) // 2
+    nz = torch.nonzero(torch.nan_to_num(rf) != 0)
+    half = int((nz - torch.tensor([cy, cx])).abs().max()) + 3 if len(nz) else 5
+    half = min(half, cy, cx)
+    return slice(cy - half, cy + half + 1), slice(cx - half, cx + half + 1)
 
 
 def plot_rf_sizes(layers: pd.DataFrame, ax: Any = None) -> Any:
