@@ -179,3 +179,80 @@ def test_variable_correlation_of_profiles():
                           "ST": np.stack([st_a, st_a ** 2, -st_a], 1).reshape(-1), "constant": False})
     corr = variable_correlation(table).set_index(["variable_a", "variable_b"])["spearman"]
     assert corr[("a", "b")] == pytest.approx(1.0) and corr[("a", "c")] == pytest.approx(-1.0)
+
+
+# --------------------------------------------------------------------------- guided masking
+def _fake_table(layers: dict[str, int], variables=("a", "b")) -> pd.DataFrame:
+    rows = []
+    for layer, units in layers.items():
+        for u in range(units):
+            for i, v in enumerate(variables):
+                rows.append((layer, u, v, 0.0, float((u * (i + 1)) % units), 0.0, 0.0, False))
+    return pd.DataFrame(rows, columns=["layer", "unit", "variable", "S1", "ST", "S1_conf", "ST_conf",
+                                       "constant"])
+
+
+def test_masking_hooks_and_identity_cases(cnn, shapes64):
+    from unitscope.analyses.masking import guided_masking, masked
+
+    from .conftest import hook_counts
+
+    x = torch.stack([shapes64[i][0] for i in range(8)])
+    with torch.inference_mode():
+        ref = cnn(x)
+        with masked(cnn, {"relu3": torch.ones(64)}):
+            same = cnn(x)
+        with masked(cnn, {"relu3": torch.zeros(64)}):
+            off = cnn(x)
+    assert torch.equal(ref, same) and not torch.equal(ref, off)
+    # with relu3 silenced nothing reaches relu4: the output is the batch-norm/bias path only
+    assert torch.allclose(off, off[:1].expand_as(off))
+    assert hook_counts(cnn) == 0
+    table = _fake_table({"relu3": 64, "relu4": 64, "fc": 4})
+    kept = guided_masking(cnn, shapes64, table, fraction=0.25, alpha=1.0, samples=16, random_repeats=2)
+    assert (kept["agreement"] == 1.0).all() and (kept["accuracy"] == kept["accuracy_intact"]).all()
+    assert set(kept["layer"]) == {"all"} and kept["units_masked"].iloc[0] == 32  # fc (output) left out
+    out = guided_masking(cnn, shapes64, table, fraction=1.0, samples=16, per_layer=True, random_repeats=1)
+    # masking every unit of a layer is the same whichever units are "sensitive"
+    for layer, rows in out.groupby("layer"):
+        assert rows["agreement"].nunique() == 1, layer
+    with pytest.raises(ValueError, match="fraction"):
+        guided_masking(cnn, shapes64, table, fraction=0.0)
+
+
+def test_single_class_picks_the_most_sensitive_classes(cnn, shapes64):
+    from unitscope.analyses.masking import single_class
+
+    table = _fake_table({"fc": 4})
+    out = single_class(cnn, shapes64, table, layer="fc", top=1, samples=32).set_index("variable")
+    assert out.loc["a", "classes"] == "3" and out.loc["b", "classes"] == "1"  # ST = u·(i+1) mod 4
+    x = torch.stack([shapes64[i][0] for i in range(32)])
+    with torch.inference_mode():
+        pred = cnn(x).argmax(1)
+    assert out.loc["a", "jaccard"] == pytest.approx(float((pred == 3).float().mean()))
+
+
+# --------------------------------------------------------------------------- the family
+def test_config_run_and_report(tmp_path):
+    from unitscope.experiments import ConfigError, run_config
+    from unitscope.families.sensitivity import parse_variables
+    from unitscope.report import write_report
+
+    assert parse_variables(["hue", "brightness=0.5:1.5", "roll.dx=-0.1:0.1", "roll.dy=0:0.1"]) == [
+        ("hue", None), ("brightness", (0.5, 1.5)), ("roll", {"dx": (-0.1, 0.1), "dy": (0.0, 0.1)})]
+    cfg = tmp_path / "sens.toml"
+    cfg.write_text('experiment = "sensitivity"\nmodel = "shapes-cnn"\ndataset = "shapes"\n'
+                   'dataset_options = {n = 16}\nvariables = ["brightness=0.5:1.5", "hue"]\nn = 8\n'
+                   'layers = ["relu4", "fc"]\nbootstrap = 4\nreduce = "map"\nmasking = true\n'
+                   'mask_samples = 16\n')
+    [(target, status)] = run_config(cfg, out=tmp_path / "runs", progress=False)
+    assert status == "done"
+    run = unitscope.load_run(target)
+    assert {"sensitivity", "sensitivity_layers", "sensitivity_lda", "sensitivity_masking"} <= set(run.tables)
+    assert run.analysis("sensitivity").config()["variables"][0] == ["brightness", {"factor": [0.5, 1.5]}]
+    html = write_report(target).read_text()
+    assert "id='sensitivity'" in html and html.count("<img") >= 4
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace('"hue"]', '"hue=0:2"]'))
+    with pytest.raises(ConfigError, match="valid domain"):
+        run_config(bad, out=tmp_path / "runs", progress=False)

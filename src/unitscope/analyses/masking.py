@@ -1,0 +1,215 @@
+"""Guided masking: silence the units most sensitive to a variable and watch the predictions change.
+
+For a variable ``v`` and a layer, the ``fraction`` of the layer's units with the largest index to
+``v`` (``ST`` by default, from a :func:`unitscope.analyses.sensitivity.sensitivity` table) are
+scaled by ``alpha`` (0: silenced) with a forward hook, and the model's predictions on ``samples``
+images are compared with those of the intact model: accuracy, and agreement of the top-1 class.
+The same number of units drawn at random (``random_repeats`` draws) is the baseline: masking
+sensitive units matters only if it does more than masking as many random ones (spec A.9, D.3).
+Layers are masked together (``"all"``) and, with ``per_layer=True``, one at a time as well.
+
+:func:`single_class` is the single-class view (spec A.9.5): the classes whose output is most
+sensitive to ``v``, and how often the model predicts them (Jaccard index with its top-n).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+COLUMNS = ["variable", "layer", "selection", "units_masked", "accuracy", "agreement", "accuracy_intact"]
+
+
+@contextlib.contextmanager
+def masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Multiply the channels (dim 1) of each named layer's output by ``masks[layer]`` (shape (C,)).
+
+    The hooks are removed on exit, also after an exception.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> with masked(net, {"0": torch.tensor([1.0, 0.0, 1.0])}):
+        ...     out = net(torch.ones(1, 2))
+        >>> out[0, 1].item()
+        0.0
+    """
+    modules = dict(model.named_modules())
+    handles = []
+
+    def hook_for(m: torch.Tensor) -> Any:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            shape = (1, -1) + (1,) * (out.dim() - 2)
+            return out * m.to(out.device, out.dtype).view(shape)
+        return hook
+    try:
+        for name, m in masks.items():
+            handles.append(modules[name].register_forward_hook(hook_for(m)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _inputs(data: Any, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = min(samples, len(data))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    items = [data[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items]), torch.as_tensor([int(it[1]) for it in items])
+
+
+def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: float = 0.1,
+                   index: str = "ST", variables: Sequence[str] | None = None,
+                   layers: Sequence[str] | None = None, alpha: float = 0.0, samples: int = 512,
+                   random_repeats: int = 3, per_layer: bool = False, seed: int = 0, batch_size: int = 256,
+                   device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Change of predictions when the units most sensitive to each variable are masked.
+
+    Args:
+        model: the classifier the sensitivity table was computed for.
+        data: labelled images (``(x, y, ...)`` items).
+        table: a ``sensitivity`` table (layer, unit, variable, S1, ST, ..., constant).
+        fraction: share of each layer's units to mask (at least one).
+        index: ``"ST"`` or ``"S1"``: which index ranks the units.
+        variables, layers: restrict to these (default: all in the table; layers whose outputs are
+            the logits are left out, so masking never removes a class outright).
+        alpha: the factor applied to masked units (0 silences, 0.5 damps, 1.5 amplifies).
+        samples: images evaluated (a seeded random subset).
+        random_repeats: random masks of the same size, the baseline (rows ``selection="random"``).
+        per_layer: also mask each layer on its own (rows with that layer's name).
+        seed: seeds the image subset and the random masks.
+        batch_size, device: for the forwards (the model is moved to ``device`` and put in eval mode).
+
+    Returns:
+        One row per (variable, layer or ``"all"``, selection): ``units_masked``, ``accuracy``,
+        ``agreement`` (top-1 equal to the intact model's), ``accuracy_intact``. Random rows are
+        averaged over the repeats and carry ``variable="random"``.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction} must lie in (0, 1]")
+    if index not in ("S1", "ST"):
+        raise ValueError(f"index={index!r}: use 'S1' or 'ST'")
+    from ..engine import resolve_device
+
+    dev = resolve_device(device)
+    x, y = _inputs(data, samples, seed)
+    model = model.eval().to(dev)
+    x, y = x.to(dev), y.to(dev)
+    intact = _predict(model, x, batch_size).argmax(1)
+    acc0 = float((intact == y).float().mean())
+    out_layers = _output_layers(model, x[:1])
+    layers = [la for la in (layers or list(dict.fromkeys(table["layer"]))) if la not in out_layers]
+    if not layers:
+        raise ValueError("no layer left to mask: the table holds only the output layer; run sensitivity "
+                         "on hidden layers")
+    variables = list(variables or dict.fromkeys(table["variable"]))
+    live = table[~table["constant"].astype(bool)]
+    sizes = {la: int(table[table["layer"] == la]["unit"].nunique()) for la in layers}
+    counts = {la: max(1, round(fraction * sizes[la])) for la in layers}
+    groups = [("all", layers)] + ([(la, [la]) for la in layers] if per_layer else [])
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+
+    def evaluate(masks: dict[str, torch.Tensor]) -> tuple[float, float]:
+        with masked(model, masks):
+            pred = _predict(model, x, batch_size).argmax(1)
+        return float((pred == y).float().mean()), float((pred == intact).float().mean())
+
+    for group, members in groups:
+        n_masked = sum(counts[la] for la in members)
+        for var in variables:
+            masks = {}
+            for la in members:
+                ranked = live[(live["layer"] == la) & (live["variable"] == var)].sort_values(
+                    [index, "unit"], ascending=[False, True])["unit"].to_numpy(copy=True)[:counts[la]]
+                m = torch.ones(sizes[la])
+                m[torch.as_tensor(ranked, dtype=torch.long)] = alpha
+                masks[la] = m
+            acc, agree = evaluate(masks)
+            rows.append((var, group, "sensitive", n_masked, acc, agree, acc0))
+        accs, agrees = [], []
+        for _ in range(random_repeats):
+            masks = {}
+            for la in members:
+                m = torch.ones(sizes[la])
+                m[torch.randperm(sizes[la], generator=gen)[:counts[la]]] = alpha
+                masks[la] = m
+            acc, agree = evaluate(masks)
+            accs.append(acc)
+            agrees.append(agree)
+        if random_repeats:
+            rows.append(("random", group, "random", n_masked, float(np.mean(accs)), float(np.mean(agrees)),
+                         acc0))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _output_layers(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Names of the modules whose output is the model's output (masking them removes classes)."""
+    from ..capture import capture
+
+    names = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    with capture(model, names, reduce="none", calls="last") as acts, torch.inference_mode():
+        out = model(x)
+    return {n for n, a in acts.items() if isinstance(out, torch.Tensor) and a.shape == out.shape
+            and torch.equal(a, out)}
+
+
+def single_class(model: nn.Module, data: Any, table: pd.DataFrame, layer: str, top: int = 1,
+                 index: str = "ST", samples: int = 512, seed: int = 0, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> pd.DataFrame:
+    """The classes most sensitive to each variable, and how often the model predicts them.
+
+    At the classifier ``layer`` (one unit per class), the ``top`` classes with the largest
+    ``index`` to a variable are its "sensitive classes"; the Jaccard index between that set and
+    each image's ``top`` predicted classes, averaged over images, says how strongly the model's
+    predictions lean towards them (spec A.9.5).
+    """
+    rows = table[(table["layer"] == layer) & ~table["constant"].astype(bool)]
+    if rows.empty:
+        raise ValueError(f"the table has no units of layer {layer!r}; run sensitivity with it")
+    from ..engine import resolve_device
+
+    dev = resolve_device(device)
+    x, _ = _inputs(data, samples, seed)
+    logits = _predict(model.eval().to(dev), x.to(dev), batch_size)
+    pred = logits.topk(min(top, logits.shape[1]), dim=1).indices.cpu().numpy()
+    out = []
+    for var, frame in rows.groupby("variable", sort=False):
+        classes = frame.sort_values([index, "unit"], ascending=[False, True])["unit"].to_numpy()[:top]
+        sens = set(classes.tolist())
+        jac = [len(sens & set(p.tolist())) / len(sens | set(p.tolist())) for p in pred]
+        out.append((var, ",".join(map(str, sorted(sens))), float(np.mean(jac)),
+                    float(frame[index].max()) if len(frame) else math.nan))
+    return pd.DataFrame(out, columns=["variable", "classes", "jaccard", f"max_{index}"])
+
+
+def plot_masking(table: pd.DataFrame, ax: Any = None) -> Any:
+    """Agreement with the intact model when each variable's sensitive units (or random ones) are masked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = table[table["layer"] == "all"]
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3), layout="constrained")
+    colors = ["tab:gray" if s == "random" else "tab:blue" for s in rows["selection"]]
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, rows["agreement"], 0.4, color=colors, label="agreement with intact")
+    ax.bar(x + 0.2, rows["accuracy"], 0.4, color=colors, alpha=0.5, label="accuracy")
+    ax.axhline(rows["accuracy_intact"].iloc[0], color="k", lw=0.8, ls="--", label="intact accuracy")
+    ax.set_xticks(x, rows["variable"], rotation=45)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"masking {int(rows['units_masked'].iloc[0])} units over all layers")
+    ax.legend(fontsize=7)
+    return fig
