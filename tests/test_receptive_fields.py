@@ -78,15 +78,31 @@ def test_vgg16_and_unproductive_layers():
     assert rf(table, "28") == 196
     assert unproductive_layers(table).empty  # at 224 none
     # rule (a): conv3_3 and conv4_1-conv5_3 at 32, conv4_3 and conv5_1-5_3 at 64
-    assert unproductive_layers(receptive_fields(model.features, 32)).layer.tolist() == [
-        "14", "17", "19", "21", "24", "26", "28"]
+    at32 = receptive_fields(model.features, 32)
+    assert unproductive_layers(at32, rule="a").layer.tolist() == ["14", "17", "19", "21", "24", "26", "28"]
+    # rule (b): conv5_x see 32 // 16 = 2 pixel maps, smaller than their 3x3 kernels
+    assert unproductive_layers(at32, rule="b").layer.tolist() == ["24", "26", "28"]
+    assert unproductive_layers(at32).layer.tolist() == ["14", "17", "19", "21", "24", "26", "28"]
     at64 = unproductive_layers(receptive_fields(model.features, 64))
     assert at64.layer.tolist() == ["21", "24", "26", "28"]
+    assert not at64.rule_b.any()  # 64 // 16 = 4 > 3
+    with pytest.raises(ValueError, match="rule="):
+        unproductive_layers(at64, rule="c")
     # invariance: r and j do not depend on the input resolution
     small = receptive_fields(model.features, 64)
     assert small.rf_size.tolist() == table.rf_size.tolist() and small.jump.tolist() == table.jump.tolist()
     full = receptive_fields(model, 224)
     assert rf(full, "features.28") == 196
+
+
+def test_rule_b_flags_a_kernel_as_large_as_its_map():
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(4), nn.Conv2d(2, 2, 3, padding=1),
+                        nn.Conv2d(2, 2, 1))
+    table = receptive_fields(net, 12)  # the pool's jump is 4: its maps count 12 // 4 = 3 pixels
+    # the 3x3 conv after it covers a whole map; the 1x1 conv does not, nor does the first conv
+    assert unproductive_layers(table, rule="b").layer.tolist() == ["2"]
 
 
 def test_resnet18_longest_path():

@@ -298,12 +298,22 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
             "start": rf.start[0],
             "output_size": out_hw[0],
             "input_rf_size": _num(in_rf.size()),
+            "input_jump": _num(max(in_rf.j)),
+            "kernel_size": _kernel_size(modules[name]),
             "border": bool(rf.r[0] >= image[0] and rf.r[1] >= image[1]),
         })
     table = pd.DataFrame(rows, columns=["layer", "type", "rf_size", "jump", "start", "output_size",
-                                        "input_rf_size", "border"])
+                                        "input_rf_size", "input_jump", "kernel_size", "border"])
     table.attrs["input_size"] = image
     return table
+
+
+def _kernel_size(module: nn.Module) -> float:
+    """The largest side of a finite kernel (conv, pooling), NaN for modules without one."""
+    k = getattr(module, "kernel_size", None)
+    if k is None:
+        return float("nan")
+    return float(max(_pair(k)))
 
 
 def _num(value: float) -> int | float:
@@ -311,35 +321,50 @@ def _num(value: float) -> int | float:
 
 
 def unproductive_layers(table: pd.DataFrame, types: tuple[str, ...] | None = ("Conv2d",),
-                        input_size: int | tuple[int, int] | None = None) -> pd.DataFrame:
-    """The layers that can add no new context: rfa_toolbox's border rule (a), on the longest path.
+                        input_size: int | tuple[int, int] | None = None, rule: str = "any") -> pd.DataFrame:
+    """The layers that can add no new context: rfa_toolbox's border rules, on the longest path.
 
-    A layer is unproductive when its input already has an RF at least the input resolution
-    (``input_rf_size >= size``) and its own RF exceeds it (``rf_size > size``): it sits after the
-    point where the RF covered the image, so it "behaves like a fully-connected layer".
+    * Rule (a): the layer's input already has an RF at least the input resolution
+      (``input_rf_size >= size``) and its own RF exceeds it (``rf_size > size``): it sits after
+      the point where the RF covered the image.
+    * Rule (b): the layer has a finite kernel and its input feature map (``size // input_jump``)
+      is no larger than that kernel: every unit sees the whole map, so the layer "behaves like a
+      fully-connected layer".
 
     Args:
         table: the output of :func:`receptive_fields`.
         types: module types to keep (default conv layers only, as in the papers); None keeps all.
         input_size: the resolution to test against; default ``table.attrs["input_size"]``
             (for non-square inputs the larger side).
+        rule: ``"a"``, ``"b"`` or ``"any"`` (either, rfa_toolbox's ``is_border``; the default).
+
+    Returns:
+        The flagged rows of ``table``, with boolean columns ``rule_a`` and ``rule_b``.
 
     Example:
         >>> import torchvision
         >>> table = receptive_fields(torchvision.models.vgg16().features, 64)
         >>> unproductive_layers(table)["layer"].tolist()
         ['21', '24', '26', '28']
+        >>> at_32 = receptive_fields(torchvision.models.vgg16().features, 32)
+        >>> unproductive_layers(at_32, rule="b")["layer"].tolist()  # conv5_x see 2x2 maps
+        ['24', '26', '28']
     """
+    if rule not in ("a", "b", "any"):
+        raise ValueError(f"rule={rule!r}: use 'a', 'b' or 'any'")
     if input_size is None:
         if "input_size" not in table.attrs:
             raise ValueError("the table has no attrs['input_size']; pass input_size= or use the table "
                              "returned by receptive_fields")
         input_size = table.attrs["input_size"]
     size = max(_image_size(input_size))
-    mask = (table["input_rf_size"] >= size) & (table["rf_size"] > size)
+    out = table.copy()
+    out["rule_a"] = (out["input_rf_size"] >= size) & (out["rf_size"] > size)
+    out["rule_b"] = out["kernel_size"].notna() & (size // out["input_jump"] <= out["kernel_size"])
+    mask = out["rule_a"] | out["rule_b"] if rule == "any" else out[f"rule_{rule}"]
     if types is not None:
-        mask &= table["type"].isin(types)
-    return table[mask].reset_index(drop=True)
+        mask &= out["type"].isin(types)
+    return out[mask].reset_index(drop=True)
 
 
 def plot_receptive_fields(table: pd.DataFrame, ax: Any = None) -> Any:
