@@ -74,6 +74,9 @@ def evaluate_classifier(model: nn.Module, data: Dataset, batch_size: int = 256,
                     raise ValueError(f"{type(model).__name__} returned "
                                      f"{tuple(getattr(out, 'shape', ()))}, not (N, classes) scores")
                 n = num_classes or out.shape[1]
+                if n < out.shape[1]:
+                    raise ValueError(f"num_classes={n} but the model has {out.shape[1]} outputs; "
+                                     "leave num_classes out or pass at least the output width")
                 y = y.to(dev).long().reshape(-1)
                 if len(y) and (y.min() < 0 or y.max() >= n):
                     raise ValueError(f"label {int(y.max() if y.max() >= n else y.min())} is outside "

@@ -407,7 +407,8 @@ def _sweep(model: nn.Module, layer: str, x: torch.Tensor, sel: torch.Tensor, box
     stats = _image_stats(x[sel])
     base = truncated_forward(model, layer, crops, _readout(u, ly, lx))
     scale = float(a0[sel].abs().max()) if len(sel) else 0.0
-    if not torch.allclose(base, a0[sel], rtol=1e-4, atol=1e-5 * max(scale, 1.0)):
+    tol = 1e-4 if dev.type == "cpu" else 1e-2  # CUDA convolutions may round in TF32
+    if not torch.allclose(base, a0[sel], rtol=tol, atol=0.1 * tol * max(scale, 1.0)):
         worst = int((base - a0[sel]).abs().argmax())
         raise RuntimeError(
             f"occlusion(local=True): layer {layer!r} unit {int(u[worst])} reads {float(base[worst]):.6g} "
@@ -557,7 +558,7 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
         rows.append(sel)
     chosen = pd.concat(rows, ignore_index=True)
     idx = chosen["index"].astype("int64").tolist()
-    images = torch.stack([_item_x(data[i]) for i in idx]).to(torch.float32)
+    images = torch.stack([_item_x(data[i]) for i in idx])
     loc = torch.tensor(chosen[["y", "x"]].to_numpy(), dtype=torch.int64)
     result = occlusion_maps(model, layer, images, torch.tensor(chosen["unit"].to_numpy()),
                             loc if bool((loc >= 0).all()) else None, occluder=occluder, stride=stride,
