@@ -229,6 +229,20 @@ def test_minibatch_self_similarity_is_one_for_any_batching():
     assert torch.allclose(torch.diagonal(acc.compute()), torch.ones(2, dtype=F64), atol=1e-12)
 
 
+def test_linear_accumulator_is_exact_under_a_large_common_offset_and_drops_nonfinite_rows():
+    xs, ys = layers_of(14, n=64)
+    far = [x + 1e6 for x in xs]
+    acc = LinearCKA(paired=True)
+    for p in torch.arange(64).split(20):
+        acc.update([x[p] for x in far], [y[p] for y in ys])
+    want = torch.tensor([[float(linear_cka(x, y)) for y in ys] for x in xs], dtype=F64)
+    assert torch.allclose(acc.compute(), want, atol=1e-8, rtol=0)
+    bad = [x[:3].clone() for x in far]
+    bad[1][0, 2] = float("nan")
+    acc.update(bad, [y[:3] for y in ys])
+    assert acc.count == 66 and int(acc.state_dict()["nonfinite_rows"]) == 1
+
+
 def test_constant_layer_gives_nan_not_a_number():
     acc = LinearCKA()
     acc.update([torch.randn(10, 3), torch.ones(10, 2)])

@@ -40,7 +40,6 @@ from typing import Any, ClassVar
 import torch
 
 from .base import Accumulator, MergeError, as_matrix
-from .covariance import Covariance
 
 log = logging.getLogger(__name__)
 
@@ -214,14 +213,18 @@ def _ratio(num: torch.Tensor, self_a: torch.Tensor, self_b: torch.Tensor) -> tor
     return torch.where(bad, torch.nan, num / torch.sqrt(denom.clamp(min=0)))
 
 
-class LinearCKA(Covariance):
+class LinearCKA(Accumulator):
     """Exact biased linear CKA between layers, over every input seen, with memory independent of n.
 
-    The state is the float64 mean and centred co-moment matrix of the concatenated features of
-    all layers (``X`` layers, then ``Y`` layers when ``paired``); the block of layers ``i`` and
-    ``j`` is ``X_{i,c}ᵀ Y_{j,c}``, whose squared Frobenius norm is the CKA numerator. Memory is
+    The state is the float64 second-moment matrix of the concatenated features ``z`` of all
+    layers (``X`` layers, then ``Y`` layers when ``paired``), taken about a shift ``k`` (the
+    first batch's mean, so the centring at the end does not cancel): ``n``, ``Σ(z-k)`` and
+    ``Σ(z-k)(z-k)ᵀ``. A batch costs one float64 matrix product added in place; merging
+    re-expresses the other state about this shift. The centred block of layers ``i`` and ``j``
+    is ``X_{i,c}ᵀ Y_{j,c}``, whose squared Frobenius norm is the CKA numerator. Memory is
     ``(Σ d)²`` float64 values: reduce conv maps to channels (spatial mean) or to a few positions
-    (``pool:2``) before, or use :class:`MinibatchCKA` for flattened maps.
+    (``pool:2``) first, or use :class:`MinibatchCKA` for flattened maps. A row with a non-finite
+    value is left out (counted in ``nonfinite_rows``).
 
     Args:
         paired: ``update`` takes two lists (two models, layers × other_layers); otherwise one list
@@ -237,7 +240,9 @@ class LinearCKA(Covariance):
         [[1.0, 1.0], [1.0, 1.0]]
     """
 
-    rules: ClassVar[dict[str, str]] = {**Covariance.rules, "dims_x": "equal", "dims_y": "equal"}
+    rules: ClassVar[dict[str, str]] = {"count": "custom", "shift": "custom", "sum": "custom",
+                                       "moment": "custom", "nonfinite_rows": "sum",
+                                       "dims_x": "equal", "dims_y": "equal"}
 
     def __init__(self, paired: bool = False) -> None:
         super().__init__()
@@ -247,27 +252,38 @@ class LinearCKA(Covariance):
         """Constructor arguments."""
         return {"paired": self.paired}
 
-    def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None = None) -> None:  # type: ignore[override]
+    def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None = None) -> None:
         """Fold in one batch: a list of ``(n, *features)`` tensors per model, same ``n`` everywhere."""
         xs, ys = _check_lists(xs, ys, self.paired)
         feats = [as_matrix(t) for t in (*xs, *(ys or ()))]
         dims_x = torch.tensor([f.shape[1] for f in feats[:len(xs)]], dtype=torch.int64)
         dims_y = torch.tensor([f.shape[1] for f in feats[len(xs):]], dtype=torch.int64)
-        if self.initialized:
-            known = (self._states["dims_x"].cpu(), self._states["dims_y"].cpu())
-            if not (torch.equal(known[0], dims_x) and torch.equal(known[1], dims_y)):
-                raise ValueError(f"LinearCKA: feature widths changed from {known[0].tolist()} / "
-                                 f"{known[1].tolist()} to {dims_x.tolist()} / {dims_y.tolist()}; feed the "
-                                 "same layers with the same reduction every batch")
-        else:
-            total = int(dims_x.sum() + dims_y.sum())
-            _check_memory(total)
-        states = dict(self._states)
-        super().update(torch.cat([f.to(torch.float64) for f in feats], 1))
-        if not states:
-            device = self._states["mean"].device
-            self._states["dims_x"] = dims_x.to(device)
-            self._states["dims_y"] = dims_y.to(device)
+        z = torch.cat([f.to(torch.float64) for f in feats], 1)
+        good = torch.isfinite(z).all(1)
+        bad = int((~good).sum())
+        if bad:
+            z = z[good]
+        if not self.initialized:
+            _check_memory(z.shape[1])
+            if z.shape[0] == 0:
+                return
+            dev = z.device
+            f64 = {"dtype": torch.float64, "device": dev}
+            self._states = {"count": torch.zeros((), **f64), "shift": z.mean(0),
+                            "sum": torch.zeros(z.shape[1], **f64),
+                            "moment": torch.zeros(z.shape[1], z.shape[1], **f64),
+                            "nonfinite_rows": torch.zeros((), dtype=torch.int64, device=dev),
+                            "dims_x": dims_x.to(dev), "dims_y": dims_y.to(dev)}
+        s = self._states
+        if not (torch.equal(s["dims_x"].cpu(), dims_x) and torch.equal(s["dims_y"].cpu(), dims_y)):
+            raise ValueError(f"LinearCKA: feature widths changed from {s['dims_x'].tolist()} / "
+                             f"{s['dims_y'].tolist()} to {dims_x.tolist()} / {dims_y.tolist()}; feed the "
+                             "same layers with the same reduction every batch")
+        zc = z - s["shift"]
+        s["moment"].addmm_(zc.T, zc)
+        s["sum"] += zc.sum(0)
+        s["count"] += zc.shape[0]
+        s["nonfinite_rows"] += bad
 
     def merge(self, other: Accumulator) -> Accumulator:
         """Fold ``other`` (same layers, same widths) into ``self``."""
@@ -277,17 +293,32 @@ class LinearCKA(Covariance):
             raise MergeError("LinearCKA: the two states hold layers of different widths")
         return super().merge(other)
 
+    def _merge_states(self, theirs: dict[str, torch.Tensor]) -> None:
+        s = self._states
+        delta = theirs["shift"] - s["shift"]  # z - k_mine = (z - k_theirs) + delta
+        n_b, sum_b = theirs["count"], theirs["sum"]
+        s["moment"] = (s["moment"] + theirs["moment"] + torch.outer(delta, sum_b) + torch.outer(sum_b, delta)
+                       + n_b * torch.outer(delta, delta))
+        s["sum"] = s["sum"] + sum_b + n_b * delta
+        s["count"] = s["count"] + n_b
+
     @property
     def count(self) -> int:
         """How many inputs were folded in (rows with non-finite values are left out)."""
         return int(self._states["count"]) if self.initialized else 0
 
-    def compute(self) -> torch.Tensor:  # type: ignore[override]
-        """The ``(layers_x, layers_y)`` CKA matrix (``(layers, layers)`` when not paired), float64."""
+    def comoment(self) -> torch.Tensor:
+        """The centred co-moment ``Σ (z - z̄)(z - z̄)ᵀ`` of the concatenated features (float64)."""
         self._require_initialized()
         s = self._states
-        dims = torch.cat([s["dims_x"], s["dims_y"]])
-        sums = _block_sums(s["comoment"].square(), dims, dims)
+        n = s["count"].clamp(min=1)
+        return s["moment"] - torch.outer(s["sum"], s["sum"]) / n
+
+    def compute(self) -> torch.Tensor:
+        """The ``(layers_x, layers_y)`` CKA matrix (``(layers, layers)`` when not paired), float64."""
+        s = self._states
+        dims = torch.cat([s["dims_x"], s["dims_y"]]) if self.initialized else None
+        sums = _block_sums(self.comoment().square(), dims, dims)
         lx = len(s["dims_x"])
         self_sim = torch.diagonal(sums)
         if not self.paired:
@@ -334,8 +365,8 @@ class MinibatchCKA(Accumulator):
     unbiased estimator), flattened, and the HSIC of every pair of layers is one matrix product.
     The state is the sums over batches of ``HSIC(K_i, L_j)``, ``HSIC(K_i, K_i)`` and
     ``HSIC(L_j, L_j)``; ``compute`` takes the ratio, which equals torch-cka's average over
-    batches. Per-batch Grams are formed in the features' precision, then centred and summed in
-    float64.
+    batches. Grams are formed, centred and summed in float64 (torch-cka works in float32, where
+    the U-statistic of wide, uncentred features can cancel to a negative self-HSIC).
 
     Args:
         kernel: ``"linear"`` or ``"rbf"`` (bandwidth per batch: ``sigma``, or the median heuristic).
@@ -373,11 +404,11 @@ class MinibatchCKA(Accumulator):
     def _centred(self, feats: list[torch.Tensor]) -> torch.Tensor:
         grams = []
         for f in feats:  # one Gram per layer; layers differ in width, so they cannot be stacked first
-            f = as_matrix(f)
+            f = as_matrix(f).to(torch.float64)  # m × d: cheap next to the forward that made it
             if self.kernel == "rbf":
                 grams.append(gram_rbf(f, self.sigma, self.median_fraction))
             else:
-                grams.append((f @ f.T).to(torch.float64))
+                grams.append(f @ f.T)
         g = centre_gram(torch.stack(grams), self.unbiased)
         return g.reshape(len(feats), -1)
 
