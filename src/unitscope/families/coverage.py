@@ -147,22 +147,24 @@ def _study(config: dict[str, Any], target: Path, progress: bool) -> None:
 
     model, train, test = _load(config)
     layers = config.get("layers") or default_layers(model)
-    common = {"m": config["m"], "k": config.get("k"), "k_range": tuple(config["k_range"]),
-              "batch_size": config["batch_size"], "seed": config["seed"], "device": _device(config)}
+    run = {"seed": config["seed"], "batch_size": config["batch_size"], "device": _device(config)}
+    meter = {**run, "criterion": config["criterion"]}
+    if config["criterion"] == "idc":
+        meter.update(m=config["m"], k=config.get("k"), k_range=tuple(config["k_range"]))
     study = config["study"]
     if study == "pruning":
         table = studies.pruning(model, train, test, layers, prune_m=config["prune_m"],
-                                repeats=config["repeats"], **common)
+                                repeats=config["repeats"], **run)
     elif study == "noise":
         table = studies.noise(model, train, test, layers, std=config["noise_std"],
-                              fraction=config["pixel_fraction"], repeats=config["repeats"], **common)
+                              fraction=config["pixel_fraction"], repeats=config["repeats"], **meter)
     elif study == "adversarial":
         table = studies.adversarial(model, train, test, layers, attack=config["attack"], eps=config["eps"],
-                                    fractions=config["fractions"], **common)
+                                    fractions=config["fractions"], **meter)
     elif study == "impartiality":
         table = studies.impartiality(model, train, test, layers, sizes=config["sizes"],
                                      attack=config["attack"], eps=config["eps"], repeats=config["repeats"],
-                                     **common)
+                                     **meter)
     else:
         raise ConfigError(f"study={study!r}: use 'pruning', 'noise', 'adversarial' or 'impartiality'")
     write_table_run(target, "coverage_study", table, config)

@@ -1,0 +1,145 @@
+"""Studies: Pielou and Pearson formulas, unit zeroing, and the four research-question functions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import unitscope
+from unitscope.analyses import studies
+from unitscope.stats.evenness import pearson, pielou
+from unitscope.train import train
+
+from .conftest import hook_counts
+
+LAYERS = ["conv2", "conv3"]
+
+
+@pytest.mark.parametrize(("preds", "kwargs", "expected"), [
+    ([0, 0, 1, 1], {"num_classes": 2}, 1.0),
+    ([0, 0, 1, 1], {"num_classes": 4}, 0.5),
+    ([0, 0, 1, 1], {"richness": "observed"}, 1.0),
+    ([0, 0, 0, 1], {"num_classes": 2}, 0.811278),
+    ([3, 3, 3], {"richness": "observed"}, 0.0),
+])
+def test_pielou_spec_5_5(preds, kwargs, expected):
+    assert pielou(torch.tensor(preds), **kwargs) == pytest.approx(expected, abs=1e-6)
+
+
+def test_pielou_bad_input():
+    with pytest.raises(ValueError, match="needs num_classes"):
+        pielou([0, 1])
+    with pytest.raises(ValueError, match="outside"):
+        pielou([0, 5], num_classes=3)
+    with pytest.raises(ValueError, match="richness="):
+        pielou([0, 1], richness="all")
+
+
+def test_pearson_matches_scipy_and_is_nan_when_undefined():
+    from scipy.stats import pearsonr
+
+    a, b = [0.1, 0.4, 0.35, 0.8, 0.5], [1.0, 0.7, 0.9, 0.2, 0.4]
+    assert pearson(a, b) == pytest.approx(pearsonr(a, b)[0], abs=1e-12)
+    with pytest.warns(UserWarning, match="fewer than 3"):
+        assert math.isnan(pearson([1, 2], [2, 1]))
+    with pytest.warns(UserWarning, match="constant"):
+        assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_zeroed_masks_channels_and_restores_the_model(digits_model):
+    digits_model.eval()
+    x = torch.rand(3, 1, 8, 8)
+    before = digits_model(x)
+    from unitscope.capture import capture
+
+    with studies.zeroed(digits_model, [("conv2", 3), ("conv2", 5), ("conv3", 0)]):
+        with capture(digits_model, ["conv2", "conv3"], reduce="none") as acts:
+            during = digits_model(x)
+    assert acts["conv2"][:, [3, 5]].abs().sum() == 0 and acts["conv2"][:, 4].abs().sum() > 0
+    assert acts["conv3"][:, 0].abs().sum() == 0
+    assert not torch.equal(before, during)
+    assert hook_counts(digits_model) == 0
+    assert torch.equal(digits_model(x), before)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn")
+    tr = unitscope.load_dataset("digits", "train")
+    train(model, tr, epochs=3, lr=5e-3, batch_size=32, seed=0, device="cpu")
+    model.eval().zero_grad(set_to_none=True)
+    test = Subset(unitscope.load_dataset("digits", "test"), list(range(80)))
+    return model, Subset(tr, list(range(300))), test
+
+
+def test_pruning_important_units_hurt_more_than_random(setup):
+    model, tr, te = setup
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    table = studies.pruning(model, tr, te, LAYERS, prune_m=[2], repeats=4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert hook_counts(model) == 0
+    base = table[table["selection"] == "none"]["accuracy"].item()
+    x, y = studies.stack(te)
+    assert base == studies.accuracy(model, x, y)
+    imp = table[table["selection"] == "important"]
+    rnd = table[table["selection"] == "random"]
+    assert len(imp) == 1 and len(rnd) == 4
+    assert (table["accuracy_drop"] == base - table["accuracy"]).all()
+    assert imp["accuracy_drop"].item() > rnd["accuracy_drop"].mean()
+    with pytest.raises(ValueError, match="prune_m=0"):
+        studies.pruning(model, tr, te, LAYERS, prune_m=[0])
+
+
+def test_relevant_pixels_and_noise(setup):
+    model, tr, te = setup
+    x, _ = studies.stack(te)
+    mask = studies.relevant_pixels(model, x[:5], 0.1)
+    assert mask.flatten(1).sum(1).tolist() == [6] * 5  # round(0.1 * 64)
+    rel = unitscope.attribution.attribute(model, x[:5]).abs().flatten(1)
+    inside, outside = rel[mask.flatten(1)].view(5, -1), rel[~mask.flatten(1)].view(5, -1)
+    assert (inside.min(1).values >= outside.max(1).values).all()
+    table = studies.noise(model, tr, te, LAYERS, std=0.5, fraction=0.1, repeats=2, k=2)
+    clean = table[table["selection"] == "clean"]["coverage"].item()
+    assert sorted(set(table["selection"])) == ["clean", "important", "random"]
+    assert (table["coverage_change"] == table["coverage"] - clean).all()
+    assert table["coverage"].between(0, 1).all()
+
+
+def test_adversarial_mixing_by_hand(setup):
+    model, tr, te = setup
+    table = studies.adversarial(model, tr, te, LAYERS, attack="fgsm", eps=0.2, fractions=[0.05, 0.5], k=2)
+    assert table["replaced"].tolist() == [4, 40]
+    # redo the 50 % row by hand: the same seeded draws, the same meter
+    meter = studies.CoverageMeter(model, tr, LAYERS, k=2)
+    x, y = studies.stack(te)
+    adv = unitscope.attacks.fgsm(model, x, y, 0.2)
+    g = torch.Generator().manual_seed(0)
+    torch.randperm(len(x), generator=g)
+    idx = torch.randperm(len(x), generator=g)[:40]
+    mixed = x.clone()
+    mixed[idx] = adv[idx]
+    clean, cov = meter.value(*meter.acts(x)), meter.value(*meter.acts(mixed))
+    row = table.iloc[1]
+    assert row["coverage_clean"] == clean and row["coverage_mixed"] == cov
+    assert row["normalised_change"] == pytest.approx(abs(cov - clean) / clean)
+
+
+def test_impartiality_columns_are_what_they_say(setup):
+    model, tr, te = setup
+    table = studies.impartiality(model, tr, te, LAYERS, sizes=[10, 40], repeats=2, eps=0.2, m=4, k=3)
+    assert len(table) == 2 * 2 * 2
+    assert table["coverage"].nunique() > 1
+    r = pearson(table["coverage"].tolist(), table["evenness"].tolist())
+    assert (table["pearson_r"] == r).all() and -1 <= r <= 1
+    assert table["evenness"].between(0, 1).all()
+    clean = table[table["kind"] == "clean"]["accuracy"].mean()
+    adv = table[table["kind"] == "adversarial"]["accuracy"].mean()
+    assert adv < clean
+    with pytest.raises(ValueError, match="do not fit a test set of 80"):
+        studies.impartiality(model, tr, te, LAYERS, sizes=[81], k=2)
+    fig = studies.plot_study(table)
+    assert fig.axes
