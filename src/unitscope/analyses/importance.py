@@ -13,12 +13,14 @@
 
 Example:
     >>> import unitscope
+    >>> from torch.utils.data import Subset
     >>> from unitscope.analyses.importance import idc
     >>> model = unitscope.load_model("digits-cnn")
-    >>> train, test = unitscope.load_dataset("digits", "train"), unitscope.load_dataset("digits", "test")
-    >>> tables = idc(model, train, test, layers=["conv3"], m=2, k=2, train_filter="all")
-    >>> sorted(tables)
-    ['idc', 'idc_units']
+    >>> train = Subset(unitscope.load_dataset("digits", "train"), range(200))
+    >>> tables = idc(model, train, unitscope.load_dataset("digits", "test"), layers=["conv3"], m=2, k=2,
+    ...              train_filter="all", per_class=False)
+    >>> tables["idc"][["scope", "layer", "m", "combinations"]].values.tolist()
+    [['layer', 'conv3', 2, 4]]
 """
 
 from __future__ import annotations
