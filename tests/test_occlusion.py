@@ -307,3 +307,30 @@ def test_receptive_field_empirical_experiment_and_report(tmp_path):
                       'layers = ["relu1"]\nunits = [16]\nk = 2\n')
     with pytest.raises(ConfigError, match="unit 16 is out of range: layer 'relu1' has 16 units"):
         run_config(config, out=tmp_path / "runs3", progress=False)
+
+
+def test_argmax_centring_serves_a_linear_pixel_unit():
+    r0, q0, k, side = 7, 4, 3, 12
+    fc = nn.Linear(side * side, 2, bias=False)
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.weight[0, r0 * side + q0] = 1.0  # unit 0 is pixel (r0, q0)
+    ident = nn.Conv2d(1, 1, 1)  # lets the RF arithmetic see one input channel
+    with torch.no_grad():
+        ident.weight.fill_(1.0)
+        ident.bias.zero_()
+    model = nn.Sequential(OrderedDict(ident=ident, flat=nn.Flatten(), fc=fc))
+    g = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.rand(5, 1, side, side, generator=g) + 0.5, torch.zeros(5, dtype=torch.int64))
+    top = unitscope.analyze(model, data, layers="fc", analyses=[TopK(k=3)], progress=False).table("topk")
+    table, arrays = empirical_receptive_fields(model, data, "fc", [0], top, k=3, occluder=k, stride=1,
+                                               fill=0.0, threshold=1e-12, centre="argmax", device="cpu")
+    assert table["rf_size_empirical"][0] == 2 * k - 1 and table["rf_size"].isna().all()
+    mask = arrays["fc:0:mask"].bool()
+    c = side - 1
+    assert mask[c - k + 1:c + k, c - k + 1:c + k].all() and mask.sum() == (2 * k - 1) ** 2
+    with pytest.raises(ValueError, match="no 2-D map"):
+        empirical_receptive_fields(model, data, "fc", [0], top, k=3, occluder=k, device="cpu")
+    with pytest.raises(ValueError, match="centre='middle'"):
+        empirical_receptive_fields(model, data, "fc", [0], top, k=3, occluder=k, centre="middle",
+                                   device="cpu")

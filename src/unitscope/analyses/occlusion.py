@@ -528,8 +528,8 @@ def average_centred(canvas: torch.Tensor, valid: torch.Tensor, group: torch.Tens
 def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: list[int],
                                topk: pd.DataFrame, *, k: int = 10, occluder: int = 11, stride: int = 3,
                                fill: str | float = "uniform", discrepancy: str = "absolute",
-                               threshold: float = 0.5, local: bool = True, batch_size: int = 256,
-                               device: str | torch.device = "auto", seed: int = 0
+                               threshold: float = 0.5, centre: str = "rf", local: bool = True,
+                               batch_size: int = 256, device: str | torch.device = "auto", seed: int = 0
                                ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """The empirical RF of ``units`` of ``layer`` from their top-``k`` images (Zhou et al. 2015).
 
@@ -540,6 +540,9 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
         topk: a ``topk`` table (:class:`unitscope.analyses.topk.TopK`) holding those units.
         k: how many top images per unit (at most those in the table).
         threshold: fraction of the averaged map's maximum that bounds the RF.
+        centre: ``"rf"`` centres each map on the analytic RF centre of the unit's location (Zhou's
+            "spatial location of the unit"); ``"argmax"`` on the map's own maximum (as DNNBrain
+            does), which also serves layers without a 2-D map (their ``rf_size`` is NaN).
         Others: see :func:`occlusion_maps`.
 
     Returns:
@@ -565,17 +568,30 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
                             fill=fill, discrepancy=discrepancy, local=local, batch_size=batch_size,
                             device=device, seed=seed, image_ids=torch.tensor(idx))
     h, w = images.shape[-2:]
-    rf = layer_rf(model, layer, (h, w))
-    if rf is None:
+    try:
+        rf = layer_rf(model, layer, (h, w))
+    except ValueError:
+        if centre != "argmax":
+            raise
+        rf = None  # argmax centring needs no RF; the table reports rf_size NaN
+    if centre == "argmax":
+        flat = torch.nan_to_num(result.maps, nan=-torch.inf).flatten(1).argmax(1)
+        centres = torch.stack([flat // w, flat % w], 1)
+    elif centre != "rf":
+        raise ValueError(f"centre={centre!r}: use 'rf' (the unit's analytic RF centre) or 'argmax'")
+    elif rf is None:
         raise ValueError(f"layer {layer!r} has no 2-D map, so its units have no location to centre "
-                         "on; pick a conv, pool or activation layer")
-    canvas, valid = centre_maps(result.maps, rf.centre(result.locations))
+                         "on; pick a conv, pool or activation layer, or pass centre='argmax'")
+    else:
+        centres = rf.centre(result.locations)
+    canvas, valid = centre_maps(result.maps, centres)
     group = torch.arange(len(units)).repeat_interleave(k)
     erf = average_centred(canvas, valid, group, threshold)
     table = pd.DataFrame({
         "layer": layer, "unit": [int(u) for u in units], "images": k,
         "rf_size_empirical": erf.sizes.numpy(), "rf_area": erf.masks.flatten(1).sum(1).numpy(),
-        "rf_size": rf.size, "ratio": erf.sizes.numpy() / rf.size,
+        "rf_size": rf.size if rf is not None else float("nan"),
+        "ratio": erf.sizes.numpy() / (rf.size if rf is not None else float("nan")),
     })
     arrays = {}
     for i, u in enumerate(units):
