@@ -1,10 +1,11 @@
 """``unitscope demo``: train the small built-in models on bundled and generated data, analyse them.
 
-Every family adds its part here as it lands; so far: training ``digits-cnn`` on scikit-learn's
-digits and ``shapes-cnn`` on the generated shapes (checkpointed, so an interrupted demo resumes
-and a finished training is not repeated) with saturation tracked over every epoch, then one
-pass over each test split for the per-unit activation statistics and the saturation of every
-layer, the test accuracy of PCA-projected layers, and a report per model.
+The demo trains ``digits-cnn`` on scikit-learn's digits and ``shapes-cnn`` on the generated
+shapes (checkpointed, so an interrupted demo resumes and a finished training is not repeated)
+with saturation tracked over every epoch. Then, per model: one pass over the test split for the
+per-unit activation statistics and the saturation of every layer, the test accuracy of
+PCA-projected layers, receptive fields, linear probes of every conv layer (features under
+``OUT/probes/<model>``), each family's part (:mod:`unitscope.families`), and a report.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
 
     from . import analyze, load_dataset, load_model
     from .analyses import Moments, Saturation, SaturationTracker, projected_accuracy
+    from .analyses.probes import probes
     from .analyses.receptive_fields import receptive_fields
     from .families import load_all
     from .report import write_report
@@ -108,6 +110,8 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
         run.tables["saturation_projection"] = projected_accuracy(
             model, train_data, test_data, ["conv*"], deltas=[0.8, 0.9, 0.95, 0.99, 0.999])
         run.tables["receptive_field"] = receptive_fields(model, model.input_shape[1:])
+        run.tables["probes"] = probes(model, train_data, test_data, ["conv*", "fc"], downsample=2,
+                                      out=out / "probes" / name, device="cpu")
         model.eval()
         ctx = DemoContext(name=name, model=model, dataset=dataset, train_data=train_data,
                           test_data=test_data, run=run, out=out, quick=quick, progress=progress)
