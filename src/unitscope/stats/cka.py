@@ -311,14 +311,14 @@ class LinearCKA(Accumulator):
         """The centred co-moment ``Σ (z - z̄)(z - z̄)ᵀ`` of the concatenated features (float64)."""
         self._require_initialized()
         s = self._states
-        n = s["count"].clamp(min=1)
-        return s["moment"] - torch.outer(s["sum"], s["sum"]) / n
+        n = float(s["count"].clamp(min=1))
+        return torch.addr(s["moment"], s["sum"], s["sum"], alpha=-1.0 / n)
 
     def compute(self) -> torch.Tensor:
         """The ``(layers_x, layers_y)`` CKA matrix (``(layers, layers)`` when not paired), float64."""
         s = self._states
         dims = torch.cat([s["dims_x"], s["dims_y"]]) if self.initialized else None
-        sums = _block_sums(self.comoment().square(), dims, dims)
+        sums = _block_sums(self.comoment().square_(), dims, dims)
         lx = len(s["dims_x"])
         self_sim = torch.diagonal(sums)
         if not self.paired:
