@@ -186,6 +186,8 @@ class Coverage(Analysis):
             profile = _Profile(self, todo)
             analyze(model, train_data, analyses=[profile], batch_size=batch_size, device=device,
                     progress=progress)
+            for c in todo.values():
+                c.freeze()
         return self
 
     def _classes(self, batch: Batch) -> torch.Tensor:

@@ -131,6 +131,20 @@ class Criterion(Accumulator):
         self._update_layers(layers, cls)
         return self.value() - before
 
+    def freeze(self) -> Criterion:
+        """Fix the profile and start the test phase with nothing covered; returns ``self``.
+
+        The first :meth:`update` does this by itself; calling it after ``fit`` moves the one-off
+        preparation (variance mask, KDE factors, bounds) out of the test pass and surfaces errors
+        about the profile (too few samples, singular covariances) right after the build.
+        """
+        if self._phase == _IDLE:
+            raise ValueError(f"{type(self).__name__}.freeze() needs fit(train_acts) (or an update) first")
+        if self._phase != _TESTING:
+            self._start()
+            self._phase = _TESTING
+        return self
+
     def propose(self, acts: Acts, classes: torch.Tensor | None = None) -> Criterion:
         """The candidate state after ``acts``, leaving ``self`` unchanged (for fuzzing)."""
         candidate = self.clone()
@@ -211,9 +225,10 @@ class Criterion(Accumulator):
 
     def to(self, device: torch.device | str) -> Criterion:
         """Move the state to ``device`` in place."""
+        if self.device is not None and self.device != torch.device(device):
+            self._cache.clear()
         self._st = {k: {f: t.to(device) for f, t in v.items()} for k, v in self._st.items()}
         self._sh = {f: t.to(device) for f, t in self._sh.items()}
-        self._cache.clear()
         return self
 
     @property
@@ -266,6 +281,7 @@ class Criterion(Accumulator):
         """An independent copy with the same configuration and state."""
         other = type(self)(**self.config())
         other.load_state_dict(self.state_dict())
+        other._cache = dict(self._cache)  # derived from the profile only, and never modified in place
         return other
 
     # ------------------------------------------------------------------ helpers for subclasses

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 #: rows per distance block
 CHUNK = 2048
 
+#: distances always by the matrix-product expansion, in float64: one method whatever the batch size
+#: (torch.cdist's default switches method at 25 rows), so results do not depend on the batching
+MM = "use_mm_for_euclid_dist"
+
 
 class _Surprise(Criterion):
     """Shared machinery: traces, the variance mask, buckets, per-class dispatch."""
@@ -151,7 +155,11 @@ class _Surprise(Criterion):
 
     def _surprise(self, at: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         self._prepare_model()
-        x = at[:, self.mask().to(at.device)].double()
+        return self._batch_surprise(at[:, self.mask().to(at.device)], classes)
+
+    def _batch_surprise(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """SA of masked traces ``x`` (float64); NaN for a class without training traces."""
+        x = x.double()
         out = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=x.device)
         for c in torch.unique(classes).tolist():
             rows = classes == c
@@ -371,7 +379,7 @@ class LSC(_StoredTraces):
         z = torch.linalg.solve_triangular(chol, x.T.to(chol.device), upper=False).T
         out = []
         for start in range(0, z.shape[0], CHUNK):
-            d2 = torch.cdist(z[start:start + CHUNK], z_train).square()
+            d2 = torch.cdist(z[start:start + CHUNK], z_train, compute_mode=MM).square()
             out.append(-(torch.logsumexp(-0.5 * d2, dim=1) + log_norm))
         return torch.cat(out).to(x.device)
 
@@ -418,26 +426,29 @@ class DSC(_StoredTraces):
                          for c, v in data.items()])
         dist_b = torch.empty(len(x), dtype=x.dtype, device=x.device)
         for start in range(0, len(x), CHUNK):
-            d = torch.cdist(x[start:start + CHUNK], x)
+            d = torch.cdist(x[start:start + CHUNK], x, compute_mode=MM)
             d[cls[start:start + CHUNK, None] == cls[None, :]] = math.inf
             dist_b[start:start + CHUNK] = d.amin(1)
-        self._cache.update(x=x, cls=cls, dist_b=dist_b, classes=set(data))
+        self._cache.update(x=x, cls=cls, dist_b=dist_b, classes=set(data),
+                           known=torch.tensor(sorted(data), device=x.device))
 
-    def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
+    def _batch_surprise(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """All classes at once: one distance block to every training trace, masked by class."""
         train, cls, dist_b = self._cache["x"], self._cache["cls"], self._cache["dist_b"]
-        x = x.to(train.device)
-        same = (cls == c).nonzero().squeeze(1)
-        other = train[cls != c]
+        x, classes = x.to(train.device, train.dtype), classes.to(train.device)
         out = []
         for start in range(0, x.shape[0], CHUNK):
-            xb = x[start:start + CHUNK]
-            dist_a, nearest = torch.cdist(xb, train[same]).min(1)
+            d = torch.cdist(x[start:start + CHUNK], train, compute_mode=MM)
+            same = classes[start:start + CHUNK, None] == cls[None, :]
+            dist_a, nearest = torch.where(same, d, math.inf).min(1)
             if self.reference == "train":
-                db = dist_b[same[nearest]]
+                db = dist_b[nearest]
             else:
-                db = torch.cdist(xb, other).amin(1)
+                db = torch.where(same, math.inf, d).amin(1)
             out.append(dist_a / db)
-        return torch.cat(out)
+        sa = torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64, device=train.device)
+        sa[~torch.isin(classes, self._cache["known"])] = math.nan
+        return sa
 
 
 class MDSC(_Surprise):
