@@ -23,7 +23,9 @@ addition (after re-expressing one in the other's shift), so shards merged equal 
 Confidence intervals use the Poisson bootstrap (Hanley and MacGibbon 2006; Chamandy et al. 2012):
 replicate ``r`` weights base sample ``n`` by ``w ~ Poisson(1)``, drawn from a counter-based hash of
 ``(seed, global index n, r)``. The same base sample gets the same weights in every shard, so the
-replicate sums merge exactly too, and no sample is stored. ``S*_conf`` is ``z · std`` of the
+replicate sums merge exactly too, and no sample is stored. Everything is float64: float32
+replicate sums were tried and lose near-constant units (their variance cancels) when shards
+with different shifts are merged. ``S*_conf`` is ``z · std`` of the
 replicates (the half-width of a normal interval at ``conf_level``, as SALib reports it).
 """
 
@@ -297,12 +299,16 @@ class SobolAccumulator(Accumulator):
         step = max(1, _CHUNK_ELEMENTS // (b * self.terms))  # outputs per chunk
         for lo in range(0, m, step):
             sl = slice(lo, lo + step)
-            z = self._terms(a[:, sl] - shift[sl], bb[:, sl] - shift[sl], ab[:, :, sl] - shift[sl],
-                            ba[:, :, sl] - shift[sl] if ba is not None else None)  # (K, b, M)
+            parts = (a[:, sl] - shift[sl], bb[:, sl] - shift[sl], ab[:, :, sl] - shift[sl],
+                     ba[:, :, sl] - shift[sl] if ba is not None else None)
+            if weights is None:
+                self._states["sums"][0, :, sl] += self._point_sums(*parts)
+                continue
+            # with replicates, the per-sample terms are formed once: their plain sum is the point
+            # estimate, their Poisson-weighted sums (one batched matmul) are the replicates
+            z = self._terms(*parts)  # (K, b, M)
             self._states["sums"][0, :, sl] += z.sum(1)
-            if weights is not None:
-                rep = torch.matmul(weights.T, z)  # (K, R, M)
-                self._states["sums"][1:, :, sl] += rep.transpose(0, 1)
+            self._states["sums"][1:, :, sl] += torch.matmul(weights.T, z).transpose(0, 1)  # (R, K, M)
 
     def _init_states(self, a: torch.Tensor, b: torch.Tensor) -> None:
         m = a.shape[1]
@@ -314,6 +320,24 @@ class SobolAccumulator(Accumulator):
             "minimum": torch.full((m,), math.inf, dtype=torch.float64),
             "maximum": torch.full((m,), -math.inf, dtype=torch.float64),
         }
+
+    def _point_sums(self, a: torch.Tensor, b: torch.Tensor, ab: torch.Tensor,
+                    ba: torch.Tensor | None) -> torch.Tensor:
+        """The batch totals ``(K, M)`` of the terms of :meth:`_terms`, in float64, by direct reductions."""
+        d = self.d
+        out = torch.empty(self.terms, a.shape[1], dtype=torch.float64, device=a.device)
+        out[0], out[1] = a.sum(0), b.sum(0)
+        out[2] = (a * a).sum(0) + (b * b).sum(0)
+        out[3] = (a * b).sum(0)
+        diff = ab - a
+        out[4:4 + d] = (diff * b).sum(1)
+        out[4 + d:4 + 2 * d] = (diff * diff).sum(1)
+        out[4 + 2 * d:4 + 3 * d] = diff.sum(1)
+        if ba is not None:
+            out[4 + 3 * d:4 + 4 * d] = (ba - b).sum(1)
+            j, k = torch.triu_indices(d, d, offset=1)
+            out[4 + 4 * d:] = (ba[j] * ab[k]).sum(1)
+        return out
 
     def _terms(self, a: torch.Tensor, b: torch.Tensor, ab: torch.Tensor,
                ba: torch.Tensor | None) -> torch.Tensor:
