@@ -143,7 +143,7 @@ def test_demo_quick_writes_runs_and_reports(tmp_path):
     assert set(tables["saturation_epochs"]["epoch"]) == {1, 2, 3}
     for name in ("digits-cnn", "shapes-cnn"):
         page = (tmp_path / name / "report.html").read_text()
-        assert page.count("data:image/png;base64,") >= 6 and "<h2 id='saturation'>" in page
+        assert page.count("data:image/png;base64,") >= 6 and "<section id='saturation'>" in page
         assert "http://" not in page and "https://" not in page
     history = json.loads((tmp_path / "training" / "digits-cnn" / "history.json").read_text())
     assert history[-1]["epoch"] == 3
@@ -179,4 +179,10 @@ def test_receptive_field_and_probes_experiments_with_reports(tmp_path):
     for d in (tmp_path / "rf" / "resnet18", tmp_path / "pr" / "digits-cnn_digits"):
         page = write_report(d).read_text()
         assert page.count("data:image/png;base64,") == 1
+    # the grid directory of the two receptive-field runs gets an index comparing them
+    assert main(["-q", "report", str(tmp_path / "rf")]) == 0
+    index = (tmp_path / "rf" / "report.html").read_text()
+    for name in ("digits-cnn", "resnet18"):
+        assert f"href='{name}/report.html'" in index and (tmp_path / "rf" / name / "report.html").is_file()
+    assert "<section id='compare-receptive_field'>" in index and index.count("data:image/png;base64,") == 1
     assert main(["run", str(pr), "--out", str(tmp_path)]) == 0  # finished: skipped

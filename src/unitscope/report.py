@@ -25,6 +25,7 @@ body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#22
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}
 th{background:#f4f4f4}img{max-width:100%;margin:.5em 0}.note{color:#666;font-size:.9em}
+.toc{columns:3;font-size:.9em}pre{background:#f8f8f8;padding:.5em;overflow-x:auto}
 """
 
 
@@ -113,24 +114,73 @@ SECTIONS["receptive_field"] = _receptive_field_figures
 SECTIONS["probes"] = lambda run: [plot_probes(run.table("probes"))]
 
 
+#: table -> (value column, label) plotted per layer for every run of a grid, side by side
+COMPARISONS: dict[str, tuple[str, str]] = {
+    "saturation": ("saturation", "saturation"),
+    "probes": ("test_acc", "probe test accuracy"),
+    "receptive_field": ("rf_size", "receptive field (px)"),
+}
+
+
 def _table_html(frame: pd.DataFrame, limit: int = 40) -> str:
     note = f'<p class="note">first {limit} of {len(frame)} rows</p>' if len(frame) > limit else ""
     return frame.head(limit).to_html(index=False, float_format=lambda v: f"{v:.4g}") + note
 
 
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>{body}</body></html>")
+
+
+def _write(out: Path, page: str) -> Path:
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
+
+
+def _img(fig: Any, alt: str) -> str:
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{_png(fig)}'>"
+
+
+def is_grid(path: str | Path) -> bool:
+    """Whether ``path`` is a grid directory: no run of its own, finished runs one level down."""
+    path = Path(path)
+    return not (path / "manifest.json").is_file() and any(
+        (p / "manifest.json").is_file() for p in path.iterdir() if p.is_dir())
+
+
 def write_report(run_dir: str | Path) -> Path:
-    """Write ``RUN_DIR/report.html`` for the run saved there and return its path."""
+    """Write ``RUN_DIR/report.html`` and return its path.
+
+    For a run directory the page holds the manifest and one section per analysis (figures and
+    tables). For a grid directory (the runs of one config, ``unitscope run`` writes them side by
+    side) it writes each run's report and an index comparing the runs.
+
+    Raises:
+        RunError: ``run_dir`` is neither a run nor a directory holding runs.
+    """
     from .families import load_all
+    from .results import RunError
 
     load_all()
     run_dir = Path(run_dir)
-    run = load_run(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} does not exist; give a run directory (or a directory of runs) "
+                       "written by `unitscope run` or run.save()")
+    if is_grid(run_dir):
+        return write_grid_report(run_dir)
+    return _write(run_dir / "report.html", _run_page(load_run(run_dir)))
+
+
+def _run_page(run: Run) -> str:
+    from ._toml import dumps
+
     m = run.manifest
     config = m.get("config", {})
     model_name = m.get("model", {}).get("class") or config.get("model", "model")
     data_name = m.get("data", {}).get("name") or config.get("dataset", "")
-    parts = [f"<h1>unitscope report: {html.escape(str(model_name))}"
-             f"{' on ' + html.escape(str(data_name)) if data_name else ''}</h1>"]
+    title = f"unitscope report: {model_name}{' on ' + str(data_name) if data_name else ''}"
     facts = {"experiment": config.get("experiment", m.get("kind", "analyze"))}
     if "model" in m and "parameters" in m["model"]:
         facts.update({
@@ -139,30 +189,79 @@ def write_report(run_dir: str | Path) -> Path:
             "layers": ", ".join(m["layers"]),
             "device / world size": f"{m['device']} / {m['world_size']}",
             "seed": m["seed"],
-            "pass time": f"{m.get('timings', {}).get('pass_s', 0):.2f} s",
         })
-    facts.update({"versions": ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
-                  "created": m["created"]})
-    parts.append("<h2 id='manifest'>Manifest</h2><table>" + "".join(
-        f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-        for k, v in facts.items()) + "</table>")
+    for key, value in m.get("timings", {}).items():
+        timed = f"{value:.2f} s" if isinstance(value, (int, float)) else value
+        facts[f"time: {key.removesuffix('_s')}"] = timed
+    facts.update({"versions": ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
+                  "created": m.get("created", "")})
+    sections = [a.name for a in run.analyses]
+    sections += [t for t in TABLE_SECTIONS if t in run.tables and t not in sections]
+    toc = "".join(f"<li><a href='#{html.escape(x)}'>{html.escape(x)}</a></li>"
+                  for x in ["manifest", *sections])
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<nav><ul class='toc'>{toc}</ul></nav>",
+             "<section id='manifest'><h2>manifest</h2><table>" + "".join(
+                 f"<tr><th>{html.escape(k)}</th><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                 for k, v in facts.items()) + "</table>"]
+    if config:
+        parts.append(f"<details><summary>config</summary><pre>{html.escape(dumps(config))}</pre></details>")
     bad = {k: v for k, v in m.get("nonfinite", {}).items() if v}
     if bad:
         parts.append("<p><b>Non-finite activations</b> (left out of every statistic): "
                      f"{html.escape(str(bad))}</p>")
-    sections = [a.name for a in run.analyses]
-    sections += [t for t in TABLE_SECTIONS if t in run.tables and t not in sections]
+    parts.append("</section>")
     for section in sections:
-        parts.append(f"<h2 id='{section}'>{html.escape(section)}</h2>")
+        parts.append(f"<section id='{html.escape(section)}'><h2>{html.escape(section)}</h2>")
         for fig in SECTIONS.get(section, lambda r: [])(run):
-            parts.append(f"<img alt='{section} figure' src='data:image/png;base64,{_png(fig)}'>")
+            parts.append(_img(fig, f"{section} figure"))
         for name, frame in run.tables.items():
             if name == section or name.startswith(f"{section}_"):
-                parts.append(_table_html(frame))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>unitscope report</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    out = run_dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
-    return out
+                parts.append(f"<h3>{html.escape(name)}</h3>" + _table_html(frame))
+        parts.append("</section>")
+    return _page(title, "".join(parts))
+
+
+def write_grid_report(grid: str | Path) -> Path:
+    """Write every run's report and ``GRID/report.html``: the runs side by side.
+
+    The index lists each run (its swept parameters, experiment, model, data, a link to its
+    report) and, for every table of :data:`COMPARISONS` that two or more runs hold, one figure
+    with a line per run over the layers (saturation per layer for each model, probe accuracy per
+    layer for each resolution, ...).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    grid = Path(grid)
+    runs: dict[str, Run] = {}
+    for sub in sorted(p for p in grid.iterdir() if (p / "manifest.json").is_file()):
+        run = load_run(sub)
+        runs[sub.name] = run
+        _write(sub / "report.html", _run_page(run))
+    rows = []
+    for name, run in runs.items():
+        config = run.manifest.get("config", {})
+        rows.append(f"<tr><td style='text-align:left'><a href='{html.escape(name)}/report.html'>"
+                    f"{html.escape(name)}</a></td><td>{html.escape(str(config.get('experiment', '')))}</td>"
+                    f"<td>{html.escape(str(config.get('model', '')))}</td>"
+                    f"<td>{html.escape(str(config.get('dataset', '')))}</td>"
+                    f"<td>{html.escape(', '.join(sorted(run.tables)))}</td></tr>")
+    parts = [f"<h1>unitscope grid: {html.escape(grid.name)}</h1>",
+             f"<section id='runs'><h2>runs ({len(runs)})</h2><table><tr><th>run</th><th>experiment</th>"
+             f"<th>model</th><th>data</th><th>tables</th></tr>{''.join(rows)}</table></section>"]
+    for table, (column, label) in COMPARISONS.items():
+        having = {n: r.tables[table] for n, r in runs.items()
+                  if table in r.tables and {"layer", column} <= set(r.tables[table].columns)}
+        if len(having) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
+        for name, frame in having.items():
+            ax.plot(frame["layer"].astype(str), frame[column], "o-", label=name)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend(fontsize=7)
+        parts.append(f"<section id='compare-{table}'><h2>{html.escape(label)} per layer</h2>"
+                     + _img(fig, f"{table} compared") + "</section>")
+    return _write(grid / "report.html", _page(f"unitscope grid: {grid.name}", "".join(parts)))
