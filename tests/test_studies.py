@@ -143,3 +143,32 @@ def test_impartiality_columns_are_what_they_say(setup):
         studies.impartiality(model, tr, te, LAYERS, sizes=[81], k=2)
     fig = studies.plot_study(table)
     assert fig.axes
+
+
+def test_family_experiment_types_and_report_sections(tmp_path, setup):
+    from unitscope.analyses.importance import idc
+    from unitscope.experiments import KEYS, run_config
+    from unitscope.families import coverage as family
+    from unitscope.report import write_report
+    from unitscope.results import Run
+
+    assert {"idc", "attribution", "coverage-study"} <= set(KEYS)
+    model, tr, te = setup
+    weights = tmp_path / "w.pt"
+    torch.save(model.state_dict(), weights)
+    config = tmp_path / "attr.toml"
+    config.write_text(f'experiment = "attribution"\nmodel = "digits-cnn"\nweights = "{weights}"\n'
+                      'dataset = "digits"\nn = 4\n')
+    ((run_dir, status),) = run_config(config, out=tmp_path / "runs", progress=False)
+    assert status == "done"
+    page = write_report(run_dir).read_text()
+    assert "id='attribution'" in page and page.count("data:image/png") == 1
+    tables = idc(model, tr, te, LAYERS, m=2, k=2, n_init=2)
+    table, arrays = family.attribution_tables(model, te, n=3)
+    assert table["target"].tolist() == table["pred"].tolist()
+    run = Run([], {"status": "complete", "versions": {}, "created": "now"},
+              {**tables, "attribution": table}, {"attribution": arrays})
+    page = write_report(run.save(tmp_path / "run")).read_text()
+    assert "id='idc'" in page and "id='attribution'" in page
+    assert page.count("data:image/png") == 3  # IDC per layer, important units, heatmaps
+    assert family.default_layers(model) == ["conv1", "conv2", "conv3"]
