@@ -105,7 +105,7 @@ def test_evaluate_experiment_and_report(tmp_path):
     assert run.table("evaluation")["support"].iloc[-1] == 360
     assert run.table("evaluation_confusion")["count"].sum() == 360
     page = write_report(target).read_text()
-    assert "<h2 id='evaluation'>" in page and "alt='evaluation figure'" in page
+    assert "id='evaluation'" in page and "alt='evaluation figure'" in page
 
 
 def test_demo_part_on_shapes(tmp_path):

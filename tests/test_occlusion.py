@@ -297,8 +297,11 @@ def test_receptive_field_empirical_experiment_and_report(tmp_path):
     assert (per_unit["rf_size_empirical"] > 0).all()
     assert run.table("receptive_field_empirical_layers")["rf_size"].tolist() == [3, 5]
     assert len(run.arrays["receptive_field_empirical"]) == 8  # map and mask per unit
+    mosaics = run.arrays["receptive_field_empirical_mosaics"]
+    assert set(mosaics) == {f"{la}:{u}" for la, u in zip(per_unit["layer"], per_unit["unit"])}
+    assert mosaics["relu1:" + str(per_unit["unit"][0])].shape == (3, 2 * 10 + 2, 3 * 10 + 2)
     page = write_report(target).read_text()
-    assert "<h2 id='receptive_field_empirical'>" in page and "alt='receptive_field_empirical figure'" in page
+    assert "id='receptive_field_empirical'" in page and "alt='receptive_field_empirical figure'" in page
     config.write_text('experiment = "receptive-field-empirical"\nmodel = "digits-cnn"\ndataset = "digits"\n'
                       'layers = ["fc"]\n')
     with pytest.raises(ConfigError, match="fc have no 2-D map"):

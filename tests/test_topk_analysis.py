@@ -208,7 +208,23 @@ def test_topk_experiment_writes_mosaics_and_report(tmp_path):
     assert sorted(run.arrays["topk_mosaics"]) == ["relu2:1", "relu3:4"]
     assert sorted(p.name for p in (target / "mosaics").iterdir()) == ["relu2_1.png", "relu3_4.png"]
     page = write_report(target).read_text()
-    assert "<h2 id='topk'>" in page and "alt='topk figure'" in page
+    assert "id='topk'" in page and "alt='topk figure'" in page
     config.write_text('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 400\n')
     with pytest.raises(ConfigError, match="k = 400 is larger than the dataset"):
         run_config(config, out=tmp_path / "runs2", progress=False)
+
+
+def test_mosaic_with_discrepancy_overlay_row():
+    from unitscope.analyses.mosaics import mosaic, overlay
+
+    images = torch.rand(3, 1, 8, 8)
+    maps = torch.zeros(3, 8, 8)
+    maps[:, 2, 5] = 4.0
+    maps[0, 0, 0] = torch.nan
+    m = mosaic(images, torch.tensor([[0, 3, 0, 3]] * 3), maps=maps, padding=0)
+    assert m.shape == (3, 16, 24)  # images above, overlays below, one column per input
+    heat = overlay(torch.ones(3, 3, 8, 8) * 0.5, maps, alpha=1.0)
+    assert heat[0, :, 2, 5].tolist() == [1.0, 1.0, 0.0]  # the peak is pure yellow
+    assert torch.allclose(heat[0, :, 0, 0], torch.full((3,), 0.3))  # elsewhere the dimmed image
+    with pytest.raises(ValueError, match="maps must be"):
+        mosaic(images, torch.tensor([[0, 3, 0, 3]] * 3), maps=maps[:2])

@@ -50,8 +50,19 @@ def display_images(images: torch.Tensor) -> torch.Tensor:
     return ((x - lo) / (hi - lo).clamp(min=1e-12)).clamp(0, 1)
 
 
+def overlay(pics: torch.Tensor, maps: torch.Tensor, alpha: float = 0.7) -> torch.Tensor:
+    """Blend discrepancy ``maps`` ``(K, H, W)`` (scaled to [0, 1] per map, NaN as 0) into pictures
+    ``(K, 3, H, W)`` as a red-yellow heat overlay (silver-system's third mosaic row, in colour)."""
+    m = torch.nan_to_num(maps.to(pics.dtype), nan=0.0).clamp(min=0)
+    m = (m / m.flatten(1).amax(1).clamp(min=1e-12)[:, None, None])[:, None]
+    heat = torch.cat([torch.ones_like(m), m, torch.zeros_like(m)], 1)
+    grey = pics.mean(1, keepdim=True).expand_as(pics) * 0.6
+    return (grey * (1 - alpha * m) + heat * alpha * m).clamp(0, 1)
+
+
 def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: int | None = None,
-           colour: Sequence[float] = (1.0, 0.1, 0.1), padding: int = 2) -> torch.Tensor:
+           colour: Sequence[float] = (1.0, 0.1, 0.1), padding: int = 2,
+           maps: torch.Tensor | None = None) -> torch.Tensor:
     """Tile ``images`` ``(K, C, H, W)`` into one ``(3, H', W')`` picture with their ``boxes``.
 
     Args:
@@ -62,6 +73,8 @@ def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: 
         nrow: images per row (default ``ceil(sqrt(K))``).
         colour: RGB of the outline.
         padding: pixels between tiles.
+        maps: optional discrepancy maps ``(K, H, W)`` (:func:`unitscope.analyses.occlusion.occlusion_maps`);
+            a second row shows them over the images (``mode="mark"`` only), one row of ``K`` each.
 
     Example:
         >>> m = mosaic(torch.rand(4, 1, 10, 10), torch.tensor([[2, 7, 2, 7]] * 4))
@@ -74,7 +87,11 @@ def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: 
         raise ValueError(f"mode={mode!r}: use 'mark' (outline the receptive field) or 'crop'")
     if images.dim() != 4 or len(images) == 0:
         raise ValueError(f"images must be a non-empty (K, C, H, W) tensor, got {tuple(images.shape)}")
+    if maps is not None and (mode != "mark" or maps.shape != (images.shape[0], *images.shape[2:])):
+        raise ValueError(f"maps must be (K, H, W) = {(images.shape[0], *images.shape[2:])} and need "
+                         f"mode='mark', got {tuple(maps.shape)} with mode={mode!r}")
     pics = display_images(images)
+    heat = overlay(pics, maps) if maps is not None else None
     k, _, h, w = pics.shape
     boxes = boxes.to(torch.int64)
     if mode == "crop":
@@ -94,6 +111,9 @@ def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: 
         edge = (inside & ~core)[:, None]
         paint = torch.tensor(list(colour), dtype=pics.dtype)[None, :, None, None]
         pics = torch.where(edge, paint, pics)
+    if heat is not None:
+        pics = torch.cat([pics, heat])
+        nrow = k
     nrow = nrow or math.ceil(math.sqrt(k))
     return make_grid(pics.contiguous(), nrow=nrow, padding=padding, pad_value=1.0)
 
@@ -104,7 +124,8 @@ def _item_x(item: Any) -> torch.Tensor:
 
 def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
                  units: Sequence[str | tuple[str, int]], k: int | None = None, mode: str = "mark",
-                 nrow: int | None = None) -> dict[str, torch.Tensor]:
+                 nrow: int | None = None, maps: dict[str, torch.Tensor] | None = None
+                 ) -> dict[str, torch.Tensor]:
     """One mosaic per unit from a ``topk`` table: ``"layer:unit"`` -> ``(3, H', W')`` in [0, 1].
 
     Args:
@@ -114,6 +135,9 @@ def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
         units: ``"layer:unit"`` strings or ``(layer, unit)`` pairs.
         k: how many top inputs (default all in the table).
         mode, nrow: see :func:`mosaic`.
+        maps: ``"layer:unit"`` -> discrepancy maps ``(k, H, W)`` of its top inputs in rank order
+            (the ``"layer:unit:maps"`` arrays of
+            :func:`unitscope.analyses.occlusion.empirical_receptive_fields`), shown in a second row.
 
     Example:
         >>> import unitscope
@@ -143,7 +167,12 @@ def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
             boxes = torch.tensor([[0, h, 0, w]]).expand(len(rows), 4)
         else:
             boxes = rf_boxes(rf, loc)
-        out[f"{layer}:{unit}"] = mosaic(images, boxes, mode=mode, nrow=nrow)
+        key = f"{layer}:{unit}"
+        unit_maps = maps.get(key) if maps is not None else None
+        if unit_maps is not None:
+            unit_maps = unit_maps[:len(rows)]
+            images, boxes = images[:len(unit_maps)], boxes[:len(unit_maps)]
+        out[key] = mosaic(images, boxes, mode=mode, nrow=nrow, maps=unit_maps)
     return out
 
 
@@ -163,7 +192,9 @@ def save_mosaics(mosaics: dict[str, torch.Tensor], out_dir: str | Path, scale: i
     return paths
 
 
-def plot_mosaics(mosaics: dict[str, torch.Tensor], cols: int = 3, ax: Any = None) -> Any:
+def plot_mosaics(mosaics: dict[str, torch.Tensor], cols: int = 3,
+                 title: str = "top inputs per unit, receptive field of the maximum marked",
+                 ax: Any = None) -> Any:
     """The mosaics side by side, titled by unit; returns the figure."""
     from matplotlib.figure import Figure
 
@@ -177,5 +208,5 @@ def plot_mosaics(mosaics: dict[str, torch.Tensor], cols: int = 3, ax: Any = None
     for axis, key in zip(axes.flat, keys):
         axis.imshow(mosaics[key].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
         axis.set_title(key, fontsize=9)
-    fig.suptitle("top inputs per unit, receptive field of the maximum marked")
+    fig.suptitle(title)
     return fig

@@ -548,7 +548,9 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
     Returns:
         ``(table, arrays)``: one row per unit with ``layer, unit, images, rf_size_empirical,
         rf_area, rf_size`` (analytic) and ``ratio`` (empirical / analytic); arrays
-        ``"layer:unit"`` -> averaged map and ``"layer:unit:mask"`` -> thresholded mask (float).
+        ``"layer:unit"`` -> averaged map, ``"layer:unit:mask"`` -> thresholded mask (float) and
+        ``"layer:unit:maps"`` -> the ``(k, H, W)`` pixel discrepancy maps of its top images in
+        rank order.
     """
     from .topk import unit_topk
 
@@ -597,6 +599,7 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
     for i, u in enumerate(units):
         arrays[f"{layer}:{int(u)}"] = erf.maps[i].to(torch.float32)
         arrays[f"{layer}:{int(u)}:mask"] = erf.masks[i].to(torch.float32)
+        arrays[f"{layer}:{int(u)}:maps"] = result.maps[group == i].to(torch.float32)
     return table, arrays
 
 
@@ -627,7 +630,7 @@ def plot_empirical_rf(arrays: dict[str, torch.Tensor], table: pd.DataFrame | Non
     """
     from matplotlib.figure import Figure
 
-    keys = [key for key in arrays if not key.endswith(":mask")]
+    keys = [key for key in arrays if not key.endswith((":mask", ":maps"))]
     cols = min(4, max(1, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
     fig = Figure(figsize=(2.6 * cols, 2.6 * rows), layout="constrained")

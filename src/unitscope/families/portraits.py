@@ -116,7 +116,7 @@ def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
 @EXPERIMENTS.register("receptive-field-empirical")
 def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: bool) -> None:
     """Empirical receptive fields of a few units per layer from their top-k images (Zhou et al.)."""
-    from ..analyses.occlusion import empirical_receptive_fields, layer_rf, summarize_layers
+    from ..analyses.occlusion import empirical_receptive_fields, layer_rf
     from ..analyses.topk import TopK
     from ..engine import analyze
 
@@ -148,11 +148,24 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
         arrays.update(maps)
     if not tables:
         raise ConfigError(f"units = {config['units']!r} names no unit of the layers {', '.join(mapped)}")
+    _store_erf(run, model, data, topk, tables, arrays, config["k"])
+    run.save(target)
+
+
+def _store_erf(run: Any, model: Any, data: Any, topk: pd.DataFrame, tables: list[pd.DataFrame],
+               arrays: dict[str, Any], k: int) -> None:
+    """Empirical RF tables, maps and discrepancy mosaics into ``run``."""
+    from ..analyses.mosaics import unit_mosaics
+    from ..analyses.occlusion import summarize_layers
+
     per_unit = pd.concat(tables, ignore_index=True)
     run.tables["receptive_field_empirical"] = per_unit
     run.tables["receptive_field_empirical_layers"] = summarize_layers(per_unit)
-    run.arrays["receptive_field_empirical"] = arrays
-    run.save(target)
+    maps = {key.removesuffix(":maps"): v for key, v in arrays.items() if key.endswith(":maps")}
+    units = list(zip(per_unit["layer"], per_unit["unit"].astype(int)))
+    run.arrays["receptive_field_empirical"] = {key: v for key, v in arrays.items()
+                                               if not key.endswith(":maps")}
+    run.arrays["receptive_field_empirical_mosaics"] = unit_mosaics(model, data, topk, units, k=k, maps=maps)
 
 
 def _first_input(data: Any) -> Any:
@@ -179,6 +192,7 @@ def _topk_figures(run: Any) -> list[Any]:
 
 
 def _erf_figures(run: Any) -> list[Any]:
+    from ..analyses.mosaics import plot_mosaics
     from ..analyses.occlusion import plot_empirical_rf, plot_rf_sizes
 
     figures = []
@@ -187,6 +201,10 @@ def _erf_figures(run: Any) -> list[Any]:
     arrays = run.arrays.get("receptive_field_empirical")
     if arrays:
         figures.append(plot_empirical_rf(arrays, run.tables.get("receptive_field_empirical")))
+    mosaics = run.arrays.get("receptive_field_empirical_mosaics")
+    if mosaics:
+        figures.append(plot_mosaics(mosaics, cols=1, title="top inputs (RF of the maximum marked) and "
+                                    "their occlusion discrepancy maps"))
     return figures
 
 
@@ -215,7 +233,7 @@ def demo(ctx: Any) -> None:
     """Evaluate the model; on shapes-cnn also top-k, mosaics and empirical RFs of a few units."""
     from ..analyses.evaluation import confusion_table, evaluate_classifier
     from ..analyses.mosaics import unit_mosaics
-    from ..analyses.occlusion import empirical_receptive_fields, summarize_layers
+    from ..analyses.occlusion import empirical_receptive_fields
     from ..analyses.topk import TopK
     from ..engine import analyze
 
@@ -239,7 +257,4 @@ def demo(ctx: Any) -> None:
                                              seed=ctx.seed)
         tables.append(t)
         arrays.update(maps)
-    per_unit = pd.concat(tables, ignore_index=True)
-    ctx.run.tables["receptive_field_empirical"] = per_unit
-    ctx.run.tables["receptive_field_empirical_layers"] = summarize_layers(per_unit)
-    ctx.run.arrays["receptive_field_empirical"] = arrays
+    _store_erf(ctx.run, ctx.model, ctx.test_data, top, tables, arrays, k)
