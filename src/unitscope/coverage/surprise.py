@@ -361,27 +361,36 @@ class LSC(_StoredTraces):
                 raise ValueError(f"LSC: the kernel covariance of class {c} is singular ({n} training inputs, "
                                  f"{d} units); fit on more inputs, use fewer layers, pass ridge=1e-6 or an "
                                  "isotropic bandwidth=<float>")
-            z = torch.linalg.solve_triangular(chol, x.T, upper=False).T
-            log_norm = -math.log(n) - 0.5 * d * math.log(2 * math.pi) - chol.diagonal().log().sum()
-            kde[c] = (chol, z, log_norm)
+            z = torch.linalg.solve_triangular(chol, x.T, upper=False)  # whitened traces, (d, n)
+            proj = torch.linalg.solve_triangular(chol.T, z, upper=True)  # Σ⁻¹ xᵢ, (d, n)
+            log_norm = -math.log(n) - 0.5 * d * math.log(2 * math.pi) - float(chol.diagonal().log().sum())
+            kde[c] = (chol, proj, z.square().sum(0), log_norm)
         self._cache["kde"] = kde
         self._cache["classes"] = set(kde)
 
     def _auto_bounds(self) -> tuple[float, float]:
-        lower = min(float(self._class_surprise(x, c).min()) for c, x in self._class_data().items())
-        lower = math.floor(lower)
+        x = self._sh["train"][:, self.mask()]
+        lower = math.floor(float(self._batch_surprise(x, self._sh["train_classes"]).min()))
         if not lower < self.upper:
             raise ValueError(f"LSC: the training traces have LSA >= {self.upper}; pass bounds=(lower, upper)")
         return float(lower), self.upper
 
     def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        chol, z_train, log_norm = self._cache["kde"][c]
-        z = torch.linalg.solve_triangular(chol, x.T.to(chol.device), upper=False).T
+        """LSA of class-c traces from ‖L⁻¹(x − xᵢ)‖² = xᵀΣ⁻¹x + xᵢᵀΣ⁻¹xᵢ − 2 xᵀΣ⁻¹xᵢ (float64).
+
+        The training terms Σ⁻¹xᵢ and xᵢᵀΣ⁻¹xᵢ are precomputed, so a batch costs one triangular
+        solve and one matrix product against the class's training traces.
+        """
+        chol, proj, norms, log_norm = self._cache["kde"][c]
+        x = x.to(proj.device, torch.float64)
+        quad = torch.linalg.solve_triangular(chol, x.T, upper=False).square().sum(0)
+        step = _rows_per_block(proj.shape[1])
         out = []
-        for start in range(0, z.shape[0], CHUNK):
-            d2 = torch.cdist(z[start:start + CHUNK], z_train, compute_mode=MM).square()
+        for start in range(0, x.shape[0], step):
+            sl = slice(start, start + step)
+            d2 = (quad[sl, None] + norms[None, :] - 2 * (x[sl] @ proj)).clamp_(min=0)
             out.append(-(torch.logsumexp(-0.5 * d2, dim=1) + log_norm))
-        return torch.cat(out).to(x.device)
+        return torch.cat(out)
 
 
 class DSC(_StoredTraces):
@@ -437,9 +446,10 @@ class DSC(_StoredTraces):
         train, cls, dist_b = self._cache["x"], self._cache["cls"], self._cache["dist_b"]
         x, classes = x.to(train.device, train.dtype), classes.to(train.device)
         out = []
-        for start in range(0, x.shape[0], CHUNK):
-            d = torch.cdist(x[start:start + CHUNK], train, compute_mode=MM)
-            same = classes[start:start + CHUNK, None] == cls[None, :]
+        step = _rows_per_block(train.shape[0])
+        for start in range(0, x.shape[0], step):
+            d = torch.cdist(x[start:start + step], train, compute_mode=MM)
+            same = classes[start:start + step, None] == cls[None, :]
             dist_a, nearest = torch.where(same, d, math.inf).min(1)
             if self.reference == "train":
                 db = dist_b[nearest]
@@ -580,3 +590,8 @@ def _cholesky(cov: torch.Tensor) -> torch.Tensor | None:
     if float(factor.diagonal().min()) ** 2 <= 1e-12 * float(cov.diagonal().max()):
         return None
     return factor
+
+
+def _rows_per_block(columns: int) -> int:
+    """Rows per distance block so that a float64 block holds about 4 M entries (32 MB)."""
+    return max(1, (1 << 22) // max(columns, 1))
