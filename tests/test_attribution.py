@@ -161,3 +161,20 @@ def test_heatmap_figure(digits_model):
     x = torch.rand(3, 1, 8, 8)
     fig = plot_heatmaps(x, attribute(digits_model, x, 1), labels=[1, 1, 1])
     assert len(fig.axes) == 6
+
+
+def test_lrp_with_inplace_relu_equals_a_copy_without(digits_model):
+    import copy
+
+    digits_model.eval()
+    plain = copy.deepcopy(digits_model)
+    for m in plain.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    x = torch.rand(3, 1, 8, 8)
+    ours = attribute(digits_model, x, 2, layer=["conv1", "relu2", "conv3"])
+    ref = attribute(plain, x, 2, layer=["conv1", "relu2", "conv3"])
+    for k in ours:
+        assert torch.equal(ours[k], ref[k]), k
+    assert torch.equal(attribute(digits_model, x, 2), attribute(plain, x, 2))
+    assert all(m.inplace for m in digits_model.modules() if hasattr(m, "inplace"))

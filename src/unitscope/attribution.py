@@ -86,14 +86,17 @@ def make_composite(name: str = "epsilon_plus_flat", canonizers: Sequence[Any] | 
 
 
 @contextmanager
-def _neutral(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no in-place ops for the duration; flags restored and stray attributes removed on exit.
+def _neutral(model: nn.Module, no_inplace: bool = True) -> Iterator[None]:
+    """Eval mode (and no in-place ops) for the duration; flags restored and stray attributes removed on exit.
+
+    zennit copes with in-place activations itself (its hooks clone a module's input), so LRP
+    keeps them (``no_inplace=False``) and saves the extra copies; captum's methods get them off.
 
     captum's DeepLift leaves ``input`` / ``output`` attributes on the activation modules after a
     layer attribution; anything a method added to a module's ``__dict__`` is deleted here.
     """
     training = {m: m.training for m in model.modules()}
-    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    inplace = [m for m in model.modules() if no_inplace and getattr(m, "inplace", False) is True]
     attrs = {m: set(vars(m)) for m in model.modules()}
     try:
         for m in inplace:
@@ -174,7 +177,7 @@ def lrp(model: nn.Module, inputs: torch.Tensor, target: Any = None, layers: Sequ
         return hook
 
     x = inputs.detach().clone().requires_grad_(True)
-    with _neutral(model), comp.context(model):
+    with _neutral(model, no_inplace=False), comp.context(model):
         try:
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(hook_for(name)))
