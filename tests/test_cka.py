@@ -323,7 +323,7 @@ def test_models_that_see_different_input_sizes_are_an_error(digits_model, digits
     assert hook_counts(other) == 0
 
 
-def test_short_batch_for_unbiased_is_an_error_or_skipped(digits_model, digits_test):
+def test_short_batch_for_unbiased_is_an_error_or_skipped(digits_model, digits_test, tmp_path):
     data = torch.utils.data.Subset(digits_test, range(34))  # batches of 16, 16 and 2
     with pytest.raises(ValueError, match="at least 4"):
         unitscope.analyze(digits_model, data, layers="fc", batch_size=16, progress=False,
@@ -331,6 +331,10 @@ def test_short_batch_for_unbiased_is_an_error_or_skipped(digits_model, digits_te
     run = unitscope.analyze(digits_model, data, layers="fc", batch_size=16, progress=False,
                             analyses=[CKA(estimator="unbiased")])
     assert int(run.table("cka").skipped.iloc[0]) == 2 and int(run.table("cka").n.iloc[0]) == 32
+    # the skipped count is part of the state: it survives saving, reloading and merging
+    again = unitscope.load_run(run.save(tmp_path / "run"))
+    acc = again.analysis("cka").accumulators["cka"]
+    assert acc.skipped == 2 and acc.merge(acc.clone()).skipped == 4
 
 
 def test_cka_between_averages_random_epochs(digits_model, digits_test):
@@ -372,7 +376,7 @@ def test_cka_experiment_between_two_weight_files_and_its_report(tmp_path):
     assert list(table.layer_y) == ["relu1", "fc"] * 2
     assert 0 < float(table.cka.iloc[0]) < 1  # different weights: not identical representations
     page = write_report(target).read_text()
-    assert "<h2 id='cka'>" in page and page.count("<img") == 1
+    assert "<section id='cka'>" in page and page.count("<img") == 1
 
 
 def test_demo_part_adds_cka_between_two_trainings(digits_test):

@@ -219,7 +219,7 @@ def test_visualize_experiment_and_report_section(tmp_path):
     assert run.arrays["visualize"]["images"].shape == (2, 1, 8, 8)
     assert run.arrays["visualize"]["trace"].shape == (6, 2) and "step_4" in run.arrays["visualize"]
     page = write_report(target).read_text()
-    assert "<h2 id='visualize'>" in page and page.count("<img") == 2
+    assert "<section id='visualize'>" in page and page.count("<img") == 2
 
 
 def test_visualize_experiment_needs_targets(tmp_path):

@@ -86,7 +86,6 @@ class CKA(Analysis):
         self.sigma, self.median_fraction, self.short_batches = sigma, median_fraction, short_batches
         self.resolved = {k: list(v) for k, v in (resolved or {}).items()}
         self.paired = other is not None or bool(self.resolved.get("y"))
-        self.skipped = 0
         self._new_accumulator()  # validates kernel and estimator now, not at the first batch
 
     def config(self) -> dict[str, Any]:
@@ -103,7 +102,8 @@ class CKA(Analysis):
         if self.exact:
             return LinearCKA(paired=self.paired)
         return MinibatchCKA(kernel=self.kernel, estimator=self.estimator, sigma=self.sigma,
-                            median_fraction=self.median_fraction, paired=self.paired)
+                            median_fraction=self.median_fraction, paired=self.paired,
+                            short_batches=self.short_batches)
 
     def start(self, keys: list[str]) -> None:
         """Resolve the other model's layers and create the single accumulator (unless resuming)."""
@@ -127,7 +127,9 @@ class CKA(Analysis):
                                  "remains, or pass short_batches='skip'")
             log.warning("CKA: skipping a batch of %d inputs (the unbiased estimator needs at least %d)",
                         m, MIN_UNBIASED)
-            self.skipped += m
+            xs = [acts[k] for k in self.resolved["x"]]
+            ys = [xs[0]] * len(self.resolved["y"]) if self.paired else None  # only the count is kept
+            self.accumulators[KEY].update(xs, ys)
             return
         xs = [acts[k] for k in self.resolved["x"]]
         ys = self._other_features(batch.x) if self.paired else None
@@ -183,7 +185,7 @@ class CKA(Analysis):
         label = "exact" if self.exact else f"minibatch-{self.estimator}"
         return {self.name: pd.DataFrame({
             "layer_x": rows_x, "layer_y": rows_y, "cka": values.flatten().numpy(),
-            "n": acc.count, "skipped": self.skipped, "estimator": f"{self.kernel}-{label}"})}
+            "n": acc.count, "skipped": getattr(acc, "skipped", 0), "estimator": f"{self.kernel}-{label}"})}
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """``matrix``: the CKA matrix (float64)."""

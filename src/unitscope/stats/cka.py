@@ -373,6 +373,8 @@ class MinibatchCKA(Accumulator):
         estimator: ``"unbiased"`` (HSIC₁, batches of at least 4) or ``"biased"`` (HSIC₀).
         sigma, median_fraction: RBF bandwidth (see :func:`gram_rbf`).
         paired: compare two lists of layers (two models) instead of one list with itself.
+        short_batches: a batch too short for the estimator (fewer than 4 inputs for the unbiased one,
+            fewer than 2 otherwise) raises (``"error"``) or is counted in ``skipped`` (``"skip"``).
 
     Example:
         >>> import torch
@@ -385,21 +387,24 @@ class MinibatchCKA(Accumulator):
     """
 
     rules: ClassVar[dict[str, str]] = {"hsic_xy": "sum", "hsic_xx": "sum", "hsic_yy": "sum",
-                                       "batches": "sum", "count": "sum"}
+                                       "batches": "sum", "count": "sum", "skipped": "sum"}
 
     def __init__(self, kernel: str = "linear", estimator: str = "unbiased", sigma: float | None = None,
-                 median_fraction: float = 1.0, paired: bool = False) -> None:
+                 median_fraction: float = 1.0, paired: bool = False, short_batches: str = "error") -> None:
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: use 'linear' or 'rbf'")
+        if short_batches not in ("error", "skip"):
+            raise ValueError(f"short_batches={short_batches!r}: use 'error' or 'skip'")
         self.unbiased = _check_estimator(estimator)
-        self.kernel, self.estimator = kernel, estimator
+        self.kernel, self.estimator, self.short_batches = kernel, estimator, short_batches
         self.sigma, self.median_fraction, self.paired = sigma, float(median_fraction), bool(paired)
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments."""
         return {"kernel": self.kernel, "estimator": self.estimator, "sigma": self.sigma,
-                "median_fraction": self.median_fraction, "paired": self.paired}
+                "median_fraction": self.median_fraction, "paired": self.paired,
+                "short_batches": self.short_batches}
 
     def _centred(self, feats: list[torch.Tensor]) -> torch.Tensor:
         grams = []
@@ -416,17 +421,28 @@ class MinibatchCKA(Accumulator):
         """Fold in one batch: a list of ``(m, *features)`` tensors per model, same ``m`` everywhere."""
         xs, ys = _check_lists(xs, ys, self.paired)
         m = int(xs[0].shape[0])
-        if self.unbiased:
-            _check_unbiased_size(m)
-        elif m < 2:
-            raise ValueError(f"a CKA batch needs at least 2 samples, got {m}")
-        gx = self._centred(xs)
-        gy = self._centred(ys) if ys is not None else gx
-        scale = _hsic_scale(m, self.unbiased)
-        part = {"hsic_xy": (gx @ gy.T) * scale, "hsic_xx": gx.square().sum(1) * scale,
-                "hsic_yy": gy.square().sum(1) * scale,
-                "batches": torch.ones((), dtype=torch.float64, device=gx.device),
-                "count": torch.tensor(float(m), dtype=torch.float64, device=gx.device)}
+        dev = xs[0].device
+        if m < (MIN_UNBIASED if self.unbiased else 2):
+            if self.short_batches == "error":
+                if self.unbiased:
+                    _check_unbiased_size(m)
+                raise ValueError(f"a CKA batch needs at least 2 samples, got {m}")
+            shape = (len(xs), len(ys) if ys is not None else len(xs))
+            part = {"hsic_xy": torch.zeros(shape, dtype=torch.float64, device=dev),
+                    "hsic_xx": torch.zeros(shape[0], dtype=torch.float64, device=dev),
+                    "hsic_yy": torch.zeros(shape[1], dtype=torch.float64, device=dev),
+                    "batches": torch.zeros((), dtype=torch.float64, device=dev),
+                    "count": torch.zeros((), dtype=torch.float64, device=dev),
+                    "skipped": torch.tensor(float(m), dtype=torch.float64, device=dev)}
+        else:
+            gx = self._centred(xs)
+            gy = self._centred(ys) if ys is not None else gx
+            scale = _hsic_scale(m, self.unbiased)
+            part = {"hsic_xy": (gx @ gy.T) * scale, "hsic_xx": gx.square().sum(1) * scale,
+                    "hsic_yy": gy.square().sum(1) * scale,
+                    "batches": torch.ones((), dtype=torch.float64, device=dev),
+                    "count": torch.tensor(float(m), dtype=torch.float64, device=dev),
+                    "skipped": torch.zeros((), dtype=torch.float64, device=dev)}
         if not self.initialized:
             self._states = part
             return
@@ -440,6 +456,11 @@ class MinibatchCKA(Accumulator):
     def count(self) -> int:
         """How many inputs were folded in."""
         return int(self._states["count"]) if self.initialized else 0
+
+    @property
+    def skipped(self) -> int:
+        """How many inputs were in batches too short for the estimator (``short_batches="skip"``)."""
+        return int(self._states["skipped"]) if self.initialized else 0
 
     def compute(self) -> torch.Tensor:
         """The ``(layers_x, layers_y)`` CKA matrix, float64 (``(layers, layers)`` when not paired)."""
