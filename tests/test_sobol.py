@@ -284,3 +284,50 @@ def test_aggregated_index_is_variance_weighted_and_skips_constants():
     assert whole.S1.shape == (3,) and not whole.constant.item()
     with pytest.raises(ValueError, match="aggregate"):
         acc.compute(aggregate=3)
+
+
+# --------------------------------------------------------------------------- Shapley effects
+def test_shapley_effects_of_ishigami_and_simple_models():
+    from unitscope.stats.shapley import shapley_effects
+
+    r = shapley_effects(lambda x: ishigami(x), 3, n_outer=16000, n_inner=4, seed=1)
+    assert r.effects.numpy() == pytest.approx([0.43575, 0.44241, 0.12184], abs=0.015)
+    assert r.effects.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert r.evaluations == 6 * 3 * 16000 * 4  # 3! <= 64: every permutation once
+    inter = shapley_effects(lambda x: (2 * x[:, 0] - 1) * (2 * x[:, 1] - 1), 2, n_outer=4000, seed=2)
+    assert inter.effects.numpy() == pytest.approx([0.5, 0.5], abs=0.02)
+    # additive model: Shapley = S1; several outputs at once; an input that does nothing gets 0
+    multi = shapley_effects(lambda x: torch.stack([x[:, 0] + 2 * x[:, 1], 0 * x[:, 2] + 1.0], -1), 3,
+                            n_outer=4000, seed=3)
+    assert multi.effects[:, 0].numpy() == pytest.approx([0.2, 0.8, 0.0], abs=0.02)
+    assert torch.isnan(multi.effects[:, 1]).all()  # a constant output has no effects
+    with pytest.raises(ValueError, match="n_inner"):
+        shapley_effects(lambda x: x[:, 0], 2, n_inner=1)
+
+
+# --------------------------------------------------------------------------- Wilcoxon and FDR
+def test_signed_rank_matches_scipy_and_known_effect_sizes():
+    from scipy.stats import wilcoxon
+
+    from unitscope.stats.wilcoxon import fdr_bh, signed_rank
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    diffs = torch.stack([torch.zeros(40, dtype=torch.float64), base[:, 0].abs() + 0.1, base[:, 1]], 1)
+    r = signed_rank(diffs)
+    assert r.rank_biserial[0].item() == 0.0 and r.p_value[0].item() == 1.0  # unchanged unit
+    assert r.rank_biserial[1].item() == 1.0  # Y_aug = Y + c, c > 0
+    ref = wilcoxon(diffs[:, 2].numpy(), zero_method="zsplit", correction=True, method="approx")
+    assert r.p_value[2].item() == pytest.approx(ref.pvalue, rel=1e-12)
+    # rank-biserial from its definition on the third unit
+    x = diffs[:, 2]
+    ranks = torch.from_numpy(__import__("scipy.stats").stats.rankdata(x.abs().numpy()))
+    plus, minus = ranks[x > 0].sum(), ranks[x < 0].sum()
+    assert r.rank_biserial[2].item() == pytest.approx(((plus - minus) / (plus + minus)).item(), abs=1e-12)
+    p = torch.tensor([0.001, 0.2, float("nan"), 0.04, 0.03], dtype=torch.float64)
+    q = fdr_bh(p)
+    assert torch.isnan(q[2])
+    ref_q = [0.004, 0.2, 0.16 / 3, 0.16 / 3]  # BH over the 4 finite values: p·4/rank, made monotone
+    assert q[[0, 1, 3, 4]].numpy() == pytest.approx(ref_q, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        signed_rank(torch.zeros(1, 3))
