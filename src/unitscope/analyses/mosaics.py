@@ -201,7 +201,10 @@ def plot_mosaics(mosaics: dict[str, torch.Tensor], cols: int = 3,
     keys = list(mosaics)
     cols = max(1, min(cols, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
-    fig = Figure(figsize=(3.4 * cols, 3.4 * rows), layout="constrained")
+    first = mosaics[keys[0]] if keys else torch.zeros(3, 1, 1)
+    width = 3.4 if cols > 1 else 9.0
+    height = width * first.shape[1] / max(first.shape[2], 1) + 0.4
+    fig = Figure(figsize=(width * cols, height * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for axis in axes.flat:
         axis.set_axis_off()

@@ -23,7 +23,8 @@ KEYS["topk"] = {"split": "test", "layers": None, "k": 10, "reduce": "max", "batc
                 "calls": "error", "mosaics": 4, "mosaic_mode": "mark"}
 KEYS["receptive-field-empirical"] = {
     "split": "test", "layers": None, "units": 4, "k": 10, "occluder": 11, "stride": 3,
-    "fill": "uniform", "discrepancy": "absolute", "threshold": 0.5, "local": True, "batch_size": 256,
+    "fill": "uniform", "discrepancy": "absolute", "threshold": 0.5, "centre": "rf", "local": True,
+    "batch_size": 256,
 }
 KEYS["evaluate"] = {"split": "test", "batch_size": 256}
 LIST_KEYS.update({"mosaics", "units"})
@@ -116,7 +117,9 @@ def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
 @EXPERIMENTS.register("receptive-field-empirical")
 def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: bool) -> None:
     """Empirical receptive fields of a few units per layer from their top-k images (Zhou et al.)."""
-    from ..analyses.occlusion import empirical_receptive_fields, layer_rf
+    from ..analyses.mosaics import save_mosaics
+    from ..analyses.occlusion import empirical_receptive_fields
+    from ..analyses.receptive_fields import receptive_fields
     from ..analyses.topk import TopK
     from ..engine import analyze
 
@@ -124,11 +127,16 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
     _check_k(config["k"], data)
     size = tuple(_first_input(data).shape[-2:])
     layers = _layers(model, config)
-    mapped = [la for la in layers if layer_rf(model, la, size) is not None]
+    if config["centre"] == "argmax":  # centring on the map's maximum needs no 2-D layer output
+        mapped = layers
+    else:
+        with_map = set(receptive_fields(model, size)["layer"])
+        mapped = [la for la in layers if la in with_map]
     if not mapped or (config.get("layers") and len(mapped) < len(layers)):
         flat = sorted(set(layers) - set(mapped)) or layers
         raise ConfigError(f"layers {', '.join(flat)} have no 2-D map, so their units have no location "
-                          "to occlude around; choose conv, pool or activation layers before flattening")
+                          "to centre on; choose conv, pool or activation layers before flattening, or "
+                          "set centre = \"argmax\"")
     run = analyze(model, data, layers=mapped, analyses=[TopK(k=config["k"])],
                   batch_size=config["batch_size"], device=config["device"],
                   num_workers=config["num_workers"], seed=config["seed"], progress=progress,
@@ -142,14 +150,15 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
         table, maps = empirical_receptive_fields(
             model, data, layer, units, topk, k=config["k"], occluder=config["occluder"],
             stride=config["stride"], fill=config["fill"], discrepancy=config["discrepancy"],
-            threshold=config["threshold"], local=config["local"], batch_size=config["batch_size"],
-            device=config["device"], seed=config["seed"])
+            threshold=config["threshold"], centre=config["centre"], local=config["local"],
+            batch_size=config["batch_size"], device=config["device"], seed=config["seed"])
         tables.append(table)
         arrays.update(maps)
     if not tables:
         raise ConfigError(f"units = {config['units']!r} names no unit of the layers {', '.join(mapped)}")
     _store_erf(run, model, data, topk, tables, arrays, config["k"])
     run.save(target)
+    save_mosaics(run.arrays["receptive_field_empirical_mosaics"], target / "mosaics", scale=2)
 
 
 def _store_erf(run: Any, model: Any, data: Any, topk: pd.DataFrame, tables: list[pd.DataFrame],
