@@ -337,3 +337,20 @@ def test_argmax_centring_serves_a_linear_pixel_unit():
     with pytest.raises(ValueError, match="centre='middle'"):
         empirical_receptive_fields(model, data, "fc", [0], top, k=3, occluder=k, centre="middle",
                                    device="cpu")
+
+
+def test_linear_conv_unit_discrepancy_is_the_kernel_weighted_change():
+    # spec C.3.3: d_p = Σ_{y ∈ W_p} w(y)·(x(y) − v) for a single-channel conv read at an interior cell
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 1, 5, bias=False).double()
+    model = nn.Sequential(OrderedDict(conv=conv))
+    image = torch.rand(1, 1, 16, 16, dtype=torch.float64)
+    v, k, s, (i, j) = -0.5, 3, 2, (4, 6)
+    r = occlusion_maps(model, "conv", image, torch.tensor([0]), torch.tensor([[i, j]]), occluder=k,
+                       stride=s, fill=v, discrepancy="signed", device="cpu")
+    w = torch.zeros(16, 16, dtype=torch.float64)
+    w[i:i + 5, j:j + 5] = conv.weight[0, 0].detach()  # the kernel placed over the cell's window
+    pos = occluder_positions(16, 16, k, s)
+    ref = torch.stack([(w[a:a + k, b:b + k] * (image[0, 0, a:a + k, b:b + k] - v)).sum()
+                       for a, b in pos.tolist()])
+    torch.testing.assert_close(r.grid.reshape(-1), ref, rtol=1e-10, atol=1e-12)
