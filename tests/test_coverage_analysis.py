@@ -169,6 +169,41 @@ def test_bad_input(model, train_data, test_data):
     fitted.layers = ["conv3"]
     with pytest.raises(ValueError, match=r"fitted on layers \['fc'\] but this pass captures \['conv3'\]"):
         _run(model, test_data, fitted)
+    with pytest.raises(ValueError, match="use reduce='mean'"):
+        Coverage([NC(scale="map_minmax"), "tknc"], reduce="max")
     with pytest.raises(ValueError, match="class_source"):
         Coverage(["lsc"], class_source="truth")
     assert hook_counts(model) == 0
+
+
+def _distributed_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = unitscope.load_model("digits-cnn")
+        cov = Coverage(UNION, options=OPTIONS, class_source="label")
+        train = unitscope.load_dataset("digits", "train")
+        cov.fit(model, train, batch_size=100, device="cpu", progress=False)
+        unitscope.analyze(model, unitscope.load_dataset("digits", "test"), analyses=[cov], batch_size=50,
+                          device="cpu", progress=False, out=out)
+    finally:
+        dist.destroy_process_group()
+
+
+UNION = [c for c in DEFAULT_CRITERIA if c != "cc"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(model, train_data, test_data, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "run"
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    two = unitscope.load_run(out).table("coverage")
+    cov = Coverage(UNION, options=OPTIONS, class_source="label")
+    cov.fit(model, train_data, batch_size=100, device="cpu", progress=False)
+    one = _run(model, test_data, cov, batch_size=50).table("coverage")
+    assert two.equals(one)

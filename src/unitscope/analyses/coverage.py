@@ -141,12 +141,15 @@ class Coverage(Analysis):
             raise ValueError(f"options given for {stray}, which are not among the criteria {keys}")
         if class_source not in ("pred", "label"):
             raise ValueError(f"class_source={class_source!r}: use 'pred' (model prediction) or 'label'")
-        if callable(reduce) or reduce not in ("mean", "max", "none"):
+        if callable(reduce) or reduce not in ("mean", "max"):
             raise ValueError(f"Coverage(reduce={reduce!r}): use 'mean' or 'max'")
         self.names = [c.key for c in built]
         self.class_source = class_source
         self.reduce_option = reduce
         maps = any(isinstance(c, NC) and c.scale == "map_minmax" for c in built)
+        if maps and reduce != "mean":
+            raise ValueError("NC(scale='map_minmax') needs whole maps, which the other criteria then reduce "
+                             "by their spatial mean; use reduce='mean', or measure NC in its own Coverage")
         self.reduce = "none" if maps else reduce
         self.needs_output = class_source == "pred" and any(c.needs_classes for c in built)
         self.accumulators = {**{c.key: c for c in built}, "curve": CoverageCurve(self.names)}
@@ -295,6 +298,11 @@ class _Profile(Analysis):
         classes = self.owner._classes(batch) if any(c.needs_classes for c in self.criteria.values()) else None
         for c in self.criteria.values():
             c.fit(sub, classes)
+
+    def sync(self) -> None:
+        """Merge the profiles of every rank (each saw its own shard of the training data)."""
+        for k in sorted(self.criteria):
+            self.criteria[k].sync()
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """None: the build pass only fills the profiles."""

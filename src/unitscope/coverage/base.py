@@ -277,6 +277,22 @@ class Criterion(Accumulator):
     def _sync_states(self, group: Any) -> bool:
         return False  # gather the states and merge them in rank order
 
+    def _sync_by_gather(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        mine = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
+        device = self.device
+        merged = type(self)(**self.config())
+        for state in gathered:
+            part = type(self)(**self.config())
+            part.load_state_dict(state)
+            merged.merge(part)
+        self.load_state_dict(merged.state_dict())
+        if device is not None:
+            self.to(device)
+
     def clone(self) -> Criterion:
         """An independent copy with the same configuration and state."""
         other = type(self)(**self.config())
