@@ -365,8 +365,10 @@ class MinibatchCKA(Accumulator):
     unbiased estimator), flattened, and the HSIC of every pair of layers is one matrix product.
     The state is the sums over batches of ``HSIC(K_i, L_j)``, ``HSIC(K_i, K_i)`` and
     ``HSIC(L_j, L_j)``; ``compute`` takes the ratio, which equals torch-cka's average over
-    batches. Grams are formed, centred and summed in float64 (torch-cka works in float32, where
-    the U-statistic of wide, uncentred features can cancel to a negative self-HSIC).
+    batches. Features are column-centred in their own precision (which leaves both centrings of
+    the Gram unchanged), their Gram is formed in that precision, then centred and summed in
+    float64. torch-cka works on uncentred float32 Grams, where the U-statistic of wide ReLU
+    features cancels (errors of 1e-2 on resnet18 blocks, and negative self-HSIC).
 
     Args:
         kernel: ``"linear"`` or ``"rbf"`` (bandwidth per batch: ``sigma``, or the median heuristic).
@@ -409,11 +411,14 @@ class MinibatchCKA(Accumulator):
     def _centred(self, feats: list[torch.Tensor]) -> torch.Tensor:
         grams = []
         for f in feats:  # one Gram per layer; layers differ in width, so they cannot be stacked first
-            f = as_matrix(f).to(torch.float64)  # m × d: cheap next to the forward that made it
+            # Centring the columns first changes neither the centred nor the U-centred Gram (nor
+            # distances), and removes the common offset that would make a float32 Gram cancel later.
+            f = as_matrix(f)
+            f = f - f.mean(0)
             if self.kernel == "rbf":
                 grams.append(gram_rbf(f, self.sigma, self.median_fraction))
             else:
-                grams.append(f @ f.T)
+                grams.append((f @ f.T).to(torch.float64))
         g = centre_gram(torch.stack(grams), self.unbiased)
         return g.reshape(len(feats), -1)
 
