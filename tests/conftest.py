@@ -28,3 +28,13 @@ def digits_model() -> nn.Module:
 @pytest.fixture(scope="session")
 def digits_test():
     return unitscope.load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """The output directory of one ``unitscope demo --quick`` run, shared by the tests that read it."""
+    from unitscope.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["-q", "demo", "--quick", "--out", str(out)]) == 0
+    return out

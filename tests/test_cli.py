@@ -132,8 +132,8 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["--debug", "report", str(tmp_path)])
 
 
-def test_demo_quick_writes_runs_and_reports(tmp_path):
-    assert main(["-q", "demo", "--quick", "--out", str(tmp_path)]) == 0
+def test_demo_quick_writes_runs_and_reports(quick_demo):
+    tmp_path = quick_demo
     run = unitscope.load_run(tmp_path / "digits-cnn")
     assert set(run.table("moments")["layer"]) == {"conv1", "conv2", "conv3", "relu1", "relu2", "relu3", "fc"}
     shapes = unitscope.load_run(tmp_path / "shapes-cnn").table("moments")
