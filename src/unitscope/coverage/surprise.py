@@ -438,24 +438,36 @@ class DSC(_StoredTraces):
             d = torch.cdist(x[start:start + CHUNK], x, compute_mode=MM)
             d[cls[start:start + CHUNK, None] == cls[None, :]] = math.inf
             dist_b[start:start + CHUNK] = d.amin(1)
-        self._cache.update(x=x, cls=cls, dist_b=dist_b, classes=set(data),
+        ends = torch.tensor([len(v) for v in data.values()]).cumsum(0).tolist()
+        slices = {c: (end - len(v), end) for (c, v), end in zip(data.items(), ends)}
+        self._cache.update(x=x, cls=cls, dist_b=dist_b, classes=set(data), slices=slices,
                            known=torch.tensor(sorted(data), device=x.device))
 
+    def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
+        """``reference="train"``: only the class's own training traces are needed (a contiguous block)."""
+        start, end = self._cache["slices"][c]
+        train, dist_b = self._cache["x"][start:end], self._cache["dist_b"][start:end]
+        x = x.to(train.device, train.dtype)
+        step = _rows_per_block(end - start)
+        out = []
+        for row in range(0, x.shape[0], step):
+            dist_a, nearest = torch.cdist(x[row:row + step], train, compute_mode=MM).min(1)
+            out.append(dist_a / dist_b[nearest])
+        return torch.cat(out)
+
     def _batch_surprise(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """All classes at once: one distance block to every training trace, masked by class."""
-        train, cls, dist_b = self._cache["x"], self._cache["cls"], self._cache["dist_b"]
+        """``reference="test"``: one distance block to every training trace, masked by class."""
+        if self.reference == "train":
+            return super()._batch_surprise(x, classes)
+        train, cls = self._cache["x"], self._cache["cls"]
         x, classes = x.to(train.device, train.dtype), classes.to(train.device)
         out = []
         step = _rows_per_block(train.shape[0])
         for start in range(0, x.shape[0], step):
             d = torch.cdist(x[start:start + step], train, compute_mode=MM)
             same = classes[start:start + step, None] == cls[None, :]
-            dist_a, nearest = torch.where(same, d, math.inf).min(1)
-            if self.reference == "train":
-                db = dist_b[nearest]
-            else:
-                db = torch.where(same, math.inf, d).amin(1)
-            out.append(dist_a / db)
+            dist_a = torch.where(same, d, math.inf).amin(1)
+            out.append(dist_a / torch.where(same, math.inf, d).amin(1))
         sa = torch.cat(out).double() if out else torch.zeros(0, dtype=torch.float64, device=train.device)
         sa[~torch.isin(classes, self._cache["known"])] = math.nan
         return sa
