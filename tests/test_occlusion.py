@@ -354,3 +354,24 @@ def test_linear_conv_unit_discrepancy_is_the_kernel_weighted_change():
     ref = torch.stack([(w[a:a + k, b:b + k] * (image[0, 0, a:a + k, b:b + k] - v)).sum()
                        for a, b in pos.tolist()])
     torch.testing.assert_close(r.grid.reshape(-1), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer,locs", [("fc", None), ("relu2", torch.tensor([[3, 4]] * 4))])
+def test_units_on_one_image_share_a_sweep_with_the_same_result(layer, locs):
+    model = tiny_cnn()
+    image = torch.randn(1, 3, 16, 16).expand(4, -1, -1, -1)
+    units = torch.tensor([0, 2, 1, 2])
+    kw = {"occluder": 4, "stride": 3, "device": "cpu", "discrepancy": "signed", "batch_size": 9}
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    shared = occlusion_maps(model, layer, image, units, locs, image_ids=torch.zeros(4, dtype=torch.int64),
+                            **kw)
+    handle.remove()
+    positions = int(shared.evaluated[0].sum())
+    assert sum(seen) == 4 + 4 + positions  # baseline, crop check, then one sweep for all four units
+    for i in range(4):
+        alone = occlusion_maps(model, layer, image[i:i + 1], units[i:i + 1],
+                               None if locs is None else locs[i:i + 1], image_ids=torch.tensor([0]), **kw)
+        torch.testing.assert_close(shared.grid[i], alone.grid[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(shared.grid[1], shared.grid[3])  # the same unit twice
+    assert not torch.equal(shared.grid[0], shared.grid[1])

@@ -242,7 +242,7 @@ def pixel_maps(grid: torch.Tensor, occluder: int, stride: int, size: tuple[int, 
 def _readout(units: torch.Tensor, ly: torch.Tensor,
              lx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     def select(t: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(t.shape[0], device=t.device)
+        rows = torch.arange(t.shape[0], device=t.device).reshape(-1, *[1] * (units.dim() - 1))
         if t.dim() == 2:
             return t[rows, units].to(torch.float64)
         return t[rows, units, ly, lx].to(torch.float64)
@@ -390,22 +390,49 @@ def _local_geometry(rf: LayerRF, loc: torch.Tensor, pos: torch.Tensor, occluder:
     return torch.stack([start[:, 0], stop[:, 0], start[:, 1], stop[:, 1]], 1), reach
 
 
+def _shared_sweeps(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group pairs by ``key`` rows ``(n, 3)`` = (image id, location): one sweep per distinct key.
+
+    Returns the representative pair of every sweep ``(S,)``, the sweep of every pair ``(n,)`` and
+    the members table ``(S, width)`` (pair numbers, ``-1`` padding).
+    """
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    n, dev = len(key), key.device
+    count = torch.bincount(inverse)
+    order = torch.argsort(inverse, stable=True)
+    first = torch.cumsum(count, 0) - count
+    slot = torch.empty_like(inverse)
+    slot[order] = torch.arange(n, device=dev) - first[inverse[order]]
+    members = torch.full((len(count), int(count.max())), -1, dtype=torch.int64, device=dev)
+    members[inverse, slot] = torch.arange(n, device=dev)
+    return members[:, 0], inverse, members
+
+
 def _sweep(model: nn.Module, layer: str, x: torch.Tensor, sel: torch.Tensor, box: torch.Tensor,
            loc: torch.Tensor, jump: int, units: torch.Tensor, a0: torch.Tensor, reach: torch.Tensor,
            pos: torch.Tensor, ids: torch.Tensor, size: tuple[int, int], fill: str | float,
            discrepancy: str, occluder: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Discrepancies ``(len(sel), P)`` of the pairs ``sel``, whose crops all have ``size``."""
+    """Discrepancies ``(len(sel), P)`` of the pairs ``sel``, whose crops all have ``size``.
+
+    Pairs with the same image id and location (several units of one layer on one top image) share
+    one sweep: each occluded copy is read for all of them.
+    """
     hc, wc = size
     dev = x.device
-    b = box[sel]
+    rep, inverse, members = _shared_sweeps(torch.stack([ids[sel], loc[sel, 0], loc[sel, 1]], 1))
+    src = sel[rep]  # one pair per sweep: its image, crop box and location
+    b = box[src]
     ry = b[:, 0, None] + torch.arange(hc, device=dev)
     rx = b[:, 2, None] + torch.arange(wc, device=dev)
-    crops = x[sel[:, None, None], :, ry[:, :, None], rx[:, None, :]].permute(0, 3, 1, 2).contiguous()
-    ly = torch.where(loc[sel, 0] >= 0, loc[sel, 0] - b[:, 0] // jump, loc[sel, 0])
-    lx = torch.where(loc[sel, 1] >= 0, loc[sel, 1] - b[:, 2] // jump, loc[sel, 1])
+    crops = x[src[:, None, None], :, ry[:, :, None], rx[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    ly = torch.where(loc[src, 0] >= 0, loc[src, 0] - b[:, 0] // jump, loc[src, 0])
+    lx = torch.where(loc[src, 1] >= 0, loc[src, 1] - b[:, 2] // jump, loc[src, 1])
     u = units[sel]
-    stats = _image_stats(x[sel])
-    base = truncated_forward(model, layer, crops, _readout(u, ly, lx))
+    stats = _image_stats(x[src])
+    base = torch.cat([truncated_forward(model, layer, crops[inverse[i:i + batch_size]],
+                                        _readout(u[i:i + batch_size], ly[inverse[i:i + batch_size]],
+                                                 lx[inverse[i:i + batch_size]]))
+                      for i in range(0, len(sel), batch_size)])
     scale = float(a0[sel].abs().max()) if len(sel) else 0.0
     tol = 1e-4 if dev.type == "cpu" else 1e-2  # CUDA convolutions may round in TF32
     if not torch.allclose(base, a0[sel], rtol=tol, atol=0.1 * tol * max(scale, 1.0)):
@@ -415,29 +442,34 @@ def _sweep(model: nn.Module, layer: str, x: torch.Tensor, sel: torch.Tensor, box
             f"on the crop that holds its analytic receptive field but {float(a0[sel][worst]):.6g} on "
             "the whole image, so the RF arithmetic does not describe this model (a branch, global "
             "operation or ceil-mode pooling before the layer); pass local=False")
-    rows = torch.nonzero(reach[sel])  # (R, 2): pair within sel, position number
+    rows = torch.nonzero(reach[src])  # (R, 2): sweep, position number
     out = torch.zeros(len(sel), len(pos), dtype=torch.float64, device=dev)
+    member_units = u[members.clamp(min=0)]
     ar_h, ar_w = torch.arange(hc, device=dev), torch.arange(wc, device=dev)
     for start in range(0, len(rows), batch_size):
         r = rows[start:start + batch_size]
-        pl, p = r[:, 0], r[:, 1]
-        img = crops[pl]
-        oy = pos[p, 0] - b[pl, 0]
-        ox = pos[p, 1] - b[pl, 2]
+        sw, p = r[:, 0], r[:, 1]
+        img = crops[sw]
+        oy = pos[p, 0] - b[sw, 0]
+        ox = pos[p, 1] - b[sw, 2]
         dy = ar_h[None, :] - oy[:, None]
         dx = ar_w[None, :] - ox[:, None]
         mask = (((dy >= 0) & (dy < occluder))[:, None, :, None]
                 & ((dx >= 0) & (dx < occluder))[:, None, None, :])
-        patch = _fill_values(fill, stats[pl], ids[sel[pl]], p, seed, occluder, img.dtype)
+        patch = _fill_values(fill, stats[sw], ids[src[sw]], p, seed, occluder, img.dtype)
         c = patch.shape[1]
         gy = dy.clamp(0, occluder - 1)[:, None, :, None].expand(-1, c, -1, occluder)
         full = patch.gather(2, gy)
         gx = dx.clamp(0, occluder - 1)[:, None, None, :].expand(-1, c, hc, -1)
         full = full.gather(3, gx)
         occluded = torch.where(mask, full, img)
-        vals = truncated_forward(model, layer, occluded, _readout(u[pl], ly[pl], lx[pl]))
-        d = base[pl] - vals
-        out[pl, p] = d.abs() if discrepancy == "absolute" else d
+        vals = truncated_forward(model, layer, occluded,
+                                 _readout(member_units[sw], ly[sw, None], lx[sw, None]))  # (B, width)
+        who = members[sw]
+        valid = who >= 0
+        d = base[who.clamp(min=0)] - vals
+        d = d.abs() if discrepancy == "absolute" else d
+        out[who[valid], p[:, None].expand_as(who)[valid]] = d[valid]
     return out
 
 
