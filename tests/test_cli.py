@@ -27,6 +27,13 @@ def test_help_of_every_command_has_examples(capsys):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         assert "examples:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    from unitscope.experiments import EXPERIMENTS
+
+    listed = capsys.readouterr().out
+    for experiment in EXPERIMENTS.names():  # every experiment type, with its keys
+        assert f"  {experiment}: " in listed
 
 
 def test_layers_lists_names_types_and_shapes(capsys):

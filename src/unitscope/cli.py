@@ -25,9 +25,22 @@ EXAMPLES = {
     "train": ("examples:\n  unitscope train train.toml\n"
               "  unitscope train grid.toml --set 'lr=[1e-3,3e-3]' --run-id lr-sweep"),
     "merge": ("examples:\n  unitscope merge runs/a/shard0 runs/a/shard1 --out runs/a/merged"),
-    "report": "examples:\n  unitscope report runs/demo/digits-cnn",
+    "report": ("examples:\n  unitscope report runs/demo/digits-cnn     # one run\n"
+               "  unitscope report runs/grid                 # every run of a grid, and an index"),
     "demo": "examples:\n  unitscope demo\n  unitscope demo --quick --out /tmp/demo",
 }
+
+
+def _experiment_types() -> str:
+    """The experiment types and their keys with defaults, for ``unitscope run --help``."""
+    from .experiments import COMMON, KEYS
+
+    lines = ["\nexperiment types (experiment = ...) and their keys, with defaults:"]
+    for name in sorted(KEYS):
+        keys = ", ".join(f"{k}={v!r}" for k, v in KEYS[name].items())
+        lines.append(f"  {name}: {keys}")
+    lines.append("  every type also takes: " + ", ".join(COMMON))
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+    def add(name: str, help_text: str, extra: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name] + extra,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = add("layers", "list a model's layers (names to use in layers=...), types, shapes, parameters")
@@ -52,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
             ("run", "run every experiment of a TOML/JSON config (lists expand to a grid)"),
             ("train", "train every experiment of a config (checkpoint per epoch, resumable)")):
-        p = add(name, help_text)
+        p = add(name, help_text, _experiment_types() if name == "run" else "")
         p.add_argument("config", help="config file (.toml or .json)")
         p.add_argument("--out", help="base directory of run directories (default: the config's out, "
                        "else runs)")
@@ -65,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", nargs="+", help="run directories of the shards")
     p.add_argument("--out", required=True, help="directory of the merged run")
 
-    p = add("report", "write RUN_DIR/report.html (self-contained)")
-    p.add_argument("run_dir")
+    p = add("report", "write RUN_DIR/report.html (self-contained); for a grid directory, every run's "
+            "report and an index comparing them")
+    p.add_argument("run_dir", help="a run directory, or a directory of runs (a grid)")
 
-    p = add("demo", "train digits-cnn on the bundled digits, analyse it, write the report")
+    p = add("demo", "train digits-cnn and shapes-cnn on bundled and generated data, run every analysis "
+            "family on them, write the reports")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="fewer epochs, for a smoke test")
     return parser

@@ -70,7 +70,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
     from .analyses.probes import probes
     from .analyses.receptive_fields import receptive_fields
     from .families import load_all
-    from .report import write_report
+    from .report import write_grid_report, write_report
     from .train import train
 
     t0 = time.perf_counter()
@@ -125,5 +125,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
         run.save(run_dir)
         reports.append(write_report(run_dir))
         log.info("report: %s", reports[-1])
+    reports.append(write_grid_report(out, run_reports=False))
+    log.info("index of the demo's runs: %s", reports[-1])
     log.info("demo finished in %.1f s", time.perf_counter() - t0)
     return reports

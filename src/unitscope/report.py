@@ -221,13 +221,13 @@ def _run_page(run: Run) -> str:
     return _page(title, "".join(parts))
 
 
-def write_grid_report(grid: str | Path) -> Path:
+def write_grid_report(grid: str | Path, run_reports: bool = True) -> Path:
     """Write every run's report and ``GRID/report.html``: the runs side by side.
 
     The index lists each run (its swept parameters, experiment, model, data, a link to its
     report) and, for every table of :data:`COMPARISONS` that two or more runs hold, one figure
     with a line per run over the layers (saturation per layer for each model, probe accuracy per
-    layer for each resolution, ...).
+    layer for each resolution, ...). ``run_reports=False`` leaves the runs' own reports as they are.
     """
     import matplotlib
 
@@ -239,7 +239,8 @@ def write_grid_report(grid: str | Path) -> Path:
     for sub in sorted(p for p in grid.iterdir() if (p / "manifest.json").is_file()):
         run = load_run(sub)
         runs[sub.name] = run
-        _write(sub / "report.html", _run_page(run))
+        if run_reports or not (sub / "report.html").is_file():
+            _write(sub / "report.html", _run_page(run))
     rows = []
     for name, run in runs.items():
         config = run.manifest.get("config", {})
