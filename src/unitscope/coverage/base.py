@@ -129,6 +129,7 @@ class Criterion(Accumulator):
             self._start()
             self._phase = _TESTING
         self._update_layers(layers, cls)
+        self._cache.pop("value", None)
         return self.value() - before
 
     def freeze(self) -> Criterion:
@@ -143,6 +144,7 @@ class Criterion(Accumulator):
         if self._phase != _TESTING:
             self._start()
             self._phase = _TESTING
+            self._cache.pop("value", None)
         return self
 
     def propose(self, acts: Acts, classes: torch.Tensor | None = None) -> Criterion:
@@ -163,7 +165,9 @@ class Criterion(Accumulator):
         """The coverage: a fraction in [0, 1], or a count for ``kind == "count"`` criteria."""
         if self._phase != _TESTING:
             return 0.0
-        return self._value()
+        if "value" not in self._cache:  # recomputed from the state after every change
+            self._cache["value"] = self._value()
+        return self._cache["value"]
 
     def layer_values(self) -> dict[str, float]:
         """Coverage per layer (empty for criteria defined on all layers together)."""
@@ -422,7 +426,7 @@ def criterion(spec: str | Criterion, **options: Any) -> Criterion:
 # ---------------------------------------------------------------------- small tensor helpers
 def nan_to(t: torch.Tensor, value: float) -> torch.Tensor:
     """``t`` with NaN replaced by ``value`` (a copy)."""
-    return torch.where(torch.isnan(t), torch.full_like(t, value), t)
+    return t.masked_fill(torch.isnan(t), value)
 
 
 def topk_mask(v: torch.Tensor, k: int) -> torch.Tensor:

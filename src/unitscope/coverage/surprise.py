@@ -158,13 +158,19 @@ class _Surprise(Criterion):
         return self._batch_surprise(at[:, self.mask().to(at.device)], classes)
 
     def _batch_surprise(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """SA of masked traces ``x`` (float64); NaN for a class without training traces."""
+        """SA of masked traces ``x`` (float64), class by class; NaN for a class without training traces."""
         x = x.double()
-        out = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=x.device)
-        for c in torch.unique(classes).tolist():
-            rows = classes == c
+        order = torch.argsort(classes, stable=True)
+        groups, counts = torch.unique_consecutive(classes[order], return_counts=True)
+        parts = []
+        for c, xc in zip(groups.tolist(), x[order].split(counts.tolist())):
             if c < self._num_classes() and self._has_class(c):
-                out[rows] = self._class_surprise(x[rows], c)
+                parts.append(self._class_surprise(xc, c).to(x.device))
+            else:
+                parts.append(torch.full((len(xc),), math.nan, dtype=torch.float64, device=x.device))
+        out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+        if parts:
+            out[order] = torch.cat(parts)
         return out
 
     def _update_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
