@@ -233,26 +233,68 @@ def test_single_class_picks_the_most_sensitive_classes(cnn, shapes64):
 
 
 # --------------------------------------------------------------------------- the family
-def test_config_run_and_report(tmp_path):
+CONFIG = ('experiment = "sensitivity"\nmodel = "shapes-cnn"\ndataset = "shapes"\n'
+          'dataset_options = {n = 16}\nvariables = ["brightness=0.5:1.5", "hue"]\nn = 8\n'
+          'layers = ["relu4", "fc"]\nbootstrap = 4\nreduce = "map"\nlda_repeats = 1\nmasking = true\n'
+          'mask_samples = 16\ncontrast = true\ncontrast_images = 8\nshapley = true\n'
+          'shapley_permutations = 2\nshapley_outer = 2\nshapley_inner = 2\n')
+
+
+def _run_config(tmp_path):
+    from unitscope.experiments import run_config
+
+    cfg = tmp_path / "sens.toml"
+    cfg.write_text(CONFIG)
+    [(target, status)] = run_config(cfg, out=tmp_path / "runs", progress=False)
+    assert status == "done"
+    return target
+
+
+def test_config_run(tmp_path):
     from unitscope.experiments import ConfigError, run_config
     from unitscope.families.sensitivity import parse_variables
-    from unitscope.report import write_report
 
     assert parse_variables(["hue", "brightness=0.5:1.5", "roll.dx=-0.1:0.1", "roll.dy=0:0.1"]) == [
         ("hue", None), ("brightness", (0.5, 1.5)), ("roll", {"dx": (-0.1, 0.1), "dy": (0.0, 0.1)})]
-    cfg = tmp_path / "sens.toml"
-    cfg.write_text('experiment = "sensitivity"\nmodel = "shapes-cnn"\ndataset = "shapes"\n'
-                   'dataset_options = {n = 16}\nvariables = ["brightness=0.5:1.5", "hue"]\nn = 8\n'
-                   'layers = ["relu4", "fc"]\nbootstrap = 4\nreduce = "map"\nmasking = true\n'
-                   'mask_samples = 16\n')
-    [(target, status)] = run_config(cfg, out=tmp_path / "runs", progress=False)
-    assert status == "done"
-    run = unitscope.load_run(target)
-    assert {"sensitivity", "sensitivity_layers", "sensitivity_lda", "sensitivity_masking"} <= set(run.tables)
+    run = unitscope.load_run(_run_config(tmp_path))
+    assert {"sensitivity", "sensitivity_layers", "sensitivity_lda", "sensitivity_masking",
+            "sensitivity_contrast", "sensitivity_shapley"} <= set(run.tables)
     assert run.analysis("sensitivity").config()["variables"][0] == ["brightness", {"factor": [0.5, 1.5]}]
-    html = write_report(target).read_text()
-    assert "id='sensitivity'" in html and html.count("<img") >= 4
     bad = tmp_path / "bad.toml"
-    bad.write_text(cfg.read_text().replace('"hue"]', '"hue=0:2"]'))
+    bad.write_text(CONFIG.replace('"hue"]', '"hue=0:2"]'))
     with pytest.raises(ConfigError, match="valid domain"):
         run_config(bad, out=tmp_path / "runs", progress=False)
+
+
+@pytest.mark.slow
+def test_report_section(tmp_path):
+    from unitscope.report import write_report
+
+    html = write_report(_run_config(tmp_path)).read_text()
+    assert "id='sensitivity'" in html and html.count("<img") >= 4
+
+
+# --------------------------------------------------------------------------- contrast and Shapley on models
+def test_contrast_of_invariant_and_monotone_augmentations(shapes):
+    from unitscope.analyses.sensitivity import contrast
+
+    model = unit_model(lambda x: x.amax((1, 2, 3))[:, None])  # invariant to flips and rolls, exactly
+    images = list(shapes[:8] * 0.39)
+    t = contrast(model, images, [("brightness", (1.5, 2.5)), "hflip", "roll"], "unit", images=8, draws=3)
+    t = t.set_index("variable")
+    for var in ("hflip", "roll"):
+        assert t.loc[var, "rank_biserial"] == 0.0 and t.loc[var, "p_value"] == 1.0
+    assert t.loc["brightness", "rank_biserial"] == 1.0 and t.loc["brightness", "pairs"] == 24
+    assert t.loc["hflip", "pairs"] == 8  # on/off augmentations are applied once, switched on
+    assert t.loc["brightness", "q_value"] == pytest.approx(t.loc["brightness", "p_value"] * 3)
+
+
+def test_shapley_of_a_brightness_unit(shapes):
+    from unitscope.analyses.sensitivity import shapley
+
+    model = unit_model(lambda x: torch.stack([x.mean((1, 2, 3)), x[:, 0, 0, 0]], 1))
+    t = shapley(model, [shapes[0] * 0.39], ["brightness", "hflip"], "unit", n_outer=256, n_inner=4)
+    first = t[t.unit == 0].set_index("variable")["shapley"]
+    assert first["brightness"] == pytest.approx(1.0, abs=0.05)
+    assert abs(first["hflip"]) < 0.05 and abs(first["image"]) < 0.05
+    assert t.groupby("unit")["shapley"].sum().to_numpy() == pytest.approx([1.0, 1.0])

@@ -303,6 +303,9 @@ def test_shapley_effects_of_ishigami_and_simple_models():
     assert torch.isnan(multi.effects[:, 1]).all()  # a constant output has no effects
     with pytest.raises(ValueError, match="n_inner"):
         shapley_effects(lambda x: x[:, 0], 2, n_inner=1)
+    # the group {X1, X3} of Ishigami as one player: no interaction with X2, so Sh = S_T = S1 = 0.55759
+    grouped = shapley_effects(lambda x: ishigami(x), 3, n_outer=8000, n_inner=4, seed=4, groups=[[0, 2], [1]])
+    assert grouped.effects.numpy() == pytest.approx([0.55759, 0.44241], abs=0.015)
 
 
 # --------------------------------------------------------------------------- Wilcoxon and FDR

@@ -77,6 +77,11 @@ class Variable:
     rgb: bool = False
     doc: str = ""
 
+    @property
+    def switch(self) -> bool:
+        """Whether this is an on/off augmentation (one parameter ``u``, applied when ``u <= 0.5``)."""
+        return self.params == _SWITCH
+
 
 #: every registered variable by name, in the fixed order of application
 VARIABLES: dict[str, Variable] = {}

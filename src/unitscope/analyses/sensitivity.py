@@ -414,3 +414,103 @@ def _manifest(model: nn.Module, data: Any, a: Sensitivity, layers: list[str], de
         "timings": {"pass_s": seconds, "samples": span[1] - span[0]},
         "config": config or {},
     }
+
+
+# --------------------------------------------------------------------------- one augmentation at a time
+def _outputs(model: nn.Module, names: list[str], reduce: str, x: torch.Tensor,
+             batch_size: int) -> dict[str, torch.Tensor]:
+    """Every layer's unit outputs ``(rows, units)`` (float64, on the CPU) for the images ``x``."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    with Capture(model, names, {"r": REDUCTIONS[reduce]}, stop=True) as cap, torch.inference_mode():
+        for lo in range(0, len(x), batch_size):
+            with contextlib.suppress(StopForward):
+                model(x[lo:lo + batch_size])
+            for k in names:
+                parts[k].append(cap.outputs["r"][k].reshape(min(batch_size, len(x) - lo), -1).double().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _subset(data: Any, images: int, seed: int) -> torch.Tensor:
+    n = min(images, len(data))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return torch.stack([_item(data, int(i)) for i in idx])
+
+
+def contrast(model: nn.Module, data: Any, variables: Sequence[VariableSpec] | Mapping[str, Any],
+             layers: LayerSpec, images: int = 64, draws: int = 4, reduce: str = "mean", seed: int = 0,
+             batch_size: int = 256, device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Each augmentation applied alone against the original: a Wilcoxon test per unit (spec A.7).
+
+    Every one of ``images`` images (a seeded subset) is augmented ``draws`` times with random
+    parameters of one variable (on/off augmentations once, switched on), and each unit's paired
+    differences ``augmented - original`` are tested with :func:`unitscope.stats.wilcoxon.signed_rank`.
+    The p-values of every unit, layer and variable are corrected together with Benjamini–Hochberg.
+
+    Returns:
+        Table ``layer, unit, variable, statistic, p_value, q_value, rank_biserial, pairs``.
+    """
+    from ..engine import resolve_device
+    from ..stats.wilcoxon import fdr_bh, signed_rank
+
+    dev = resolve_device(device)
+    names = resolve_layers(model, layers)
+    model.eval().to(dev)
+    x0 = _subset(data, images, seed).to(dev)
+    base = _outputs(model, names, reduce, x0, batch_size)
+    gen = torch.Generator().manual_seed(seed + 1)
+    frames = []
+    for spec in Augmenter(variables, channels=x0.shape[1]).variables:
+        aug = Augmenter([(spec.name, {p.name: (p.low, p.high) for p in spec.params})])
+        k = 1 if spec.switch else draws
+        u = torch.zeros(len(x0) * k, aug.d) if spec.switch else torch.rand(len(x0) * k, aug.d, generator=gen)
+        out = _outputs(model, names, reduce, aug(x0.repeat_interleave(k, 0), u), batch_size)
+        for key in names:
+            r = signed_rank(out[key] - base[key].repeat_interleave(k, 0))
+            frames.append(pd.DataFrame({
+                "layer": key, "unit": np.arange(r.p_value.numel()), "variable": spec.name,
+                "statistic": r.statistic.numpy(), "p_value": r.p_value.numpy(),
+                "rank_biserial": r.rank_biserial.numpy(), "pairs": r.n}))
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(5, "q_value", fdr_bh(torch.from_numpy(table["p_value"].to_numpy(copy=True))).numpy())
+    return table
+
+
+def shapley(model: nn.Module, data: Any, variables: Sequence[VariableSpec] | Mapping[str, Any],
+            layers: LayerSpec, n_perm: int = 64, n_outer: int = 16, n_inner: int = 4, reduce: str = "mean",
+            seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Shapley effects of every unit to each augmentation variable and the image (spec A.6).
+
+    The players are the variables (a variable's parameters move together) and the image column;
+    :func:`unitscope.stats.shapley.shapley_effects` draws the design, and each permutation's
+    ``players · n_outer · n_inner`` rows are augmented and run through the model in batches.
+
+    Returns:
+        Table ``layer, unit, variable, shapley`` (effects sum to 1 per unit; NaN for constant units).
+    """
+    from ..engine import resolve_device
+    from ..stats.shapley import shapley_effects
+
+    dev = resolve_device(device)
+    names = resolve_layers(model, layers)
+    model.eval().to(dev)
+    aug = Augmenter(variables, channels=_item(data, 0).shape[0])
+
+    def f(u: torch.Tensor) -> torch.Tensor:
+        idx = design_images(u[:, -1], len(data))
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        imgs = torch.stack([_item(data, int(i)) for i in uniq]).to(dev)[inverse.to(dev)]
+        out = _outputs(model, names, reduce, aug(imgs, u[:, :-1]), batch_size)
+        return torch.cat([out[k] for k in names], 1)
+
+    groups = [list(g) for g in aug.groups] + [[aug.d]]
+    r = shapley_effects(f, aug.d + 1, n_perm=n_perm, n_outer=n_outer, n_inner=n_inner, seed=seed,
+                        groups=groups)
+    sizes = [v.shape[1] for v in _outputs(model, names, reduce, _subset(data, 1, seed).to(dev), 1).values()]
+    frames, start = [], 0
+    players = [*aug.names, "image"]
+    for key, size in zip(names, sizes):
+        eff = r.effects[:, start:start + size].numpy()
+        start += size
+        frames.append(pd.DataFrame({"layer": key, "unit": np.repeat(np.arange(size), len(players)),
+                                    "variable": np.tile(players, size), "shapley": eff.T.reshape(-1)}))
+    return pd.concat(frames, ignore_index=True)

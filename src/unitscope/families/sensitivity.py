@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 DEFAULT_VARIABLES = ["brightness", "contrast", "saturation", "hue", "hflip", "rotation"]
 KEYS["sensitivity"] = {"split": "test", "variables": None, "n": 256, "layers": None, "reduce": "mean",
                        "bootstrap": 100, "second_order": False, "batch_size": 256, "lda": True,
-                       "masking": False, "mask_fraction": 0.1, "mask_index": "ST", "mask_samples": 512}
+                       "lda_repeats": 10, "masking": False, "mask_fraction": 0.1, "mask_index": "ST", "mask_samples": 512,
+                       "contrast": False, "contrast_images": 256, "contrast_draws": 4,
+                       "shapley": False, "shapley_permutations": 64, "shapley_outer": 16, "shapley_inner": 4}
 LIST_KEYS.update({"variables"})
 
 
@@ -79,7 +81,8 @@ def parse_variables(specs: list[str]) -> list[Any]:
 
 @EXPERIMENTS.register("sensitivity")
 def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
-    """Sobol' indices of every unit to augmentations; with ``masking``, guided masking predictions."""
+    """Sobol' indices of every unit to augmentations; optionally guided masking, the one-at-a-time
+    Wilcoxon contrast and Shapley effects (tables ``sensitivity_masking``, ``_contrast``, ``_shapley``)."""
     from ..analyses.sensitivity import Sensitivity, sensitivity
     from ..augment import AugmentError
     from ..data import load_dataset
@@ -98,7 +101,7 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
     run = sensitivity(model, data, analysis=analysis, batch_size=config["batch_size"],
                       device=config["device"], progress=progress, config=config)
     if config["reduce"] == "map" and config["lda"]:
-        run.tables["sensitivity_lda"] = lda_table(run)
+        run.tables["sensitivity_lda"] = lda_table(run, repeats=config["lda_repeats"])
     if config["masking"]:
         from ..analyses.masking import guided_masking
 
@@ -106,10 +109,25 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
             model, data, run.table("sensitivity"), fraction=config["mask_fraction"],
             index=config["mask_index"], samples=config["mask_samples"], seed=config["seed"],
             batch_size=config["batch_size"], device=config["device"])
+    variables, layers = analysis.config()["variables"], run.manifest["layers"]
+    reduce = "mean" if config["reduce"] == "map" else config["reduce"]
+    if config["contrast"]:
+        from ..analyses.sensitivity import contrast
+
+        run.tables["sensitivity_contrast"] = contrast(
+            model, data, variables, layers, images=config["contrast_images"], draws=config["contrast_draws"],
+            reduce=reduce, seed=config["seed"], batch_size=config["batch_size"], device=config["device"])
+    if config["shapley"]:
+        from ..analyses.sensitivity import shapley
+
+        run.tables["sensitivity_shapley"] = shapley(
+            model, data, variables, layers, n_perm=config["shapley_permutations"],
+            n_outer=config["shapley_outer"], n_inner=config["shapley_inner"], reduce=reduce,
+            seed=config["seed"], batch_size=config["batch_size"], device=config["device"])
     run.save(target)
 
 
-def lda_table(run: Run) -> pd.DataFrame:
+def lda_table(run: Run, repeats: int = 10) -> pd.DataFrame:
     """LDA accuracy of telling the variable from a channel's S1 and ST maps, per layer (map runs)."""
     from ..analyses.sensitivity import lda_signature
 
@@ -121,7 +139,7 @@ def lda_table(run: Run) -> pd.DataFrame:
             maps = arrays[f"{layer}/{index}"]
             if maps.dim() != 4 or maps.shape[1] < 5:
                 continue
-            acc, _ = lda_signature(maps, n_repeats=5)
+            acc, _ = lda_signature(maps, n_repeats=repeats)
             rows.append((layer, index, acc, 1 / maps.shape[0]))
     return pd.DataFrame(rows, columns=["layer", "index", "lda_accuracy", "chance"])
 

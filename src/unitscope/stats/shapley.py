@@ -40,7 +40,8 @@ def permutations(d: int, n_perm: int, generator: torch.Generator) -> torch.Tenso
 
 
 def shapley_effects(f: Callable[[torch.Tensor], torch.Tensor], d: int, n_perm: int = 64,
-                    n_outer: int = 16, n_inner: int = 4, seed: int = 0) -> ShapleyResult:
+                    n_outer: int = 16, n_inner: int = 4, seed: int = 0,
+                    groups: list[list[int]] | None = None) -> ShapleyResult:
     """Shapley effects of every output of ``f`` with respect to its ``d`` independent U(0, 1) inputs.
 
     Args:
@@ -50,9 +51,12 @@ def shapley_effects(f: Callable[[torch.Tensor], torch.Tensor], d: int, n_perm: i
         n_perm: permutations (all of them when ``d! <= n_perm``).
         n_outer, n_inner: outer and inner draws per position (``n_inner >= 2``).
         seed: seeds the permutations and the draws.
+        groups: the columns of each player (default: one per column); a group's columns are
+            fixed or varied together, so its effect is the group's own Shapley effect (not the
+            sum of its members' effects).
 
     Returns:
-        A :class:`ShapleyResult`; ``effects`` sum to 1 over the inputs (NaN for constant outputs).
+        A :class:`ShapleyResult`; ``effects`` ``(players, ...)`` sum to 1 (NaN for constant outputs).
 
     Example:
         >>> r = shapley_effects(lambda x: x[:, 0] + 2 * x[:, 1], d=2, n_outer=4096, n_inner=4)
@@ -63,22 +67,29 @@ def shapley_effects(f: Callable[[torch.Tensor], torch.Tensor], d: int, n_perm: i
         raise ValueError("d, n_perm and n_outer must be >= 1")
     if n_inner < 2:
         raise ValueError(f"n_inner={n_inner}: an inner variance needs at least 2 draws")
+    groups = [[j] for j in range(d)] if groups is None else groups
+    owner = torch.full((d,), -1, dtype=torch.long)
+    for g, cols in enumerate(groups):
+        owner[cols] = g
+    if (owner < 0).any() or sum(len(c) for c in groups) != d:
+        raise ValueError(f"groups must split the columns 0..{d - 1} into disjoint lists, got {groups}")
+    p = len(groups)
     gen = torch.Generator().manual_seed(seed)
-    perms = permutations(d, n_perm, gen)
+    perms = permutations(p, n_perm, gen)
     values: torch.Tensor | float = 0.0
     total: torch.Tensor | float = 0.0
-    pos = torch.arange(d)
+    pos = torch.arange(p)
     for perm in perms:
-        # rank[k] = position of input k in this ordering; at step i the inputs with rank <= i vary
-        rank = torch.empty(d, dtype=torch.long)
+        # rank[g] = position of player g in this ordering; at step i the players with rank <= i vary
+        rank = torch.empty(p, dtype=torch.long)
         rank[perm] = pos
-        outer = torch.rand(d, n_outer, 1, d, generator=gen, dtype=torch.float64)
-        inner = torch.rand(d, n_outer, n_inner, d, generator=gen, dtype=torch.float64)
-        varies = rank[None, None, None, :] <= pos[:, None, None, None]
+        outer = torch.rand(p, n_outer, 1, d, generator=gen, dtype=torch.float64)
+        inner = torch.rand(p, n_outer, n_inner, d, generator=gen, dtype=torch.float64)
+        varies = rank[owner][None, None, None, :] <= pos[:, None, None, None]
         x = torch.where(varies, inner, outer.expand_as(inner))
         y = f(x.reshape(-1, d)).double()
-        y = y.reshape(d, n_outer, n_inner, *y.shape[1:])
-        cost = y.var(dim=2, correction=1).mean(dim=1)  # (d positions, ...)
+        y = y.reshape(p, n_outer, n_inner, *y.shape[1:])
+        cost = y.var(dim=2, correction=1).mean(dim=1)  # (positions, ...)
         gain = cost - torch.cat([torch.zeros_like(cost[:1]), cost[:-1]])
         contrib = torch.zeros_like(gain)
         contrib[perm] = gain
@@ -86,5 +97,5 @@ def shapley_effects(f: Callable[[torch.Tensor], torch.Tensor], d: int, n_perm: i
         total = total + cost[-1]
     values, total = torch.as_tensor(values) / len(perms), torch.as_tensor(total) / len(perms)
     safe = torch.where(total > 0, total, math.nan)
-    evaluations = len(perms) * d * n_outer * n_inner
+    evaluations = len(perms) * p * n_outer * n_inner
     return ShapleyResult(values / safe, values, total, evaluations)
