@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_VARIABLES = ["brightness", "contrast", "saturation", "hue", "hflip", "rotation"]
 KEYS["sensitivity"] = {"split": "test", "variables": None, "n": 256, "layers": None, "reduce": "mean",
                        "bootstrap": 100, "second_order": False, "batch_size": 256, "lda": True,
-                       "lda_repeats": 10, "masking": False, "mask_fraction": 0.1, "mask_index": "ST", "mask_samples": 512,
+                       "lda_repeats": 10, "masking": False, "mask_fraction": 0.1, "mask_index": "ST",
+                       "mask_samples": 512,
                        "contrast": False, "contrast_images": 256, "contrast_draws": 4,
                        "shapley": False, "shapley_permutations": 64, "shapley_outer": 16, "shapley_inner": 4}
 LIST_KEYS.update({"variables"})
