@@ -351,7 +351,8 @@ def test_topk_properties():
     # set semantics: the same top-2 set in another order is the same pattern
     assert TKNP(k=2).update(torch.tensor([[3.0, 2.0, 0.0], [2.0, 3.0, 0.0]])) == 1.0
     assert topk_mask(torch.tensor([[1.0, 1.0, 1.0]]), 1).tolist() == [[True, False, False]]
-    assert pack_rows(torch.tensor([[True] + [False] * 8])).tolist() == [[128, 0]]
+    assert pack_rows(torch.tensor([[True] + [False] * 64, [False] * 63 + [True, True]])).tolist() == [
+        [1, 0], [-(2**63), 1]]
     layered = TKNP(k=1, mode="layer")
     layered.update({"a": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "b": torch.tensor([[1.0, 0.0], [1.0, 0.0]])})
     assert layered.layer_values() == {"a": 2.0, "b": 1.0} and layered.value() == 3.0

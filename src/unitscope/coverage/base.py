@@ -454,17 +454,23 @@ def topk_mask(v: torch.Tensor, k: int) -> torch.Tensor:
     return (gt | (eq & (eq.cumsum(1) <= need))) & ~nan
 
 
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
+#: bit j of a 64-unit word has weight 2**j; bit 63 wraps to the sign bit (two's complement)
+_BIT_WEIGHTS = torch.tensor([1 << j for j in range(63)] + [-(1 << 63)], dtype=torch.int64)
 
 
 def pack_rows(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean ``(n, m)`` mask into ``(n, ceil(m / 8))`` uint8 bytes (exact pattern keys)."""
+    """Pack a boolean ``(n, m)`` mask into ``(n, ceil(m / 64))`` int64 words (exact pattern keys).
+
+    Example:
+        >>> pack_rows(torch.tensor([[True, False, True] + [False] * 61 + [True]])).tolist()
+        [[5, 1]]
+    """
     n, m = mask.shape
-    pad = (-m) % 8
-    b = mask.to(torch.int32)
+    pad = (-m) % 64
+    b = mask.to(torch.int64)
     if pad:
         b = torch.cat([b, b.new_zeros(n, pad)], dim=1)
-    return (b.view(n, -1, 8) * _BIT_WEIGHTS.to(b.device)).sum(-1).to(torch.uint8)
+    return (b.view(n, -1, 64) * _BIT_WEIGHTS.to(b.device)).sum(-1)
 
 
 def union_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

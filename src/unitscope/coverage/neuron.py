@@ -139,8 +139,9 @@ class TKNP(Criterion):
     """Top-k neuron patterns (DeepGauge): the number of distinct top-k patterns seen (a count).
 
     The pattern of an input is, for every layer, the *set* of its k largest units (ties to the
-    smaller index). Patterns are kept as exact bit-packed keys (no string keys, no hashing), in a
-    tensor of distinct rows, so the state grows with the number of distinct patterns.
+    smaller index). Patterns are kept as exact bit-packed keys (64 units per int64 word; no string
+    keys, no hashing) in a tensor of distinct rows, so the state grows with the number of distinct
+    patterns.
 
     Args:
         k: units per layer; 10 as in SEED (default), 50 in the anchor's fuzzing, 3 in DeepImportance.
@@ -166,11 +167,12 @@ class TKNP(Criterion):
 
     def _start(self) -> None:
         if self.mode == "network":
-            width = (sum(self._units.values()) + 7) // 8
-            self._sh["patterns"] = torch.zeros(0, width, dtype=torch.uint8)
+            width = (sum(self._units.values()) + 63) // 64
+            self._sh["patterns"] = torch.zeros(0, width, dtype=torch.int64)
         else:
             for layer in self._layers:
-                self._st[layer]["patterns"] = torch.zeros(0, (self._units[layer] + 7) // 8, dtype=torch.uint8)
+                words = (self._units[layer] + 63) // 64
+                self._st[layer]["patterns"] = torch.zeros(0, words, dtype=torch.int64)
 
     def _update_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
         masks = {k: topk_mask(t, self.k) for k, t in layers.items()}
