@@ -375,3 +375,16 @@ def test_units_on_one_image_share_a_sweep_with_the_same_result(layer, locs):
         torch.testing.assert_close(shared.grid[i], alone.grid[0], rtol=1e-6, atol=1e-7)
     assert torch.equal(shared.grid[1], shared.grid[3])  # the same unit twice
     assert not torch.equal(shared.grid[0], shared.grid[1])
+
+
+def test_more_bad_input():
+    model = tiny_cnn()
+    image = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="no images"):
+        occlusion_maps(model, "conv2", image[:0], torch.tensor([], dtype=torch.int64), device="cpu")
+    with pytest.raises(ValueError, match="one unit per image"):
+        occlusion_maps(model, "conv2", image, torch.tensor([0]), device="cpu")
+    with pytest.raises(ValueError, match="one id per image"):
+        occlusion_maps(model, "conv2", image, torch.tensor([0, 1]), image_ids=torch.tensor([0]), device="cpu")
+    with pytest.raises(ValueError, match="float tensor"):
+        occlusion_maps(model, "conv2", image.long(), torch.tensor([0, 1]), device="cpu")

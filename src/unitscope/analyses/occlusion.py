@@ -304,7 +304,11 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
     units = torch.as_tensor(units, dtype=torch.int64).reshape(-1)
     if units.shape[0] != m:
         raise ValueError(f"units has {units.shape[0]} entries for {m} images; give one unit per image")
-    ids = torch.arange(m) if image_ids is None else torch.as_tensor(image_ids, dtype=torch.int64)
+    if m == 0:
+        raise ValueError("no images given: pass at least one (image, unit) pair")
+    ids = torch.arange(m) if image_ids is None else torch.as_tensor(image_ids, dtype=torch.int64).reshape(-1)
+    if ids.shape[0] != m:
+        raise ValueError(f"image_ids has {ids.shape[0]} entries for {m} images; give one id per image")
     dev = resolve_device(device)
     layer_module(model, layer)
     rf = None
@@ -319,12 +323,8 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
     model.eval().to(dev)
     try:
         x = images.to(dev)
-        out0 = torch.cat([truncated_forward(model, layer, x[i:i + batch_size])
-                          for i in range(0, m, batch_size)])
         units_d = units.to(dev)
-        loc = _locations(out0, units_d, locations, layer)
-        spatial = out0.dim() == 4
-        a0 = _readout(units_d, loc[:, 0], loc[:, 1])(out0)
+        a0, loc, spatial = _baseline(model, layer, x, units_d, locations, batch_size)
         if rf is not None and spatial:
             box, reach = _local_geometry(rf, loc, pos.to(dev), occluder, (h, w))
         else:
@@ -345,6 +345,25 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
     return OcclusionMaps(grid=grid, evaluated=reach.reshape(m, ny, nx).cpu(),
                          maps=pixel_maps(grid, occluder, stride, (h, w)), baseline=a0.cpu(),
                          units=units, locations=loc.cpu(), occluder=occluder, stride=stride)
+
+
+def _baseline(model: nn.Module, layer: str, x: torch.Tensor, units: torch.Tensor,
+              locations: torch.Tensor | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The unoccluded activation and location of every pair, and whether the layer has a 2-D map;
+    only those values are kept from each batch's output, not the maps."""
+    given = None if locations is None else torch.as_tensor(locations).to(x.device).reshape(len(x), -1)
+    values, locs, spatial = [], [], []
+    for i in range(0, len(x), batch_size):
+        part = slice(i, i + batch_size)
+
+        def pick(t: torch.Tensor, part: slice = part) -> torch.Tensor:
+            loc = _locations(t, units[part], None if given is None else given[part], layer)
+            locs.append(loc)
+            spatial.append(t.dim() == 4)
+            return _readout(units[part], loc[:, 0], loc[:, 1])(t)
+
+        values.append(truncated_forward(model, layer, x[part], pick))
+    return torch.cat(values), torch.cat(locs), spatial[0]
 
 
 def _locations(out0: torch.Tensor, units: torch.Tensor, locations: torch.Tensor | None,
