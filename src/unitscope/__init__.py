@@ -12,9 +12,10 @@ One streaming pass over a dataset feeds mergeable accumulators for every request
 
 __version__ = "0.1.0"
 
+from . import coverage
 from .analyses import ANALYSES, Analysis, Batch, Moments, Saturation, SaturationTracker, projected_accuracy
 from .analyses.cka import CKA, cka_between
-from .analyses.coverage import Coverage, coverage
+from .analyses.coverage import Coverage
 from .analyses.evaluation import evaluate_classifier
 from .analyses.flops import flops, flops_total
 from .analyses.importance import idc
