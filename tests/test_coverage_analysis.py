@@ -80,6 +80,13 @@ def test_one_pass_equals_the_criteria_fed_by_hand(model, train_data, test_data, 
             assert rows[layer] == pytest.approx(value, abs=1e-12), (name, layer)
     fractions = table[~table.criterion.isin(["tknp", "cc"])]
     assert fractions.value.between(0, 1).all()
+    diagnostics = run.table("coverage_diagnostics").set_index(["criterion", "diagnostic"])["value"]
+    for name in ("lsc", "dsc", "mdsc"):
+        expected = criterion(name).fit(train_acts, train_pred)
+        expected.update(test_acts, test_pred)
+        for key, value in expected.diagnostics().items():
+            assert diagnostics[(name, key)] == value
+    assert diagnostics[("kmnc", "degenerate")] >= 0
     assert hook_counts(model) == 0
 
 

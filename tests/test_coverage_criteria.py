@@ -298,6 +298,15 @@ def test_propose_leaves_state_and_commit_adopts_it():
     assert nc.value() == pytest.approx(2 / 3)
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k1=st.integers(1, 8), k2=st.integers(1, 8))
+def test_tknc_monotone_in_k(seed, k1, k2):
+    lo, hi = sorted((k1, k2))
+    g = torch.Generator().manual_seed(seed)
+    acts = {"a": torch.randn(6, 5, generator=g), "b": (torch.randn(6, 7, generator=g) * 2).round()}  # ties
+    assert TKNC(k=lo).update(acts) <= TKNC(k=hi).update(acts)
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), t1=st.floats(-1, 1.2), t2=st.floats(-1, 1.2),
        scale=st.sampled_from(["layer_minmax", "none", "map_minmax"]))

@@ -112,7 +112,9 @@ class Coverage(Analysis):
             argmax, as in SADL) or ``"label"`` (the dataset label, as the anchor).
 
     Tables: ``coverage`` (criterion, layer, value; layer ``"all"`` is the criterion's value over
-    all layers) and ``coverage_curve`` (criterion, n_inputs, value after every batch).
+    all layers), ``coverage_curve`` (criterion, n_inputs, value after every batch) and
+    ``coverage_diagnostics`` (criterion, diagnostic, value: KMNC's degenerate units, the surprise
+    criteria's kept units, ridged classes and underflow / overflow / dropped inputs).
     """
 
     name = "coverage"
@@ -259,14 +261,18 @@ class Coverage(Analysis):
 
     # ------------------------------------------------------------------ results
     def tables(self) -> dict[str, pd.DataFrame]:
-        """``coverage`` (criterion, layer, value) and ``coverage_curve`` (criterion, n_inputs, value)."""
+        """``coverage``, ``coverage_curve`` and ``coverage_diagnostics`` (see the class docstring)."""
         rows = []
         for k, c in self.criteria.items():
             rows.append({"criterion": k, "layer": "all", "value": c.value()})
             rows += [{"criterion": k, "layer": layer, "value": v} for layer, v in c.layer_values().items()]
         table = pd.DataFrame(rows, columns=["criterion", "layer", "value"])
         curve = self.accumulators["curve"].compute()
-        return {"coverage": table, "coverage_curve": curve}
+        diagnostics = pd.DataFrame(
+            [{"criterion": k, "diagnostic": name, "value": v}
+             for k, c in self.criteria.items() for name, v in c.diagnostics().items()],
+            columns=["criterion", "diagnostic", "value"])
+        return {"coverage": table, "coverage_curve": curve, "coverage_diagnostics": diagnostics}
 
 
 def _seen(a: Coverage) -> int:
