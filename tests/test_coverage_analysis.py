@@ -150,6 +150,24 @@ def test_coverage_function_and_criteria_without_profile(model, train_data, test_
     assert sorted(two.table("coverage").layer.unique()) == ["all", "fc", "relu3"]
 
 
+def test_surprise_layers_give_the_surprise_criteria_their_own_trace(model, train_data, test_data, tmp_path):
+    cov = Coverage(["nc", "mdsc", "lsc"], layers=["conv1", "conv2"], surprise_layers=["conv3"],
+                   class_source="label")
+    cov.fit(model, train_data, device="cpu", progress=False)
+    assert cov.layers == ["conv1", "conv2", "conv3"]
+    assert cov.criteria["nc"].layers == [] and cov.criteria["mdsc"].layers == ["conv3"]
+    run = _run(model, test_data, cov, out=tmp_path / "run")
+    table = run.table("coverage")
+    assert sorted(table[table.criterion == "nc"].layer) == ["all", "conv1", "conv2"]
+    train_acts, train_y = _acts(model, train_data, ["conv3"])
+    test_acts, test_y = _acts(model, test_data, ["conv3"])
+    for name in ("mdsc", "lsc"):
+        by_hand = criterion(name).fit(train_acts, train_y)
+        by_hand.update(test_acts, test_y)
+        assert table[table.criterion == name].value.item() == by_hand.value()
+    assert unitscope.load_run(tmp_path / "run").analysis("coverage").config() == cov.config()
+
+
 def test_map_minmax_captures_whole_maps(model, test_data):
     cov = Coverage([NC(threshold=0.5, scale="map_minmax")], layers=["conv1", "conv2"])
     assert cov.reduce == "none"
@@ -174,7 +192,7 @@ def test_bad_input(model, train_data, test_data):
         _run(model, test_data, Coverage(["kmnc"], layers=["fc"]))
     fitted = Coverage(["kmnc"], layers=["fc"]).fit(model, train_data, device="cpu", progress=False)
     fitted.layers = ["conv3"]
-    with pytest.raises(ValueError, match=r"fitted on layers \['fc'\] but this pass captures \['conv3'\]"):
+    with pytest.raises(ValueError, match=r"fitted on layers \['fc'\] but this pass gives it \['conv3'\]"):
         _run(model, test_data, fitted)
     with pytest.raises(ValueError, match="use reduce='mean'"):
         Coverage([NC(scale="map_minmax"), "tknc"], reduce="max")

@@ -437,6 +437,8 @@ def test_kde_and_covariance_with_too_few_samples():
         DSC(min_var=0.0).fit(DSA_TRAIN).update(DSA_TEST)
     with pytest.raises(ValueError, match="max_train"):
         LSC(max_train=5).fit(torch.randn(6, 2))
+    with pytest.raises(ValueError, match="surprise_layers"):  # 40000² float64 > 4 GiB: refused up front
+        MDSC().fit(torch.zeros(1, 40000, dtype=torch.float16))
 
 
 def test_shape_mismatch_between_fit_and_update():

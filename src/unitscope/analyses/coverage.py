@@ -110,6 +110,9 @@ class Coverage(Analysis):
             an ``NC(scale="map_minmax")`` criterion makes the capture keep whole maps.
         class_source: the class of an input for LSC/DSC/MDSC: ``"pred"`` (default, the model's
             argmax, as in SADL) or ``"label"`` (the dataset label, as the anchor).
+        surprise_layers: the layers whose concatenated units form the activation trace of
+            LSC/DSC/MDSC (default: ``layers``). SADL uses one deep layer; LSC and MDSC keep a
+            d × d matrix per class, so on wide networks name a few layers here.
 
     Tables: ``coverage`` (criterion, layer, value; layer ``"all"`` is the criterion's value over
     all layers), ``coverage_curve`` (criterion, n_inputs, value after every batch) and
@@ -121,8 +124,11 @@ class Coverage(Analysis):
 
     def __init__(self, criteria: Sequence[str | Criterion] = DEFAULT_CRITERIA,
                  layers: LayerSpec | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
-                 reduce: Reduction = "mean", class_source: str = "pred") -> None:
+                 reduce: Reduction = "mean", class_source: str = "pred",
+                 surprise_layers: LayerSpec | None = None) -> None:
         super().__init__(layers)
+        self.coverage_layers = layers
+        self.surprise_layers = surprise_layers
         if isinstance(criteria, (str, Criterion)):
             criteria = [criteria]
         options = {str(k).lower(): dict(v) for k, v in (options or {}).items()}
@@ -154,6 +160,11 @@ class Coverage(Analysis):
                              "by their spatial mean; use reduce='mean', or measure NC in its own Coverage")
         self.reduce = "none" if maps else reduce
         self.needs_output = class_source == "pred" and any(c.needs_classes for c in built)
+        if surprise_layers is not None:
+            if not any(c.needs_classes for c in built):
+                raise ValueError("surprise_layers is given but none of the criteria is LSC, DSC or MDSC")
+            if _names(layers) and _names(surprise_layers):  # rebuilt from a saved run; else fit() resolves
+                self.layers = list(dict.fromkeys([*layers, *surprise_layers]))  # type: ignore[misc]
         self.accumulators = {**{c.key: c for c in built}, "curve": CoverageCurve(self.names)}
         self._keys: list[str] | None = None
 
@@ -164,7 +175,8 @@ class Coverage(Analysis):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (criteria by name, their options, JSON-able)."""
-        return {**super().config(), "criteria": list(self.criteria),
+        return {**super().config(), "layers": self.coverage_layers, "surprise_layers": self.surprise_layers,
+                "criteria": list(self.criteria),
                 "options": {k: c.config() for k, c in self.criteria.items()},
                 "reduce": self.reduce_option, "class_source": self.class_source}
 
@@ -178,11 +190,18 @@ class Coverage(Analysis):
         """
         from ..engine import analyze
 
-        if self.layers is None:
+        if self.coverage_layers is None:
             names = [n for n, m in model.named_modules() if n and isinstance(m, DEFAULT_MODULES)]
             if not names:
                 raise ValueError(f"{type(model).__name__} has no Conv/Linear module; name the layers to "
                                  "cover with Coverage(layers=...)")
+        else:
+            names = resolve_layers(model, self.coverage_layers)
+        self.coverage_layers = names
+        if self.surprise_layers is not None:
+            self.surprise_layers = resolve_layers(model, self.surprise_layers)
+            self.layers = resolve_layers(model, [*names, *self.surprise_layers])
+        else:
             self.layers = names
         todo = {k: c for k, c in self.criteria.items() if c.needs_fit}
         if todo:
@@ -214,18 +233,25 @@ class Coverage(Analysis):
                 raise ValueError(f"Coverage criterion {k!r} needs a profile of training data: call "
                                  f"Coverage(...).fit(model, train_data) before analyze (or use "
                                  "unitscope.analyses.coverage.coverage())")
-            if c.layers and set(c.layers) != set(keys):
+            want = self._layers_of(c, keys)
+            if c.layers and set(c.layers) != set(want):
                 raise ValueError(f"Coverage criterion {k!r} was fitted on layers {c.layers} but this pass "
-                                 f"captures {keys}; use the same model and layers for fit and analyze")
+                                 f"gives it {want}; use the same model and layers for fit and analyze")
         self._keys = list(keys)
+
+    def _layers_of(self, c: Criterion, keys: list[str]) -> list[str]:
+        """The captured layers criterion ``c`` covers (surprise criteria may use their own)."""
+        if self.surprise_layers is None:
+            return keys
+        chosen = self.surprise_layers if c.needs_classes else self.coverage_layers
+        return list(chosen)  # type: ignore[arg-type]
 
     def update(self, acts: Mapping[str, torch.Tensor], batch: Batch) -> None:
         """Update every criterion from this batch's activations; record the curve."""
         keys = self._keys if self._keys is not None else list(acts)
-        sub = {k: acts[k] for k in keys}
         classes = self._classes(batch) if any(c.needs_classes for c in self.criteria.values()) else None
         for c in self.criteria.values():
-            c.update(sub, classes)
+            c.update({k: acts[k] for k in self._layers_of(c, keys)}, classes)
         self.accumulators["curve"].append(len(batch.x), [c.value() for c in self.criteria.values()])
 
     def merge(self, other: Analysis) -> Analysis:
@@ -275,6 +301,11 @@ class Coverage(Analysis):
         return {"coverage": table, "coverage_curve": curve, "coverage_diagnostics": diagnostics}
 
 
+def _names(spec: LayerSpec | None) -> bool:
+    """Whether a layer selection is already a list of module names."""
+    return isinstance(spec, (list, tuple)) and all(isinstance(x, str) for x in spec)
+
+
 def _seen(a: Coverage) -> int:
     curve = a.accumulators["curve"]
     return int(curve._states["n_inputs"][-1]) if curve.initialized else 0
@@ -300,10 +331,9 @@ class _Profile(Analysis):
 
     def update(self, acts: Mapping[str, torch.Tensor], batch: Batch) -> None:
         """Fold the batch into every profile."""
-        sub = {k: acts[k] for k in self._keys}
         classes = self.owner._classes(batch) if any(c.needs_classes for c in self.criteria.values()) else None
         for c in self.criteria.values():
-            c.fit(sub, classes)
+            c.fit({k: acts[k] for k in self.owner._layers_of(c, self._keys)}, classes)
 
     def sync(self) -> None:
         """Merge the profiles of every rank (each saw its own shard of the training data)."""
@@ -317,14 +347,15 @@ class _Profile(Analysis):
 
 def coverage(model: nn.Module, train_data: Dataset | None, test_data: Dataset,
              layers: LayerSpec | None = None, criteria: Sequence[str | Criterion] = DEFAULT_CRITERIA,
-             options: Mapping[str, Mapping[str, Any]] | None = None, **analyze_options: Any) -> Run:
+             options: Mapping[str, Mapping[str, Any]] | None = None, surprise_layers: LayerSpec | None = None,
+             **analyze_options: Any) -> Run:
     """Fit the coverage criteria on ``train_data``, then measure them on ``test_data`` (two passes).
 
     Args:
         model: the network.
         train_data: the build set (may be None when no criterion needs a profile).
         test_data: the inputs whose coverage is measured.
-        layers, criteria, options: as in :class:`Coverage`.
+        layers, criteria, options, surprise_layers: as in :class:`Coverage`.
         **analyze_options: passed to ``unitscope.analyze`` and to :meth:`Coverage.fit`
             (``batch_size``, ``device``, ``progress``) or to analyze only (``out``, ...).
 
@@ -333,7 +364,7 @@ def coverage(model: nn.Module, train_data: Dataset | None, test_data: Dataset,
     """
     from ..engine import analyze
 
-    cov = Coverage(criteria, layers=layers, options=options)
+    cov = Coverage(criteria, layers=layers, options=options, surprise_layers=surprise_layers)
     fit_options = {k: v for k, v in analyze_options.items() if k in ("batch_size", "device", "progress")}
     if train_data is not None:
         cov.fit(model, train_data, **fit_options)

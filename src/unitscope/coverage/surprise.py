@@ -344,6 +344,8 @@ class LSC(_StoredTraces):
         return {**super().config(), "bandwidth": self.bandwidth, "ridge": self.ridge}
 
     def _check_counts(self) -> None:
+        classes = torch.unique(self._sh["train_classes"]).numel()
+        _check_matrix_memory("LSC", classes, self._sh["train"].shape[1])
         if self.bandwidth != "scott":
             return
         classes, counts = torch.unique(self._sh["train_classes"], return_counts=True)
@@ -518,6 +520,7 @@ class MDSC(_Surprise):
         have = self._sh["count"].shape[0] if "count" in self._sh else 0
         if classes <= have:
             return
+        _check_matrix_memory("MDSC", classes, d)
         f64 = {"dtype": torch.float64, "device": device}
         extra = classes - have
         new = {"count": torch.zeros(extra, **f64), "mean": torch.zeros(extra, d, **f64),
@@ -613,3 +616,15 @@ def _cholesky(cov: torch.Tensor) -> torch.Tensor | None:
 def _rows_per_block(columns: int) -> int:
     """Rows per distance block so that a float64 block holds about 4 M entries (32 MB)."""
     return max(1, (1 << 22) // max(columns, 1))
+
+
+#: the most memory the per-class d × d matrices of LSC and MDSC may take
+MATRIX_BYTES = 4 << 30
+
+
+def _check_matrix_memory(name: str, classes: int, d: int) -> None:
+    need = classes * d * d * 8
+    if need > MATRIX_BYTES:
+        raise ValueError(f"{name} keeps a {d} × {d} float64 matrix for each of {classes} classes "
+                         f"({need / 2**30:.1f} GiB, more than {MATRIX_BYTES / 2**30:.0f} GiB); build the "
+                         "trace from fewer units, e.g. Coverage(surprise_layers=['<one deep layer>'])")
