@@ -212,6 +212,10 @@ def test_topk_experiment_writes_mosaics_and_report(tmp_path):
     config.write_text('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 400\n')
     with pytest.raises(ConfigError, match="k = 400 is larger than the dataset"):
         run_config(config, out=tmp_path / "runs2", progress=False)
+    config.write_text('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 2\n'
+                      'layers = ["relu1"]\nmosaics = ["relu3:0"]\n')
+    with pytest.raises(ConfigError, match="mosaics names layer 'relu3', which is not among the layers"):
+        run_config(config, out=tmp_path / "runs3", progress=False)
 
 
 def test_mosaic_with_discrepancy_overlay_row():

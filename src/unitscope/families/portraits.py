@@ -8,7 +8,6 @@ empirical receptive fields of a few units of ``shapes-cnn``).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,6 @@ import pandas as pd
 
 from ..experiments import EXPERIMENTS, KEYS, LIST_KEYS, ConfigError, write_table_run
 from ..report import SECTIONS, TABLE_SECTIONS
-
-log = logging.getLogger(__name__)
 
 KEYS["topk"] = {"split": "test", "layers": None, "k": 10, "reduce": "max", "batch_size": 256,
                 "calls": "error", "mosaics": 4, "mosaic_mode": "mark"}
@@ -61,6 +58,8 @@ def choose_units(spec: Any, topk: pd.DataFrame, layer: str) -> list[int]:
     if isinstance(spec, bool) or spec is None:
         raise ConfigError(f"units = {spec!r}: give a count (e.g. 4) or a list of units")
     if isinstance(spec, int):
+        if spec < 0:
+            raise ConfigError(f"units = {spec}: give a count >= 0")
         return sorted(rows.nlargest(spec, "value", keep="first")["unit"].astype(int).tolist())
     if isinstance(spec, list) and all(isinstance(u, int) and not isinstance(u, bool) for u in spec):
         width = int(topk[topk["layer"] == layer]["unit"].max()) + 1
@@ -76,6 +75,20 @@ def choose_units(spec: Any, topk: pd.DataFrame, layer: str) -> list[int]:
             raise ConfigError(str(exc)) from exc
         return [u for la, u in parsed if la == layer]
     raise ConfigError(f"units = {spec!r}: give a count, a list of channels or a list of 'layer:unit'")
+
+
+def _check_named_layers(spec: Any, layers: list[str], key: str) -> None:
+    """A list of ``"layer:unit"`` strings may only name layers that were ranked."""
+    from ..analyses.topk import parse_unit
+
+    if isinstance(spec, list) and all(isinstance(u, str) for u in spec):
+        try:
+            missing = sorted({parse_unit(u)[0] for u in spec} - set(layers))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if missing:
+            raise ConfigError(f"{key} names layer {missing[0]!r}, which is not among the layers ranked "
+                              f"({', '.join(layers)}); add it to layers")
 
 
 def _layers(model: Any, config: dict[str, Any]) -> list[str]:
@@ -101,9 +114,9 @@ def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
                   progress=progress, config=config)
     table = run.table("topk")
     spec = config["mosaics"]
-    units = []
+    _check_named_layers(spec, layers, "mosaics")
     if isinstance(spec, int) and not isinstance(spec, bool):
-        units = [(layers[-1], u) for u in choose_units(spec, table, layers[-1])] if spec else []
+        units = [(layers[-1], u) for u in choose_units(spec, table, layers[-1])]
     else:
         units = [(la, u) for la in layers for u in choose_units(spec, table, la)]
     mosaics = unit_mosaics(model, data, table, units, mode=config["mosaic_mode"]) if units else {}
@@ -142,6 +155,7 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
                   num_workers=config["num_workers"], seed=config["seed"], progress=progress,
                   config=config)
     topk = run.table("topk")
+    _check_named_layers(config["units"], mapped, "units")
     tables, arrays = [], {}
     for layer in mapped:
         units = choose_units(config["units"], topk, layer)
