@@ -13,7 +13,9 @@ Each round runs, interleaved and in rotating order, in one process:
 
 Before timing, the unitscope matrix is compared with torch-cka's: torch-cka computes in float32 and
 unitscope in float64, so on wide ResNet maps they differ by up to ~1e-2 (the script stops above
-5e-2). Reported: median seconds per method and size, and the ratios to ``plain``.
+5e-2). Reported, for process CPU time (steady on a shared machine with ``--threads 1``) and wall
+time: median seconds per method and size, and the median over rounds of the ratio to ``plain``
+in the same round.
 
 Run:  python benchmarks/cka_speed.py [--sizes 64 256] [--batch 32] [--rounds 3] [--threads 2]
                                    [--image-size 224]
@@ -104,24 +106,30 @@ def main() -> None:
 
     methods = {"plain": plain, "torch-cka": torch_cka, "unitscope": ours,
                "unitscope-exact": lambda n: ours(n, exact=True)}
-    times: dict[tuple[str, int], list[float]] = {}
+    clocks = {"cpu": time.process_time, "wall": time.perf_counter}
+    times: dict[tuple[str, str, int], list[float]] = {}
     names = list(methods)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in args.sizes:
             for name in order:
-                t0 = time.perf_counter()
+                start = {k: f() for k, f in clocks.items()}
                 methods[name](n)
-                times.setdefault((name, n), []).append(time.perf_counter() - t0)
+                for k, f in clocks.items():
+                    times.setdefault((k, name, n), []).append(f() - start[k])
     print(f"resnet18 ×2 at {size}×{size}, {len(LAYERS)} layers, batch {args.batch}, {args.threads} threads, "
-          f"median of {args.rounds} rounds")
-    print(f"{'method':>16} " + " ".join(f"{f'n={n} s':>10} {'ratio':>6}" for n in args.sizes))
-    for name in names:
-        cells = []
-        for n in args.sizes:
-            t = statistics.median(times[(name, n)])
-            cells.append(f"{t:10.2f} {t / statistics.median(times[('plain', n)]):6.3f}")
-        print(f"{name:>16} " + " ".join(cells))
+          f"{args.rounds} rounds; ratio = median over rounds of (method / plain) in the same round")
+    for clock in clocks:
+        print(f"\n{clock} time (process CPU seconds are steadier on a shared machine)" if clock == "cpu"
+              else f"\n{clock} time")
+        print(f"{'method':>16} " + " ".join(f"{f'n={n} s':>10} {'ratio':>6}" for n in args.sizes))
+        for name in names:
+            cells = []
+            for n in args.sizes:
+                mine, base = times[(clock, name, n)], times[(clock, "plain", n)]
+                ratio = statistics.median(m / b for m, b in zip(mine, base))
+                cells.append(f"{statistics.median(mine):10.2f} {ratio:6.3f}")
+            print(f"{name:>16} " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ colour decorrelation, the standard transforms, ImageNet normalisation and Adam (
 lucent's images are kept at ``size`` (``fixed_image_size``), as unitscope does; lucent runs the
 whole network each step, unitscope stops the forward at the last target layer. lucent works on
 its own copy of the model, whose hooks are cleared after every call (lucent never removes them).
-Reported: median seconds per round, channel-steps per second and ratios to ``unitscope-batch``.
+Reported for process CPU time and wall time: median seconds per round, channel-steps per second
+and the median over rounds of the ratio to ``unitscope-batch``.
 
 Run:  python benchmarks/visualize_batch.py [--channels 16] [--steps 8] [--size 128] [--rounds 3]
 """
@@ -88,20 +89,25 @@ def main() -> None:
 
     methods = {"unitscope-batch": us_batch, "unitscope-separate": us_separate,
                "lucent-batch": lucent_batch, "lucent-separate": lucent_separate}
-    times: dict[str, list[float]] = {k: [] for k in methods}
+    clocks = {"cpu": time.process_time, "wall": time.perf_counter}
+    times: dict[tuple[str, str], list[float]] = {}
     names = list(methods)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
+            start = {k: f() for k, f in clocks.items()}
             methods[name]()
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["unitscope-batch"])
+            for k, f in clocks.items():
+                times.setdefault((k, name), []).append(f() - start[k])
     print(f"resnet18 {args.layer}, {args.channels} channels, {args.steps} steps at {args.size} px, "
           f"{args.threads} threads, median of {args.rounds} rounds")
-    print(f"{'method':>20} {'s':>8} {'channel-steps/s':>16} {'time / unitscope-batch':>23}")
-    for name in names:
-        t = statistics.median(times[name])
-        print(f"{name:>20} {t:8.2f} {args.channels * args.steps / t:16.2f} {t / base:23.2f}")
+    for clock in clocks:
+        base = times[(clock, "unitscope-batch")]
+        print(f"\n{clock} time")
+        print(f"{'method':>20} {'s':>8} {'channel-steps/s':>16} {'time / unitscope-batch':>23}")
+        for name in names:
+            t = statistics.median(times[(clock, name)])
+            ratio = statistics.median(m / b for m, b in zip(times[(clock, name)], base))
+            print(f"{name:>20} {t:8.2f} {args.channels * args.steps / t:16.2f} {ratio:23.2f}")
 
 
 if __name__ == "__main__":
