@@ -349,6 +349,18 @@ def test_range_properties():
     assert nbc.update(push) == pytest.approx(1 / 12)
 
 
+def test_boundary_margin_widens_the_corners_by_sigma():
+    build = torch.tensor([[0.0, 0.0], [2.0, 4.0]])  # sigma (population) = [1, 2]
+    test = torch.tensor([[2.5, -1.0], [3.5, 9.0]])
+    assert NBC().fit(build).update(test) == pytest.approx(3 / 4)
+    # margin 1: upper bounds [3, 6], lower bounds [-1, -2]: 3.5 > 3 and 9 > 6 hit, -1 is not < -1
+    nbc = NBC(margin=1.0).fit(build[:1]).fit(build[1:])  # moments streamed over two fits
+    assert nbc.std()["layer"].tolist() == [1.0, 2.0]
+    assert nbc.update(test) == pytest.approx(2 / 4)
+    assert SNAC(margin=1.0).fit(build).update(test) == 1.0
+    assert SNAC(margin=2.0).fit(build).update(test) == 0.5  # upper bounds [4, 8]
+
+
 def test_topk_properties():
     acts = {"a": torch.randn(1, 4), "b": torch.randn(1, 7)}
     assert TKNC(k=2).update(acts) == pytest.approx(4 / 11)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..stats.moments import chan_combine
 from .base import Criterion, nan_to, pack_rows, topk_mask, union_rows
 
 __all__ = ["KMNC", "NBC", "NC", "SNAC", "TKNC", "TKNP"]
@@ -208,26 +209,39 @@ class TKNP(Criterion):
 class _RangeCriterion(Criterion):
     """Criteria built on each unit's [lo, hi] over the training set (KMNC, NBC, SNAC).
 
-    The profile is a running min and max (NaN ignored), so it streams over any number of ``fit``
-    batches and merges exactly.
+    The profile is a running min and max, and count, mean and centred second moment (Chan et al.
+    update, float64) for NBC's and SNAC's ``margin``; NaN is ignored. It streams over any number
+    of ``fit`` batches and merges exactly (min/max) or to float tolerance (moments).
     """
 
     needs_fit = True
-    profile_fields = ("lo", "hi")
+    profile_fields = ("lo", "hi", "count", "mean", "m2")
 
     def _fit_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
         for layer, t in layers.items():
             v = t.double()
             lo, hi = nan_to(v, math.inf).amin(0), nan_to(v, -math.inf).amax(0)
+            finite = ~torch.isnan(v)
+            n = finite.sum(0).double()
+            mean = v.masked_fill(~finite, 0).sum(0) / n.clamp(min=1)
+            m2 = (v - mean).masked_fill(~finite, 0).square().sum(0)
             st = self._st[layer]
             if "lo" in st:
                 lo, hi = torch.minimum(st["lo"].to(lo.device), lo), torch.maximum(st["hi"].to(hi.device), hi)
-            st["lo"], st["hi"] = lo, hi
+                n, mean, m2 = chan_combine(st["count"].to(n.device), st["mean"].to(n.device),
+                                           st["m2"].to(n.device), n, mean, m2)
+            st["lo"], st["hi"], st["count"], st["mean"], st["m2"] = lo, hi, n, mean, m2
 
     def _merge_profile(self, other: Criterion) -> None:
         for layer in self._layers:
             st, ot = self._st[layer], other._st[layer]
             st["lo"], st["hi"] = torch.minimum(st["lo"], ot["lo"]), torch.maximum(st["hi"], ot["hi"])
+            st["count"], st["mean"], st["m2"] = chan_combine(st["count"], st["mean"], st["m2"],
+                                                             ot["count"], ot["mean"], ot["m2"])
+
+    def std(self) -> dict[str, torch.Tensor]:
+        """The training standard deviation of every unit (population, float64), by layer."""
+        return {k: (self._st[k]["m2"] / self._st[k]["count"].clamp(min=1)).sqrt() for k in self._layers}
 
     def ranges(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The fitted ``(lo, hi)`` of every unit, by layer (float64)."""
@@ -326,10 +340,32 @@ class NBC(_RangeCriterion):
 
     NBC = (|{units with some v > hi}| + |{units with some v < lo}|) / (2N), comparisons strict,
     [lo, hi] from the training set. NBC of the training set itself is 0.
+
+    Args:
+        margin: γ. The corners start at hi + γσ and lo − γσ, σ the unit's training standard
+            deviation (DeepGauge's widened bounds); 0 (default) as the anchor and DeepImportance.
     """
 
     key = "nbc"
     _corners = ("upper", "lower")
+
+    def __init__(self, margin: float = 0.0) -> None:
+        super().__init__()
+        if not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"{type(self).__name__}(margin={margin}): the margin must be finite and >= 0")
+        self.margin = float(margin)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments."""
+        return {"margin": self.margin}
+
+    def _bounds(self, layer: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self._st[layer]
+        lo, hi = st["lo"].to(device), st["hi"].to(device)
+        if self.margin:
+            width = self.margin * self.std()[layer].to(device)
+            lo, hi = lo - width, hi + width
+        return lo, hi
 
     def _start(self) -> None:
         for layer in self._layers:
@@ -341,10 +377,9 @@ class NBC(_RangeCriterion):
         for layer, t in layers.items():
             st = self._st[layer]
             v = t.double()
-            hi = st["hi"].to(t.device)
+            lo, hi = self._bounds(layer, t.device)
             st["upper"] = st["upper"].to(t.device) | ((v > hi) & torch.isfinite(hi)).any(0)
             if "lower" in self._corners:
-                lo = st["lo"].to(t.device)
                 st["lower"] = st["lower"].to(t.device) | ((v < lo) & torch.isfinite(lo)).any(0)
 
     def _merge_covered(self, other: Criterion) -> None:
@@ -367,7 +402,7 @@ class SNAC(NBC):
     """Strong neuron activation coverage (DeepGauge): units with some value above the training max.
 
     SNAC = |{units with some v > hi}| / N (strict). SNAC of the training set itself is 0, and
-    SNAC <= 2 · NBC on the same data.
+    SNAC <= 2 · NBC on the same data. ``margin`` γ moves the bound to hi + γσ, as in :class:`NBC`.
     """
 
     key = "snac"
