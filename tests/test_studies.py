@@ -172,3 +172,20 @@ def test_family_experiment_types_and_report_sections(tmp_path, setup):
     assert "id='idc'" in page and "id='attribution'" in page
     assert page.count("data:image/png") == 3  # IDC per layer, important units, heatmaps
     assert family.default_layers(model) == ["conv1", "conv2", "conv3"]
+
+
+def test_coverage_experiment_type_when_the_criteria_exist(tmp_path):
+    from unitscope.experiments import run_config
+    from unitscope.families import coverage as family
+    from unitscope.report import write_report
+    from unitscope.results import load_run
+
+    if not family.HAS_CRITERIA:
+        pytest.skip("unitscope.analyses.coverage (the ten criteria) is not installed")
+    config = tmp_path / "cov.toml"
+    config.write_text('experiment = "coverage"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+                      'criteria = ["nc", "tknc"]\nlayers = ["conv2", "conv3"]\n')
+    ((run_dir, _),) = run_config(config, out=tmp_path / "runs", progress=False)
+    table = load_run(run_dir).table("coverage")
+    assert set(table["criterion"]) == {"nc", "tknc"}
+    assert "id='coverage'" in write_report(run_dir).read_text()
