@@ -232,3 +232,31 @@ def test_mosaic_with_discrepancy_overlay_row():
     assert torch.allclose(heat[0, :, 0, 0], torch.full((3,), 0.3))  # elsewhere the dimmed image
     with pytest.raises(ValueError, match="maps must be"):
         mosaic(images, torch.tensor([[0, 3, 0, 3]] * 3), maps=maps[:2])
+
+
+def _topk_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        unitscope.analyze(unitscope.load_model("digits-cnn"), unitscope.load_dataset("digits", "test"),
+                          layers=["relu2", "fc"], analyses=[TopK(k=6)], batch_size=64, progress=False,
+                          out=out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_topk_two_gloo_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "run"
+    mp.spawn(_topk_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    two = unitscope.load_run(out)
+    assert two.manifest["world_size"] == 2
+    torch.manual_seed(0)
+    one = unitscope.analyze(unitscope.load_model("digits-cnn"), unitscope.load_dataset("digits", "test"),
+                            layers=["relu2", "fc"], analyses=[TopK(k=6)], batch_size=64, progress=False)
+    pd.testing.assert_frame_equal(two.table("topk"), one.table("topk"))
