@@ -103,7 +103,8 @@ def _tables_close(a: pd.DataFrame, b: pd.DataFrame) -> None:
     assert list(a.columns) == list(b.columns) and len(a) == len(b)
     for col in a.columns:
         if a[col].dtype.kind == "f":
-            np.testing.assert_allclose(a[col], b[col], rtol=1e-9, atol=1e-12, equal_nan=True)
+            rtol = 1e-5 if col.endswith("_conf") else 1e-9  # half-widths: float32 replicate sums per batch
+            np.testing.assert_allclose(a[col], b[col], rtol=rtol, atol=1e-12, equal_nan=True)
         else:
             assert (a[col].to_numpy() == b[col].to_numpy()).all()
 

@@ -23,9 +23,12 @@ addition (after re-expressing one in the other's shift), so shards merged equal 
 Confidence intervals use the Poisson bootstrap (Hanley and MacGibbon 2006; Chamandy et al. 2012):
 replicate ``r`` weights base sample ``n`` by ``w ~ Poisson(1)``, drawn from a counter-based hash of
 ``(seed, global index n, r)``. The same base sample gets the same weights in every shard, so the
-replicate sums merge exactly too, and no sample is stored. Everything is float64: float32
-replicate sums were tried and lose near-constant units (their variance cancels) when shards
-with different shifts are merged. ``S*_conf`` is ``z · std`` of the
+replicate sums merge too, and no sample is stored. Point estimates are float64 throughout. The
+replicate sums of a batch are formed in float32 about a median of the batch (one batched matmul of
+weights and per-sample terms, spec D.1) and re-expressed about the accumulator's shift in float64,
+so nothing cancels; half-widths agree across batchings and shardings to about 1e-6 relative. A
+replicate whose variance all but vanishes (below 1e-8 of the point estimate's) is left out of the
+half-width. ``S*_conf`` is ``z · std`` of the
 replicates (the half-width of a normal interval at ``conf_level``, as SALib reports it).
 """
 
@@ -43,6 +46,8 @@ from .base import Accumulator, MergeError
 
 #: Poisson(1) cumulative distribution at k = 0..19 (the tail beyond 19 is below 1e-18)
 _POISSON1_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(20)])
+#: a bootstrap replicate whose variance is below this fraction of the point estimate's is degenerate
+_DEGENERATE = 1e-8
 #: elements of the per-sample term tensor processed at once in update (bounds temporary memory)
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -301,14 +306,9 @@ class SobolAccumulator(Accumulator):
             sl = slice(lo, lo + step)
             parts = (a[:, sl] - shift[sl], bb[:, sl] - shift[sl], ab[:, :, sl] - shift[sl],
                      ba[:, :, sl] - shift[sl] if ba is not None else None)
-            if weights is None:
-                self._states["sums"][0, :, sl] += self._point_sums(*parts)
-                continue
-            # with replicates, the per-sample terms are formed once: their plain sum is the point
-            # estimate, their Poisson-weighted sums (one batched matmul) are the replicates
-            z = self._terms(*parts)  # (K, b, M)
-            self._states["sums"][0, :, sl] += z.sum(1)
-            self._states["sums"][1:, :, sl] += torch.matmul(weights.T, z).transpose(0, 1)  # (R, K, M)
+            self._states["sums"][0, :, sl] += self._point_sums(*parts)
+            if weights is not None:
+                self._states["sums"][1:, :, sl] += self._replicate_sums(parts, weights)
 
     def _init_states(self, a: torch.Tensor, b: torch.Tensor) -> None:
         m = a.shape[1]
@@ -321,6 +321,20 @@ class SobolAccumulator(Accumulator):
             "maximum": torch.full((m,), -math.inf, dtype=torch.float64),
         }
 
+    def _replicate_sums(self, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+                        weights: torch.Tensor) -> torch.Tensor:
+        """Poisson-weighted batch sums ``(R, K, M)`` of the per-sample terms, about the state's shift.
+
+        The terms are taken about the median of (up to) the batch's first 64 A rows, so no sum
+        cancels and a unit that is mostly at one value (a rarely active ReLU) is mostly exactly 0;
+        they are formed in float32, weighted
+        with one batched matmul, then re-expressed about the state's shift exactly in float64.
+        """
+        centre = parts[0][:64].median(0).values
+        z = self._terms(*((t - centre).float() if t is not None else None for t in parts))  # (K, b, M)
+        rep = torch.matmul(weights.T.float(), z).transpose(0, 1).double()  # (R, K, M)
+        return _reshift(rep, weights.sum(0), -centre, self.d, self.second_order)
+
     def _point_sums(self, a: torch.Tensor, b: torch.Tensor, ab: torch.Tensor,
                     ba: torch.Tensor | None) -> torch.Tensor:
         """The batch totals ``(K, M)`` of the terms of :meth:`_terms`, in float64, by direct reductions."""
@@ -330,7 +344,7 @@ class SobolAccumulator(Accumulator):
         out[2] = (a * a).sum(0) + (b * b).sum(0)
         out[3] = (a * b).sum(0)
         diff = ab - a
-        out[4:4 + d] = (diff * b).sum(1)
+        out[4:4 + d] = torch.linalg.vecdot(diff, b.expand_as(diff), dim=1)
         out[4 + d:4 + 2 * d] = (diff * diff).sum(1)
         out[4 + 2 * d:4 + 3 * d] = diff.sum(1)
         if ba is not None:
@@ -394,7 +408,10 @@ class SobolAccumulator(Accumulator):
             shape = shape[:split]
             est = {k: v.reshape(*v.shape[:-1], -1, size).sum(-1) for k, v in est.items()}
             constant = est["V"][0] == 0
-        safe = torch.where(est["V"] > 0, est["V"], math.nan)[:, None]
+        # a replicate whose variance all but vanished (it drew none of a rare unit's changes) has
+        # no defined index: it is left out of the half-width rather than blowing it up
+        floor = _DEGENERATE * est["V"][:1]
+        safe = torch.where((est["V"] > floor) & (est["V"] > 0), est["V"], math.nan)[:, None]
         ratios = {"S1": est["V1"] / safe, "ST": est["VT"] / safe}
         if self.second_order:
             ratios["S2"] = est["V2"] / safe
@@ -403,7 +420,7 @@ class SobolAccumulator(Accumulator):
         def conf(key: str) -> torch.Tensor:
             if not self.bootstrap:
                 return torch.full_like(ratios[key][0], math.nan)
-            return z * ratios[key][1:].std(dim=0, correction=1)
+            return z * _nanstd(ratios[key][1:])
 
         def point(t: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
             return t.reshape((*lead, *shape))
@@ -418,6 +435,15 @@ class SobolAccumulator(Accumulator):
             S1_conf=point(conf("S1"), (d,)), ST_conf=point(conf("ST"), (d,)), S2=s2, S2_conf=s2c,
             V=point(est["V"][0], ()), V1=point(est["V1"][0], (d,)), VT=point(est["VT"][0], (d,)),
             constant=point(constant, ()), n=int(st["count"][0].item()))
+
+
+def _nanstd(t: torch.Tensor) -> torch.Tensor:
+    """Standard deviation (ddof 1) over dim 0, ignoring NaN; NaN where fewer than 2 values are finite."""
+    ok = ~torch.isnan(t)
+    n = ok.sum(0)
+    mean = torch.where(ok, t, 0).sum(0) / n.clamp(min=1)
+    var = torch.where(ok, (t - mean) ** 2, 0).sum(0) / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, var.sqrt(), math.nan)
 
 
 def _square(pairs: torch.Tensor, d: int) -> torch.Tensor:
