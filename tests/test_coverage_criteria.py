@@ -169,18 +169,19 @@ def test_dsa_equals_brute_force():
 
 
 def _reference_kmnc(build: np.ndarray, test: np.ndarray, k: int) -> float:
-    """Slow reference: every (unit, section) pair tested one by one, as DeepGauge defines it."""
+    """Slow reference in exact rational arithmetic: each value's section, one by one (DeepGauge)."""
+    from fractions import Fraction
+
     lo, hi = build.min(0), build.max(0)
-    hit = 0
+    hit = set()
     for u in range(build.shape[1]):
-        if hi[u] <= lo[u]:
+        low, high = Fraction(float(lo[u])), Fraction(float(hi[u]))
+        if high <= low:
             continue
-        w = (hi[u] - lo[u]) / k
-        for j in range(k):
-            left, right = lo[u] + j * w, lo[u] + (j + 1) * w
-            last = j == k - 1
-            hit += any(left <= v < right or (last and v == hi[u]) for v in test[:, u])
-    return hit / (k * build.shape[1])
+        for v in map(Fraction, test[:, u].tolist()):
+            if low <= v <= high:
+                hit.add((u, min(int((v - low) * k / (high - low)), k - 1)))
+    return len(hit) / (k * build.shape[1])
 
 
 def _reference_tknc(test: np.ndarray, k: int) -> float:
@@ -196,12 +197,11 @@ def _reference_tknc(test: np.ndarray, k: int) -> float:
 def test_kmnc_and_tknc_match_slow_references(seed, k):
     g = torch.Generator().manual_seed(seed)
     build = torch.randn(12, 5, generator=g, dtype=torch.float64)
-    test = (torch.randn(9, 5, generator=g, dtype=torch.float64) * 4).round() / 4  # ties and edges
+    test = (torch.randn(9, 5, generator=g, dtype=torch.float64) * 4).round() / 4  # ties
+    test = torch.cat([test, build.amin(0, keepdim=True), build.amax(0, keepdim=True)])  # lo and hi exactly
     kmnc = KMNC(k=k).fit(build)
     kmnc.update(test)
-    # exact section edges need exact arithmetic; compare away from the float boundary cases
-    reference = _reference_kmnc(build.numpy(), test.numpy(), k)
-    assert kmnc.value() == pytest.approx(reference, abs=1 / (k * 5) + 1e-12)
+    assert kmnc.value() == _reference_kmnc(build.numpy(), test.numpy(), k)
     assert TKNC(k=k).update(test) == pytest.approx(_reference_tknc(test.numpy(), k))
 
 
