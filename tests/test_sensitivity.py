@@ -127,6 +127,18 @@ def test_shards_merged_equal_one_pass_and_batch_size_does_not_matter(cnn, shapes
     assert len(ref["sensitivity"]) == (64 + 4) * 4
 
 
+def test_saved_shards_merge_offline(cnn, shapes64, tmp_path):
+    from unitscope.results import merge_runs
+
+    kw = dict(variables=["brightness", "hflip"], n=8, layers="relu4", bootstrap=4, device="cpu")
+    one = sensitivity(cnn, shapes64, **kw)
+    paths = [sensitivity(cnn, shapes64, shard=(i, 2), **kw).save(tmp_path / f"s{i}") for i in range(2)]
+    merged = merge_runs(paths)
+    _tables_close(one.table("sensitivity"), merged.table("sensitivity"))
+    with pytest.raises(Exception, match="leaves items|missing"):
+        merge_runs(paths[:1])
+
+
 def test_run_saves_and_loads_back(cnn, shapes64, tmp_path):
     run = sensitivity(cnn, shapes64, ["brightness", "hflip"], n=8, layers="relu4", bootstrap=0)
     back = unitscope.load_run(run.save(tmp_path / "run"))

@@ -406,8 +406,10 @@ def _manifest(model: nn.Module, data: Any, a: Sensitivity, layers: list[str], de
         "shard": {"index": shard[0], "count": shard[1]} if shard else None,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model),
                   "parameters": sum(p.numel() for p in model.parameters())},
-        "data": {"name": getattr(data, "name", type(data).__name__), "size": len(data),
-                 "fingerprint": dataset_fingerprint(data), "range": [0, len(data)]},
+        # the items streamed are the design's base samples: size and range count them, so shard runs
+        # merge with unitscope.merge_runs / `unitscope merge` like any other
+        "data": {"name": getattr(data, "name", type(data).__name__), "size": total, "images": len(data),
+                 "fingerprint": dataset_fingerprint(data), "range": list(span)},
         "design": {"n": total, "range": list(span), "variables": a.variables,
                    "columns": [*a.augmenter.columns, "image.u"]},
         "layers": layers, "analyses": [{"name": a.name, "config": a.config()}], "nonfinite": {},
