@@ -260,3 +260,21 @@ def test_topk_two_gloo_ranks_equal_one_process(tmp_path):
     one = unitscope.analyze(unitscope.load_model("digits-cnn"), unitscope.load_dataset("digits", "test"),
                             layers=["relu2", "fc"], analyses=[TopK(k=6)], batch_size=64, progress=False)
     pd.testing.assert_frame_equal(two.table("topk"), one.table("topk"))
+
+
+def test_all_relu_layers_of_alexnet_at_once_state_is_units_times_k():
+    torch.manual_seed(0)
+    model = unitscope.load_model("alexnet")
+    data = ArrayDataset(torch.randn(5, 3, 96, 96), torch.zeros(5, dtype=torch.int64))
+    run = unitscope.analyze(model, data, layers="ReLU", analyses=[TopK(k=3)], batch_size=3, progress=False)
+    accs = run.analysis("topk").accumulators
+    widths = {"features.1": 64, "features.4": 192, "features.7": 384, "features.9": 256, "features.11": 256,
+              "classifier.2": 4096, "classifier.5": 4096}
+    assert {key: acc.state_dict()["values"].shape for key, acc in accs.items()} == {
+        key: (w, 3) for key, w in widths.items()}
+    with unitscope.capture(model, "features.9") as acts:
+        model(data.x)
+    best = acts["features.9"][:, 17].flatten(1).max(1)
+    rows = unit_topk(run.table("topk"), "features.9", 17)
+    ref = torch.sort(best.values, descending=True).values[:3]
+    assert rows["value"].to_numpy() == pytest.approx(ref.numpy(), rel=1e-5)
