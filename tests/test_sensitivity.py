@@ -250,7 +250,8 @@ CONFIG = ('experiment = "sensitivity"\nmodel = "shapes-cnn"\ndataset = "shapes"\
           'dataset_options = {n = 16}\nvariables = ["brightness=0.5:1.5", "hue"]\nn = 8\n'
           'layers = ["relu4", "fc"]\nbootstrap = 4\nreduce = "map"\nlda_repeats = 1\nmasking = true\n'
           'mask_samples = 16\ncontrast = true\ncontrast_images = 8\nshapley = true\n'
-          'shapley_permutations = 2\nshapley_outer = 2\nshapley_inner = 2\n')
+          'shapley_permutations = 2\nshapley_outer = 2\nshapley_inner = 2\n'
+          'hsv_segment = ["conv1", "bn1", "relu1"]\n')
 
 
 def _run_config(tmp_path):
@@ -271,7 +272,8 @@ def test_config_run(tmp_path):
         ("hue", None), ("brightness", (0.5, 1.5)), ("roll", {"dx": (-0.1, 0.1), "dy": (0.0, 0.1)})]
     run = unitscope.load_run(_run_config(tmp_path))
     assert {"sensitivity", "sensitivity_layers", "sensitivity_lda", "sensitivity_masking",
-            "sensitivity_contrast", "sensitivity_shapley"} <= set(run.tables)
+            "sensitivity_contrast", "sensitivity_shapley", "sensitivity_hsv", "sensitivity_hsv_compare"
+            } <= set(run.tables)
     assert run.analysis("sensitivity").config()["variables"][0] == ["brightness", {"factor": [0.5, 1.5]}]
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.replace('"hue"]', '"hue=0:2"]'))
@@ -311,3 +313,26 @@ def test_shapley_of_a_brightness_unit(shapes):
     assert first["brightness"] == pytest.approx(1.0, abs=0.05)
     assert abs(first["hflip"]) < 0.05 and abs(first["image"]) < 0.05
     assert t.groupby("unit")["shapley"].sum().to_numpy() == pytest.approx([1.0, 1.0])
+
+
+# --------------------------------------------------------------------------- HSV single-channel segments
+def test_hsv_segments_value_plane_ignores_hue_and_hue_plane_ignores_brightness(shapes):
+    from unitscope.analyses.sensitivity import PlaneSegment, hsv_segments
+    from unitscope.augment import rgb_to_hsv
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    images = list(shapes[:8] * 0.39)
+    x = torch.stack(images[:2])
+    seg = PlaneSegment(net, ["0", "1"], plane=2, in_channels=3)
+    with torch.no_grad():
+        ref = net[1](net[0](rgb_to_hsv(x)[:, 2:3].expand(-1, 3, -1, -1)))
+        torch.testing.assert_close(seg(x), ref)
+    table, cmp = hsv_segments(net, images, [("brightness", (0.5, 2.5)), "hue"], ["0", "1"], n=16)
+    t = table.set_index(["plane", "variable"])
+    assert (t.loc[("value", "hue"), "ST"].abs() < 1e-9).all()  # V = max(R, G, B) survives a hue turn
+    assert (t.loc[("hue", "brightness"), "ST"].abs() < 1e-4).all()  # H is a ratio: scaling keeps it
+    assert set(table["plane"]) == {"intact", "hue", "saturation", "value"}
+    assert list(cmp.columns) == ["plane", "unit", "spearman", "mean_abs_diff"] and len(cmp) == 3 * 4
+    with pytest.raises(ValueError, match="in_channels"):
+        hsv_segments(net, images, ["hue"], ["1"], n=4)

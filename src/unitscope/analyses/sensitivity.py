@@ -516,3 +516,88 @@ def shapley(model: nn.Module, data: Any, variables: Sequence[VariableSpec] | Map
         frames.append(pd.DataFrame({"layer": key, "unit": np.repeat(np.arange(size), len(players)),
                                     "variable": np.tile(players, size), "shapley": eff.T.reshape(-1)}))
     return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------- HSV single-channel segments
+PLANES = ("hue", "saturation", "value")
+
+
+class PlaneSegment(nn.Module):
+    """A segment of a network fed one HSV plane of an RGB image, replicated to its input channels.
+
+    The seed's "separated and multiplexed segments" (spec A.10): the modules ``names`` of
+    ``model`` run on their own, in order, on the ``plane`` (0 hue, 1 saturation, 2 value) of the
+    augmented image in [0, 1] (the seed took HSV of the normalised tensor, defect D6), repeated
+    ``in_channels`` times. The modules are shared with ``model``, not copied.
+    """
+
+    def __init__(self, model: nn.Module, names: Sequence[str], plane: int, in_channels: int) -> None:
+        super().__init__()
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"segment modules {missing} are not in the model; see "
+                             "unitscope.layer_names(model)")
+        self.plane, self.in_channels = plane, in_channels
+        self.segment = nn.Sequential(*(modules[n] for n in names))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..augment import rgb_to_hsv
+
+        hsv = rgb_to_hsv(x)[:, self.plane:self.plane + 1]
+        return self.segment(hsv.expand(-1, self.in_channels, -1, -1).contiguous())
+
+
+def hsv_segments(model: nn.Module, data: Any, variables: Sequence[VariableSpec] | Mapping[str, Any],
+                 segment: Sequence[str], n: int = 256, bootstrap: int = 0, reduce: str = "mean",
+                 seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu"
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Sensitivity of a standalone segment's units fed single H, S or V planes, against the intact network.
+
+    For each plane the segment (module names of ``model``, run in order; its first module must
+    have ``in_channels``) is analysed with :func:`sensitivity` on the same design; the same units
+    inside the intact network (the segment's last module) are analysed too. The comparison, per
+    unit and plane, is the Spearman correlation of the ``ST`` profiles over the variables and their
+    mean absolute difference (spec A.8, single-unit correlation).
+
+    Returns:
+        ``(indices, comparison)``: ``plane, unit, variable, S1, ST, S1_conf, ST_conf, constant``
+        (``plane = "intact"`` for the network) and ``plane, unit, spearman, mean_abs_diff``.
+    """
+    first = dict(model.named_modules())[segment[0]]
+    in_channels = getattr(first, "in_channels", None)
+    if in_channels is None:
+        raise ValueError(f"the segment's first module {segment[0]!r} has no in_channels (start it at a conv)")
+    frames = []
+    kw = dict(n=n, bootstrap=bootstrap, reduce=reduce, seed=seed, batch_size=batch_size, device=device)
+    intact = sensitivity(model, data, variables, layers=segment[-1], **kw).table("sensitivity")
+    frames.append(intact.drop(columns="layer").assign(plane="intact"))
+    for p, plane in enumerate(PLANES):
+        wrapped = PlaneSegment(model, segment, p, in_channels)
+        last = f"segment.{len(segment) - 1}"
+        t = sensitivity(wrapped, data, variables, layers=last, **kw).table("sensitivity")
+        frames.append(t.drop(columns="layer").assign(plane=plane))
+    table = pd.concat(frames, ignore_index=True)[["plane", *UNIT_COLUMNS[1:]]]
+    names = list(dict.fromkeys(table["variable"]))
+    wide = table.pivot_table(index=["plane", "unit"], columns="variable", values="ST", dropna=False)[names]
+    ref = wide.loc["intact"].to_numpy()
+    frames = []
+    for plane in PLANES:
+        cur = wide.loc[plane].reindex(wide.loc["intact"].index).to_numpy()
+        frames.append(pd.DataFrame({"plane": plane, "unit": wide.loc["intact"].index.to_numpy(),
+                                    "spearman": _row_spearman(ref, cur),
+                                    "mean_abs_diff": np.abs(ref - cur).mean(1)}))
+    return table, pd.concat(frames, ignore_index=True)
+
+
+def _row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of every row of ``a`` with the same row of ``b`` (NaN if a row has NaN
+    or is constant)."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rb).sum(1) / np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    return np.where(np.isfinite(a).all(1) & np.isfinite(b).all(1), rho, np.nan)
+

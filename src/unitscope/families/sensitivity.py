@@ -41,8 +41,9 @@ KEYS["sensitivity"] = {"split": "test", "variables": None, "n": 256, "layers": N
                        "lda_repeats": 10, "masking": False, "mask_fraction": 0.1, "mask_index": "ST",
                        "mask_samples": 512,
                        "contrast": False, "contrast_images": 256, "contrast_draws": 4,
-                       "shapley": False, "shapley_permutations": 64, "shapley_outer": 16, "shapley_inner": 4}
-LIST_KEYS.update({"variables"})
+                       "shapley": False, "shapley_permutations": 64, "shapley_outer": 16, "shapley_inner": 4,
+                       "hsv_segment": None}
+LIST_KEYS.update({"variables", "hsv_segment"})
 
 
 def parse_variable(spec: str) -> Any:
@@ -83,7 +84,8 @@ def parse_variables(specs: list[str]) -> list[Any]:
 @EXPERIMENTS.register("sensitivity")
 def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
     """Sobol' indices of every unit to augmentations; optionally guided masking, the one-at-a-time
-    Wilcoxon contrast and Shapley effects (tables ``sensitivity_masking``, ``_contrast``, ``_shapley``)."""
+    Wilcoxon contrast, Shapley effects and HSV single-plane segments (tables ``sensitivity_masking``,
+    ``_contrast``, ``_shapley``, ``_hsv``, ``_hsv_compare``)."""
     from ..analyses.sensitivity import Sensitivity, sensitivity
     from ..augment import AugmentError
     from ..data import load_dataset
@@ -125,6 +127,12 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
             model, data, variables, layers, n_perm=config["shapley_permutations"],
             n_outer=config["shapley_outer"], n_inner=config["shapley_inner"], reduce=reduce,
             seed=config["seed"], batch_size=config["batch_size"], device=config["device"])
+    if config.get("hsv_segment"):
+        from ..analyses.sensitivity import hsv_segments
+
+        run.tables["sensitivity_hsv"], run.tables["sensitivity_hsv_compare"] = hsv_segments(
+            model, data, variables, config["hsv_segment"], n=config["n"], reduce=reduce, seed=config["seed"],
+            batch_size=config["batch_size"], device=config["device"])
     run.save(target)
 
 
