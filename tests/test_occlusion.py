@@ -388,3 +388,16 @@ def test_more_bad_input():
         occlusion_maps(model, "conv2", image, torch.tensor([0, 1]), image_ids=torch.tensor([0]), device="cpu")
     with pytest.raises(ValueError, match="float tensor"):
         occlusion_maps(model, "conv2", image.long(), torch.tensor([0, 1]), device="cpu")
+
+
+def test_noise_draws_are_averaged():
+    model = tiny_cnn()
+    image = torch.randn(1, 3, 16, 16)
+    kw = {"occluder": 4, "stride": 3, "device": "cpu", "fill": "normal"}
+    two = occlusion_maps(model, "relu2", image, torch.tensor([1]), draws=2, **kw)
+    a = occlusion_maps(model, "relu2", image, torch.tensor([1]), seed=0, **kw)
+    b = occlusion_maps(model, "relu2", image, torch.tensor([1]), seed=1, **kw)
+    torch.testing.assert_close(two.grid, (a.grid + b.grid) / 2)
+    assert not torch.equal(a.grid, b.grid)
+    with pytest.raises(ValueError, match="only with a noise fill"):
+        occlusion_maps(model, "relu2", image, torch.tensor([1]), draws=3, occluder=4, fill=0.0, device="cpu")

@@ -253,7 +253,7 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
                    locations: torch.Tensor | None = None, *, occluder: int = 11, stride: int = 3,
                    fill: str | float = "uniform", discrepancy: str = "absolute", local: bool = True,
                    batch_size: int = 256, device: str | torch.device = "auto", seed: int = 0,
-                   image_ids: torch.Tensor | None = None) -> OcclusionMaps:
+                   image_ids: torch.Tensor | None = None, draws: int = 1) -> OcclusionMaps:
     """Occlusion discrepancy maps of many (image, unit) pairs, batched through a truncated network.
 
     Args:
@@ -277,6 +277,8 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
         seed: seed of the noise fills.
         image_ids: ``(M,)`` ids that seed the noise (default ``0..M−1``); pairs with the same id
             get the same occluders (pass dataset indices).
+        draws: average the discrepancies over this many noise draws (seeds ``seed, seed + 1, …``);
+            only for the noise fills.
 
     Returns:
         An :class:`OcclusionMaps`.
@@ -298,6 +300,9 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_fill(fill)
+    if draws < 1 or (draws > 1 and fill not in ("uniform", "normal")):
+        raise ValueError(f"draws={draws}: use draws >= 1, and draws > 1 only with a noise fill "
+                         "('uniform' or 'normal'); other fills are the same every time")
     m, _, h, w = images.shape
     pos = occluder_positions(h, w, occluder, stride)
     ny, nx = len(range(0, h - occluder + 1, stride)), len(range(0, w - occluder + 1, stride))
@@ -335,8 +340,10 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
         for size in torch.unique(box[:, [1, 3]] - box[:, [0, 2]], dim=0).tolist():
             sel = torch.nonzero(((box[:, 1] - box[:, 0]) == size[0])
                                 & ((box[:, 3] - box[:, 2]) == size[1])).flatten()
-            grid[sel] = _sweep(model, layer, x, sel, box, loc, jump, units_d, a0, reach, pos.to(dev),
-                               ids.to(dev), tuple(size), fill, discrepancy, occluder, batch_size, seed)
+            for draw in range(draws):
+                grid[sel] += _sweep(model, layer, x, sel, box, loc, jump, units_d, a0, reach, pos.to(dev),
+                                    ids.to(dev), tuple(size), fill, discrepancy, occluder, batch_size,
+                                    seed + draw) / draws
     finally:
         model.train(was_training)
         if old_device is not None:
@@ -580,8 +587,8 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
                                topk: pd.DataFrame, *, k: int = 10, occluder: int = 11, stride: int = 3,
                                fill: str | float = "uniform", discrepancy: str = "absolute",
                                threshold: float = 0.5, centre: str = "rf", local: bool = True,
-                               batch_size: int = 256, device: str | torch.device = "auto", seed: int = 0
-                               ) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+                               batch_size: int = 256, device: str | torch.device = "auto", seed: int = 0,
+                               draws: int = 1) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """The empirical RF of ``units`` of ``layer`` from their top-``k`` images (Zhou et al. 2015).
 
     Args:
@@ -619,7 +626,7 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
     result = occlusion_maps(model, layer, images, torch.tensor(chosen["unit"].to_numpy()),
                             loc if bool((loc >= 0).all()) else None, occluder=occluder, stride=stride,
                             fill=fill, discrepancy=discrepancy, local=local, batch_size=batch_size,
-                            device=device, seed=seed, image_ids=torch.tensor(idx))
+                            device=device, seed=seed, image_ids=torch.tensor(idx), draws=draws)
     h, w = images.shape[-2:]
     try:
         rf = layer_rf(model, layer, (h, w))

@@ -20,8 +20,8 @@ KEYS["topk"] = {"split": "test", "layers": None, "k": 10, "reduce": "max", "batc
                 "calls": "error", "mosaics": 4, "mosaic_mode": "mark"}
 KEYS["receptive-field-empirical"] = {
     "split": "test", "layers": None, "units": 4, "k": 10, "occluder": 11, "stride": 3,
-    "fill": "uniform", "discrepancy": "absolute", "threshold": 0.5, "centre": "rf", "local": True,
-    "batch_size": 256,
+    "fill": "uniform", "draws": 1, "discrepancy": "absolute", "threshold": 0.5, "centre": "rf",
+    "local": True, "batch_size": 256,
 }
 KEYS["evaluate"] = {"split": "test", "batch_size": 256}
 LIST_KEYS.update({"mosaics", "units"})
@@ -165,7 +165,8 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
             model, data, layer, units, topk, k=config["k"], occluder=config["occluder"],
             stride=config["stride"], fill=config["fill"], discrepancy=config["discrepancy"],
             threshold=config["threshold"], centre=config["centre"], local=config["local"],
-            batch_size=config["batch_size"], device=config["device"], seed=config["seed"])
+            batch_size=config["batch_size"], device=config["device"], seed=config["seed"],
+            draws=config["draws"])
         tables.append(table)
         arrays.update(maps)
     if not tables:
