@@ -336,3 +336,20 @@ def test_hsv_segments_value_plane_ignores_hue_and_hue_plane_ignores_brightness(s
     assert list(cmp.columns) == ["plane", "unit", "spearman", "mean_abs_diff"] and len(cmp) == 3 * 4
     with pytest.raises(ValueError, match="in_channels"):
         hsv_segments(net, images, ["hue"], ["1"], n=4)
+
+
+def test_minmax_renormalisation_cancels_brightness(shapes):
+    """The seed rescaled each channel to [0, 1] after augmenting (defect D2): without clipping, that
+    undoes a brightness factor exactly, so a unit behind it shows no brightness sensitivity."""
+    def renormalised_mean(x):
+        lo = x.amin((2, 3), keepdim=True)
+        hi = x.amax((2, 3), keepdim=True)
+        return ((x - lo) / (hi - lo + 1e-6)).mean((1, 2, 3))[:, None]
+    images = list(shapes[:8] * 0.39)
+    plain = sensitivity(unit_model(lambda x: x.mean((1, 2, 3))[:, None]), images, ["brightness", "hflip"],
+                        n=64, layers="unit", bootstrap=0).table("sensitivity").set_index("variable")
+    renorm = sensitivity(unit_model(renormalised_mean), images, ["brightness", "hflip"], n=64, layers="unit",
+                         bootstrap=0).table("sensitivity").set_index("variable")
+    assert plain.loc["brightness", "ST"] > 0.5
+    assert abs(renorm.loc["brightness", "ST"]) < 1e-3  # what is left is the eps term
+    assert renorm.loc["image", "ST"] > 0.99

@@ -278,7 +278,7 @@ class SobolAccumulator(Accumulator):
         ba = y_ba.reshape(d, b, -1).double() if self.second_order else None
         if not self.initialized:
             self._init_states(a, bb)
-            self._states["shape"] = torch.tensor(shape, dtype=torch.int64)
+            self._states["shape"] = torch.tensor(shape, dtype=torch.int64, device=a.device)
         elif self._states["shift"].numel() != a.shape[1]:
             raise ValueError(f"outputs have {a.shape[1]} elements per sample, earlier batches had "
                              f"{self._states['shift'].numel()}")
@@ -311,14 +311,14 @@ class SobolAccumulator(Accumulator):
                 self._states["sums"][1:, :, sl] += self._replicate_sums(parts, weights)
 
     def _init_states(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        m = a.shape[1]
+        m, dev = a.shape[1], a.device  # the state lives where the outputs are (GPU or CPU)
         slots = 1 + self.bootstrap
         self._states = {
             "shift": torch.cat([a, b]).mean(0),
-            "count": torch.zeros(slots, dtype=torch.float64),
-            "sums": torch.zeros(slots, self.terms, m, dtype=torch.float64),
-            "minimum": torch.full((m,), math.inf, dtype=torch.float64),
-            "maximum": torch.full((m,), -math.inf, dtype=torch.float64),
+            "count": torch.zeros(slots, dtype=torch.float64, device=dev),
+            "sums": torch.zeros(slots, self.terms, m, dtype=torch.float64, device=dev),
+            "minimum": torch.full((m,), math.inf, dtype=torch.float64, device=dev),
+            "maximum": torch.full((m,), -math.inf, dtype=torch.float64, device=dev),
         }
 
     def _replicate_sums(self, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
