@@ -78,7 +78,7 @@ def test_spec_5_2_scaling_order_for_conv_maps():
 
 
 def test_spec_5_3_lsa_one_point():
-    lsc = LSC(bandwidth=1.0, min_var=0.0).fit(torch.tensor([[0.0]]))
+    lsc = LSC(bandwidth=1.0, min_var=0.0, var_scope="global").fit(torch.tensor([[0.0]]))
     sa = lsc.surprise(torch.tensor([[0.0], [1.0]]))
     assert sa.tolist() == pytest.approx([0.918939, 1.418939], abs=1e-6)
     assert sa[0].item() == pytest.approx(-math.log(1 / math.sqrt(2 * math.pi)), abs=1e-12)
@@ -91,12 +91,12 @@ DSA_TEST = torch.tensor([[0.2, 0.0], [2.0, 0.0]])
 
 @pytest.mark.parametrize(("reference", "expected"), [("train", [1 / 15, 0.5]), ("test", [0.2 / 2.8, 1.0])])
 def test_spec_5_3_dsa(reference, expected):
-    dsc = DSC(reference=reference, min_var=0.0).fit(DSA_TRAIN, DSA_CLASSES)
+    dsc = DSC(reference=reference, min_var=0.0, var_scope="global").fit(DSA_TRAIN, DSA_CLASSES)
     assert dsc.surprise(DSA_TEST, torch.tensor([0, 0])).tolist() == pytest.approx(expected, abs=1e-7)
 
 
 def test_spec_5_3_dsc_buckets():
-    dsc = DSC(bounds=(0.0, 1.0), n_buckets=10, min_var=0.0).fit(DSA_TRAIN, DSA_CLASSES)
+    dsc = DSC(bounds=(0.0, 1.0), n_buckets=10, min_var=0.0, var_scope="global").fit(DSA_TRAIN, DSA_CLASSES)
     assert dsc.update(DSA_TEST, torch.tensor([0, 0])) == pytest.approx(0.2)
     assert dsc._sh["ids"].tolist() == [0, 5]
 
@@ -399,18 +399,20 @@ def test_surprise_bucket_edges_and_diagnostics():
     mdsc = MDSC(bounds=(0.0, 2.0), n_buckets=4).fit(cross)
     # MDSA(mu) = 0 lands in bucket 0; MDSA = 4 overflows
     assert mdsc.update(torch.tensor([[0.0, 0.0], [2.0, 4.0]])) == 0.25
-    expected = {"underflow": 0.0, "overflow": 1.0, "dropped": 0.0, "units": 2.0, "ridged": 0.0}
+    expected = {"underflow": 0.0, "overflow": 1.0, "dropped": 0.0, "units": 2.0, "ridged": 0.0,
+                "skipped_classes": 0.0}
     assert mdsc.diagnostics() == expected
-    dsc_edge = DSC(bounds=(0.0, 0.5), n_buckets=5, min_var=0.0).fit(DSA_TRAIN, DSA_CLASSES)
+    dsc_edge = DSC(bounds=(0.0, 0.5), n_buckets=5, min_var=0.0, var_scope="global")
+    dsc_edge.fit(DSA_TRAIN, DSA_CLASSES)
     assert dsc_edge.update(DSA_TEST, torch.tensor([0, 0])) == 0.2  # DSA 0.0667 in bucket 0, DSA 0.5 = U
     assert dsc_edge.diagnostics()["overflow"] == 1.0
-    under = DSC(bounds=(0.1, 0.5), n_buckets=5, min_var=0.0).fit(DSA_TRAIN, DSA_CLASSES)
+    under = DSC(bounds=(0.1, 0.5), n_buckets=5, min_var=0.0, var_scope="global").fit(DSA_TRAIN, DSA_CLASSES)
     assert under.update(DSA_TEST, torch.tensor([0, 0])) == 0.0
     assert under.diagnostics()["underflow"] == 1.0
     anchor = MDSC(buckets="anchor", width=0.5).fit(cross)
     assert anchor.update(torch.tensor([[0.0, 0.0], [1.0, 2.0], [0.1, 0.0]])) == 2.0  # buckets {0, 4}
     assert anchor.kind == "count"
-    dsc = DSC(min_var=0.0).fit(DSA_TRAIN, DSA_CLASSES)
+    dsc = DSC(min_var=0.0, var_scope="global").fit(DSA_TRAIN, DSA_CLASSES)
     dsc.update(DSA_TEST, torch.tensor([0, 5]))  # class 5 has no training traces: dropped, counted
     assert dsc.diagnostics()["dropped"] == 1.0
 
@@ -432,9 +434,17 @@ def test_unknown_criterion_lists_known_ones():
 
 def test_kde_and_covariance_with_too_few_samples():
     spread = torch.tensor([[0.0, 1.0], [1.0, 3.0], [2.0, 0.0], [4.0, 2.0], [5.0, 1.0]])
-    lsc = LSC(min_var=0.0).fit(spread, torch.tensor([0, 0, 0, 0, 1]))
-    with pytest.raises(ValueError, match="class 1 has 1 training input.*bandwidth=<float>"):
+    lsc = LSC(min_var=0.0, few_samples="error").fit(spread, torch.tensor([0, 0, 0, 0, 1]))
+    with pytest.raises(ValueError, match=r"classes \{1: 1\}.*fewer than 2.*bandwidth=<float>.*few_samples"):
         lsc.update(torch.zeros(1, 2), torch.tensor([0]))
+    # by default the class is skipped, reported, and its test inputs are dropped (counted)
+    for crit in (LSC(min_var=0.0), MDSC()):
+        crit.fit(spread, torch.tensor([0, 0, 0, 0, 1]))
+        crit.update(torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+        assert crit.usable_classes() == [0]
+        assert crit.diagnostics()["skipped_classes"] == 1.0 and crit.diagnostics()["dropped"] == 2.0
+    with pytest.raises(ValueError, match="no class has 2 training inputs"):
+        MDSC().fit(spread[:2], torch.tensor([0, 1])).update(torch.zeros(1, 2))
     line = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
     for crit in (LSC(min_var=0.0, ridge=0.0), MDSC(ridge=0.0)):
         with pytest.raises(ValueError, match="singular.*ridge"):
@@ -443,8 +453,8 @@ def test_kde_and_covariance_with_too_few_samples():
         crit.fit(line).update(torch.zeros(1, 2))
         assert math.isfinite(crit.surprise(torch.zeros(1, 2)).item())
         assert crit.diagnostics()["ridged"] == 1.0
-    with pytest.raises(ValueError, match="at least 2"):
-        MDSC().fit(torch.ones(1, 2) * torch.tensor([1.0, 2.0])).update(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="fewer than 2, which a covariance needs"):
+        MDSC(few_samples="error").fit(torch.ones(1, 2) * torch.tensor([1.0, 2.0])).update(torch.zeros(1, 2))
     with pytest.raises(ValueError, match="at least two classes"):
         DSC(min_var=0.0).fit(DSA_TRAIN).update(DSA_TEST)
     with pytest.raises(ValueError, match="max_train"):

@@ -64,7 +64,7 @@ class _Surprise(Criterion):
 
     def __init__(self, bounds: tuple[float, float] | list[float] | None = None, n_buckets: int = 1000,
                  buckets: str = "fixed", width: float | None = None, min_var: float = 1e-5,
-                 var_scope: str = "class") -> None:
+                 var_scope: str = "class", few_samples: str = "skip") -> None:
         super().__init__()
         name = type(self).__name__
         bounds = bounds if bounds is not None else self.default_bounds
@@ -82,6 +82,9 @@ class _Surprise(Criterion):
             raise ValueError(f"{name}(width={width}): the anchor bucket width must be > 0")
         if var_scope not in ("class", "global"):
             raise ValueError(f"{name}(var_scope={var_scope!r}): use 'class' (SADL) or 'global'")
+        if few_samples not in ("skip", "error"):
+            raise ValueError(f"{name}(few_samples={few_samples!r}): use 'skip' or 'error'")
+        self.few_samples = few_samples
         self.bounds = bounds
         self.n_buckets, self.buckets, self.width = int(n_buckets), buckets, width
         self.min_var, self.var_scope = float(min_var), var_scope
@@ -91,7 +94,7 @@ class _Surprise(Criterion):
         """Constructor arguments."""
         return {"bounds": None if self.bounds is None else list(self.bounds), "n_buckets": self.n_buckets,
                 "buckets": self.buckets, "width": self.width, "min_var": self.min_var,
-                "var_scope": self.var_scope}
+                "var_scope": self.var_scope, "few_samples": self.few_samples}
 
     def _has_layer_values(self) -> bool:
         return False
@@ -112,7 +115,8 @@ class _Surprise(Criterion):
         if "mask" in self._sh:
             return self._sh["mask"]
         if "mask" not in self._cache:
-            self._check_counts()
+            self._check_memory()
+            self.usable_classes()
             per_class, overall = self._class_variances()
             if self.var_scope == "class":
                 keep = (per_class >= self.min_var).all(0)
@@ -164,7 +168,7 @@ class _Surprise(Criterion):
         groups, counts = torch.unique_consecutive(classes[order], return_counts=True)
         parts = []
         for c, xc in zip(groups.tolist(), x[order].split(counts.tolist())):
-            if c < self._num_classes() and self._has_class(c):
+            if c in self._cache["usable"]:
                 parts.append(self._class_surprise(xc, c).to(x.device))
             else:
                 parts.append(torch.full((len(xc),), math.nan, dtype=torch.float64, device=x.device))
@@ -208,7 +212,34 @@ class _Surprise(Criterion):
         out["units"] = float(self._sh["mask"].sum())
         self._prepare_model()
         out["ridged"] = float(len(self._cache.get("ridged", ())))
+        out["skipped_classes"] = float(len(self._cache["skipped"]))
         return out
+
+    def usable_classes(self) -> list[int]:
+        """The classes with enough training traces for the estimator (the others are skipped).
+
+        With ``few_samples="skip"`` (default) a class with fewer training inputs than the
+        estimator needs is left out, with a warning: its test inputs have no SA and count as
+        ``dropped``, and ``diagnostics()["skipped_classes"]`` says how many classes were left out.
+        ``few_samples="error"`` raises instead.
+        """
+        if "usable" not in self._cache:
+            counts, least = self._class_counts(), self._min_class_size()
+            small = {c: n for c, n in counts.items() if n < least}
+            name = type(self).__name__
+            if small and self.few_samples == "error":
+                raise ValueError(f"{name}: classes {small} (class: training inputs) have fewer than "
+                                 f"{least}, which {self._estimator} needs; fit on more data or pass "
+                                 "few_samples='skip'")
+            usable = sorted(set(counts) - set(small))
+            if not usable:
+                raise ValueError(f"{name}: no class has {least} training inputs, which {self._estimator} "
+                                 "needs; fit on more data")
+            if small:
+                log.warning("%s: classes %s have fewer than %d training inputs and are skipped; their test "
+                            "inputs are counted as dropped", name, sorted(small), least)
+            self._cache["usable"], self._cache["skipped"] = set(usable), sorted(small)
+        return sorted(self._cache["usable"])
 
     def _factor(self, cov: torch.Tensor, c: int) -> torch.Tensor | None:
         """Cholesky factor of ``cov``; with the ridge added (and recorded) when it is singular."""
@@ -227,14 +258,18 @@ class _Surprise(Criterion):
     def _auto_bounds(self) -> tuple[float, float]:
         raise NotImplementedError(f"{type(self).__name__} needs explicit bounds=(lower, upper)")
 
-    def _check_counts(self) -> None:
-        """Raise a clear error when a class has too few training inputs for the estimator."""
+    #: what the per-class minimum is for, in error messages
+    _estimator = "the per-class variance filter (or pass var_scope='global')"
 
-    def _num_classes(self) -> int:
+    def _check_memory(self) -> None:
+        """Raise a clear error before allocating per-class matrices that cannot fit."""
+
+    def _class_counts(self) -> dict[int, int]:
+        """Training inputs per class (classes with at least one)."""
         raise NotImplementedError
 
-    def _has_class(self, c: int) -> bool:
-        raise NotImplementedError
+    def _min_class_size(self) -> int:
+        return 2 if self.var_scope == "class" else 1  # a per-class variance needs two inputs
 
     def _prepare_model(self) -> None:
         raise NotImplementedError
@@ -284,19 +319,19 @@ class _StoredTraces(_Surprise):
 
     def _class_variances(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, cls = self._sh["train"].double(), self._sh["train_classes"]
-        per_class = torch.stack([x[cls == c].var(0, unbiased=False) for c in torch.unique(cls).tolist()])
+        usable = self.usable_classes()
+        x = x[torch.isin(cls, torch.tensor(usable, device=cls.device))]
+        per_class = torch.stack([self._sh["train"][cls == c].double().var(0, unbiased=False) for c in usable])
         return per_class, x.var(0, unbiased=False)
 
-    def _num_classes(self) -> int:
-        return int(self._sh["train_classes"].max()) + 1
-
-    def _has_class(self, c: int) -> bool:
-        return c in self._cache["classes"]
+    def _class_counts(self) -> dict[int, int]:
+        classes, counts = torch.unique(self._sh["train_classes"], return_counts=True)
+        return dict(zip(classes.tolist(), counts.tolist()))
 
     def _class_data(self) -> dict[int, torch.Tensor]:
         x = self._sh["train"][:, self.mask()].double()
         cls = self._sh["train_classes"]
-        return {c: x[cls == c] for c in torch.unique(cls).tolist()}
+        return {c: x[cls == c] for c in self.usable_classes()}
 
 
 class LSC(_StoredTraces):
@@ -343,16 +378,14 @@ class LSC(_StoredTraces):
         """Constructor arguments."""
         return {**super().config(), "bandwidth": self.bandwidth, "ridge": self.ridge}
 
-    def _check_counts(self) -> None:
+    _estimator = "a KDE with Scott's bandwidth (or pass bandwidth=<float>)"
+
+    def _check_memory(self) -> None:
         classes = torch.unique(self._sh["train_classes"]).numel()
         _check_matrix_memory("LSC", classes, self._sh["train"].shape[1])
-        if self.bandwidth != "scott":
-            return
-        classes, counts = torch.unique(self._sh["train_classes"], return_counts=True)
-        for c, n in zip(classes.tolist(), counts.tolist()):
-            if n < 2:
-                raise ValueError(f"LSC: class {c} has {n} training input; a KDE with Scott's bandwidth "
-                                 "needs at least 2 per class (fit on more data or pass bandwidth=<float>)")
+
+    def _min_class_size(self) -> int:
+        return 2 if self.bandwidth == "scott" else super()._min_class_size()
 
     def _prepare_model(self) -> None:
         if "kde" in self._cache:
@@ -374,11 +407,11 @@ class LSC(_StoredTraces):
             log_norm = -math.log(n) - 0.5 * d * math.log(2 * math.pi) - float(chol.diagonal().log().sum())
             kde[c] = (chol, proj, z.square().sum(0), log_norm)
         self._cache["kde"] = kde
-        self._cache["classes"] = set(kde)
 
     def _auto_bounds(self) -> tuple[float, float]:
         x = self._sh["train"][:, self.mask()]
-        lower = math.floor(float(self._batch_surprise(x, self._sh["train_classes"]).min()))
+        sa = self._batch_surprise(x, self._sh["train_classes"])
+        lower = math.floor(float(sa[torch.isfinite(sa)].min()))  # skipped classes have no LSA
         if not lower < self.upper:
             raise ValueError(f"LSC: the training traces have LSA >= {self.upper}; pass bounds=(lower, upper)")
         return float(lower), self.upper
@@ -448,7 +481,7 @@ class DSC(_StoredTraces):
             dist_b[start:start + CHUNK] = d.amin(1)
         ends = torch.tensor([len(v) for v in data.values()]).cumsum(0).tolist()
         slices = {c: (end - len(v), end) for (c, v), end in zip(data.items(), ends)}
-        self._cache.update(x=x, cls=cls, dist_b=dist_b, classes=set(data), slices=slices,
+        self._cache.update(x=x, cls=cls, dist_b=dist_b, slices=slices,
                            known=torch.tensor(sorted(data), device=x.device))
 
     def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
@@ -553,7 +586,7 @@ class MDSC(_Surprise):
 
     def _class_variances(self) -> tuple[torch.Tensor, torch.Tensor]:
         count, mean, m2 = self._sh["count"], self._sh["mean"], self._sh["m2"]
-        present = (count > 0).nonzero().squeeze(1).tolist()
+        present = self.usable_classes()
         per_class = torch.stack([m2[c].diagonal() / count[c] for c in present])
         d = mean.shape[1]
         n, mu, tot = count.new_zeros(()), mean.new_zeros(d), m2.new_zeros(d, d)
@@ -561,24 +594,20 @@ class MDSC(_Surprise):
             n, mu, tot = chan_combine(n, mu, tot, count[c], mean[c], m2[c], outer=True)
         return per_class, tot.diagonal() / n
 
-    def _num_classes(self) -> int:
-        return int(self._sh["count"].shape[0])
+    _estimator = "a covariance"
 
-    def _has_class(self, c: int) -> bool:
-        return bool(self._sh["count"][c] > 0)
+    def _class_counts(self) -> dict[int, int]:
+        return {c: int(n) for c, n in enumerate(self._sh["count"].tolist()) if n > 0}
 
-    def _check_counts(self) -> None:
-        for c, n in enumerate(self._sh["count"].tolist()):
-            if 0 < n < 2:
-                raise ValueError(f"MDSC: class {c} has {int(n)} training input; a covariance needs at "
-                                 "least 2 per class (fit on more data)")
+    def _min_class_size(self) -> int:
+        return 2
 
     def _prepare_model(self) -> None:
         if "chol" in self._cache:
             return
         keep = self.mask()
         chol = {}
-        for c in (self._sh["count"] > 0).nonzero().squeeze(1).tolist():
+        for c in self.usable_classes():
             n = float(self._sh["count"][c])
             ddof = 1 if self.covariance == "sample" else 0
             cov = self._sh["m2"][c][keep][:, keep] / (n - ddof)
