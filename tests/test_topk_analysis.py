@@ -141,16 +141,23 @@ def test_config_round_trip():
 
 
 # ----------------------------------------------------------------------------- mosaics
-def test_rf_boxes_of_alexnet_conv1_and_pool5():
-    from unitscope.analyses.mosaics import rf_boxes
-    from unitscope.analyses.occlusion import layer_rf
+@pytest.fixture(scope="module")
+def alexnet() -> nn.Module:
+    torch.manual_seed(0)
+    return unitscope.load_model("alexnet").eval()
 
-    model = unitscope.load_model("alexnet")
-    conv1 = layer_rf(model, "features.0", (224, 224))
+
+def test_rf_boxes_of_alexnet_conv1_and_pool5(alexnet):
+    from unitscope.analyses.mosaics import rf_boxes
+    from unitscope.analyses.occlusion import LayerRF, layer_rf
+
+    model = alexnet.features
+    conv1 = layer_rf(model, "0", (224, 224))
     assert (conv1.size, conv1.jump) == (11, 4)
     # spec C.3.5: conv1 cell 0 is centred on pixel 3 (0-based), so it spans pixels -2..8
     assert rf_boxes(conv1, torch.tensor([[0, 1]])).tolist() == [[-2, 9, 2, 13]]
-    pool5 = layer_rf(model, "features.12", (224, 224))
+    table = unitscope.receptive_fields(model, 224).set_index("layer")
+    pool5 = LayerRF(*(float(table.loc["12", c]) for c in ("rf_size", "jump", "start")))
     assert (pool5.size, pool5.jump) == (195, 32)
     assert pool5.centre(torch.tensor([[1, 2]])).tolist() == [[63.0, 95.0]]  # 31 + 32·(u, v)
 
@@ -262,9 +269,8 @@ def test_topk_two_gloo_ranks_equal_one_process(tmp_path):
     pd.testing.assert_frame_equal(two.table("topk"), one.table("topk"))
 
 
-def test_all_relu_layers_of_alexnet_at_once_state_is_units_times_k():
-    torch.manual_seed(0)
-    model = unitscope.load_model("alexnet")
+def test_all_relu_layers_of_alexnet_at_once_state_is_units_times_k(alexnet):
+    model = alexnet
     data = ArrayDataset(torch.randn(5, 3, 96, 96), torch.zeros(5, dtype=torch.int64))
     run = unitscope.analyze(model, data, layers="ReLU", analyses=[TopK(k=3)], batch_size=3, progress=False)
     accs = run.analysis("topk").accumulators

@@ -9,8 +9,8 @@ For a unit ``c`` of layer ``ℓ`` and one of its top images ``x`` (see :mod:`uni
 3. The pixel-space map ``D(y)`` is the mean of ``d_p`` over the windows covering pixel ``y``
    (NaN where no window covers it).
 4. Each map is pasted into a ``(2H−1)×(2W−1)`` canvas so that the unit's analytic RF centre
-   ``start + J·(i*, j*)`` lands in the middle; the canvases of the top images are averaged
-   pixel by pixel over the images that cover that pixel.
+   ``start − ½ + J·(i*, j*)`` (a pixel index) lands in the middle; the canvases of the top images
+   are averaged pixel by pixel over the images that cover that pixel.
 5. The empirical RF is ``{R ≥ τ·max R}`` restricted to the connected component at the centre; its
    size is ``√area`` (the side of a square of the same area).
 
