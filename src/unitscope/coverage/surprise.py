@@ -470,7 +470,9 @@ class DSC(_StoredTraces):
         data = self._class_data()
         if len(data) < 2:
             raise ValueError(f"DSC needs training traces of at least two classes, got classes "
-                             f"{sorted(data)}; pass the (predicted) classes to fit()")
+                             f"{sorted(data)}; pass the classes to fit() (in Coverage: the model predicted "
+                             "fewer than two classes on the training data; train it, or use "
+                             "class_source='label')")
         x = torch.cat(list(data.values()))
         cls = torch.cat([torch.full((len(v),), c, dtype=torch.long, device=x.device)
                          for c, v in data.items()])
