@@ -97,6 +97,13 @@ def test_topk_two_shards_merged_equal_one_pass(tmp_path):
     pd.testing.assert_frame_equal(merged, whole)
     # the shards alone differ from the whole (the test can fail)
     assert not unitscope.load_run(paths[0]).table("topk").equals(whole)
+    from unitscope.analyses.mosaics import render_mosaics
+
+    with pytest.raises(ValueError, match="records no model or dataset"):
+        render_mosaics(paths[0], ["relu1:0"])
+    plain = unitscope.analyze(model, data, layers="fc", progress=False).save(tmp_path / "plain")
+    with pytest.raises(ValueError, match="has no topk table"):
+        render_mosaics(plain, ["fc:0"])
 
 
 def test_score_with_location_first_maximum_and_shapes():
@@ -216,6 +223,12 @@ def test_topk_experiment_writes_mosaics_and_report(tmp_path):
     assert sorted(p.name for p in (target / "mosaics").iterdir()) == ["relu2_1.png", "relu3_4.png"]
     page = write_report(target).read_text()
     assert "id='topk'" in page and "alt='topk figure'" in page
+    from unitscope.analyses.mosaics import render_mosaics
+
+    paths = render_mosaics(target, ["relu1:7"], out=tmp_path / "later", mode="mark", k=2)
+    assert [p.name for p in paths] == ["relu1_7.png"] and paths[0].is_file()
+    with pytest.raises(KeyError, match="no layer 'conv9'"):
+        render_mosaics(target, ["conv9:0"], out=tmp_path / "later")
     config.write_text('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 400\n')
     with pytest.raises(ConfigError, match="k = 400 is larger than the dataset"):
         run_config(config, out=tmp_path / "runs2", progress=False)

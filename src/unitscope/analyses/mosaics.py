@@ -192,6 +192,43 @@ def save_mosaics(mosaics: dict[str, torch.Tensor], out_dir: str | Path, scale: i
     return paths
 
 
+def render_mosaics(run_dir: str | Path, units: Sequence[str], out: str | Path | None = None,
+                   mode: str = "mark", k: int | None = None, scale: int = 2) -> list[Path]:
+    """Render and save the mosaics of ``units`` from a saved run that holds a ``topk`` table.
+
+    The model, weights and dataset are rebuilt from the run's recorded config (``unitscope run``
+    writes it), so mosaics of any ranked unit can be drawn later without a new pass. This is what
+    a ``unitscope mosaics RUN layer:unit ...`` command calls.
+
+    Args:
+        run_dir: a run directory with ``tables/topk.parquet`` and a config naming ``model`` and
+            ``dataset``.
+        units: ``"layer:unit"`` strings.
+        out: where to write the PNGs (default ``RUN/mosaics``).
+        mode, k: see :func:`unit_mosaics`; scale: see :func:`save_mosaics`.
+
+    Returns:
+        The written paths.
+    """
+    from ..data import load_dataset
+    from ..models import load_model
+    from ..results import load_run
+
+    run = load_run(run_dir)
+    if "topk" not in run.tables:
+        raise ValueError(f"{run_dir} has no topk table; run a 'topk' experiment (or analyze with TopK) first")
+    config = run.manifest.get("config") or {}
+    missing = [key for key in ("model", "dataset") if not config.get(key)]
+    if missing:
+        raise ValueError(f"{run_dir} records no {' or '.join(missing)} in its config, so its inputs cannot "
+                         "be read back; call unit_mosaics(model, data, table, units) instead")
+    model = load_model(config["model"], weights=config.get("weights"))
+    data = load_dataset(config["dataset"], split=config.get("split", "test"),
+                        **(config.get("dataset_options") or {}))
+    mosaics = unit_mosaics(model, data, run.tables["topk"], units, k=k, mode=mode)
+    return save_mosaics(mosaics, out if out is not None else Path(run_dir) / "mosaics", scale=scale)
+
+
 def plot_mosaics(mosaics: dict[str, torch.Tensor], cols: int = 3,
                  title: str = "top inputs per unit, receptive field of the maximum marked",
                  ax: Any = None) -> Any:
