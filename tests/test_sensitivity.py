@@ -353,3 +353,23 @@ def test_minmax_renormalisation_cancels_brightness(shapes):
     assert plain.loc["brightness", "ST"] > 0.5
     assert abs(renorm.loc["brightness", "ST"]) < 1e-3  # what is left is the eps term
     assert renorm.loc["image", "ST"] > 0.99
+
+
+@pytest.mark.slow
+def test_demo_part_on_shapes(cnn, tmp_path):
+    from unitscope.demo import DemoContext
+    from unitscope.families.sensitivity import demo
+
+    data = unitscope.load_dataset("shapes", "test", n=64)
+    run = unitscope.analyze(cnn, data, layers="fc", progress=False)
+    ctx = DemoContext(name="shapes-cnn", model=cnn, dataset="shapes", train_data=None, test_data=data,
+                      run=run, out=tmp_path, quick=True, progress=False)
+    demo(ctx)
+    factors = run.tables["sensitivity_factors"]
+    assert {"layer", "unit", "hue_r2", "ST_hue"} <= set(factors.columns) and len(factors) == 128
+    assert (factors["hue_r2"].between(0, 1) | factors["hue_r2"].isna()).all()  # NaN: a dead unit
+    assert {"sensitivity", "sensitivity_layers", "sensitivity_masking"} <= set(run.tables)
+    ctx.name = "digits-cnn"
+    before = set(run.tables)
+    demo(ctx)  # only shapes-cnn has a sensitivity part
+    assert set(run.tables) == before

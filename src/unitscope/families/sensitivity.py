@@ -264,6 +264,22 @@ TABLE_SECTIONS.append("sensitivity")
 
 
 # --------------------------------------------------------------------------- ground truth on shapes
+class Subset:
+    """The first ``n`` items of a dataset, keeping its ``factors`` (for :func:`hue_tracking`)."""
+
+    def __init__(self, data: Any, n: int) -> None:
+        self.data, self.n = data, min(n, len(data))
+        self.factors = data.factors[:self.n]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.data[i]
+
+
 def hue_tracking(model: torch.nn.Module, data: Any, layers: list[str], batch_size: int = 256) -> pd.DataFrame:
     """R² of every unit's (spatial-mean) activation regressed on the shape's hue, as (cos, sin) of 2π·hue.
 
@@ -305,12 +321,12 @@ def demo(ctx: DemoContext) -> None:
                       progress=ctx.progress)
     for name, table in run.tables.items():
         ctx.run.tables[name] = table
-    check = hue_tracking(ctx.model, ctx.test_data, ["relu3", "relu4"])
+    check = hue_tracking(ctx.model, Subset(ctx.test_data, 256 if ctx.quick else 512), ["relu3", "relu4"])
     st = run.table("sensitivity")
     st = st[st["variable"] == "hue"][["layer", "unit", "ST"]].rename(columns={"ST": "ST_hue"})
     ctx.run.tables["sensitivity_factors"] = check.merge(st, on=["layer", "unit"])
     from ..analyses.masking import guided_masking
 
     ctx.run.tables["sensitivity_masking"] = guided_masking(
-        ctx.model, ctx.test_data, run.table("sensitivity"), fraction=0.2, samples=128 if ctx.quick else 256,
-        random_repeats=2, seed=ctx.seed, device="cpu")
+        ctx.model, ctx.test_data, run.table("sensitivity"), fraction=0.2, samples=64 if ctx.quick else 128,
+        random_repeats=1 if ctx.quick else 2, seed=ctx.seed, device="cpu")
