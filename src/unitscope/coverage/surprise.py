@@ -25,7 +25,7 @@ streamed with the Chan et al. update, so its ``fit`` takes any amount of data.
 Example:
     >>> import torch
     >>> from unitscope.coverage.surprise import DSC
-    >>> dsc = DSC(bounds=(0.0, 1.0), n_buckets=10, min_var=0.0)
+    >>> dsc = DSC(bounds=(0.0, 1.0), n_buckets=10, min_var=0.0, var_scope="global")
     >>> dsc = dsc.fit(torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 0, 1]))
     >>> dsc.update(torch.tensor([[0.2, 0.0], [2.0, 0.0]]), torch.tensor([0, 0]))
     0.2
