@@ -108,7 +108,7 @@ class Sensitivity(Analysis):
         its map; otherwise it is the index of the channel's reduced output.
         """
         acc = self.accumulators[key]
-        ndim = int(acc.state_dict()["shape"].numel())
+        ndim = len(acc.output_shape)
         per_unit = acc.compute(aggregate=max(ndim - 1, 0)) if self.unit_reduce == "map" else acc.compute()
         return per_unit, acc.compute(aggregate=ndim)
 

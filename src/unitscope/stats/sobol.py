@@ -252,6 +252,12 @@ class SobolAccumulator(Accumulator):
                 "seed": self.seed, "conf_level": self.conf_level}
 
     @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape of one sample's outputs (``()`` for scalars), as given to the first update."""
+        self._require_initialized()
+        return tuple(self._states["shape"].tolist())
+
+    @property
     def terms(self) -> int:
         """Number of float64 sums kept per output and replicate."""
         d = self.d
@@ -393,7 +399,7 @@ class SobolAccumulator(Accumulator):
         """
         self._require_initialized()
         st = self._states
-        shape = tuple(st["shape"].tolist())
+        shape = self.output_shape
         if not 0 <= aggregate <= len(shape):
             raise ValueError(f"aggregate={aggregate}: the outputs have {len(shape)} dimensions {shape}")
         est = _estimate(st["sums"], st["count"], self.d, self.second_order)
