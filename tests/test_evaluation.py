@@ -90,6 +90,15 @@ def test_bad_input():
         evaluate_classifier(model, ArrayDataset(x, torch.tensor([0, 1, 12, 3])), device="cpu")
     with pytest.raises(ValueError, match="no labels"):
         evaluate_classifier(model, torch.utils.data.TensorDataset(x), device="cpu")
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict:
+            return {"x": x[i], "y": torch.tensor(i % 2)}
+
+    table, cm = evaluate_classifier(model, Dicts(), device="cpu")
+    assert int(cm.sum()) == 4 and cm.shape == (10, 10)
     with pytest.raises(ValueError, match="empty"):
         evaluate_classifier(model, ArrayDataset(x[:0], torch.zeros(0, dtype=torch.int64)), device="cpu")
 

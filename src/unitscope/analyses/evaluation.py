@@ -23,8 +23,10 @@ COLUMNS = ["class", "name", "support", "predicted", "correct", "recall", "precis
 def _labels(item: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[1], torch.Tensor):
         return item[0], item[1]
-    raise ValueError("evaluate_classifier needs labelled data: items must be (input, label, ...); "
-                     "this dataset has no labels")
+    if isinstance(item, dict) and all(isinstance(item.get(key), torch.Tensor) for key in ("x", "y")):
+        return item["x"], item["y"]
+    raise ValueError("evaluate_classifier needs labelled data: items must be (input, label, ...) or "
+                     "{'x': input, 'y': label}; this dataset has no labels")
 
 
 def evaluate_classifier(model: nn.Module, data: Dataset, batch_size: int = 256,
