@@ -97,7 +97,7 @@ def test_bad_input():
         def __getitem__(self, i: int) -> dict:
             return {"x": x[i], "y": torch.tensor(i % 2)}
 
-    table, cm = evaluate_classifier(model, Dicts(), device="cpu")
+    _, cm = evaluate_classifier(model, Dicts(), device="cpu")
     assert int(cm.sum()) == 4 and cm.shape == (10, 10)
     with pytest.raises(ValueError, match="empty"):
         evaluate_classifier(model, ArrayDataset(x[:0], torch.zeros(0, dtype=torch.int64)), device="cpu")
