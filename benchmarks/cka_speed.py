@@ -106,6 +106,8 @@ def main() -> None:
 
     methods = {"plain": plain, "torch-cka": torch_cka, "unitscope": ours,
                "unitscope-exact": lambda n: ours(n, exact=True)}
+    parts(a, b, datasets[args.sizes[0]][: args.batch][0])
+
     clocks = {"cpu": time.process_time, "wall": time.perf_counter}
     times: dict[tuple[str, str, int], list[float]] = {}
     names = list(methods)
@@ -130,6 +132,42 @@ def main() -> None:
                 ratio = statistics.median(m / b for m, b in zip(mine, base))
                 cells.append(f"{statistics.median(mine):10.2f} {ratio:6.3f}")
             print(f"{name:>16} " + " ".join(cells))
+
+
+def parts(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, reps: int = 7) -> None:
+    """Per-batch CPU cost of each piece of unitscope's pass, against two plain forwards.
+
+    End-to-end ratios of a few percent drown in the noise of a shared machine; the pieces can be
+    timed one by one, many times, in process CPU seconds.
+    """
+    from unitscope.capture import Capture
+    from unitscope.stats.cka import LinearCKA, MinibatchCKA
+
+    def cpu(f: object) -> float:
+        out = []
+        for _ in range(reps):
+            t0 = time.process_time()
+            f()
+            out.append(time.process_time() - t0)
+        return statistics.median(out)
+
+    def captured(model: torch.nn.Module, reduce: str) -> list[torch.Tensor]:
+        cap = Capture(model, LAYERS, {"r": reduce}, stop=True)
+        with cap:
+            model(x)
+        return [cap.outputs["r"][k] for k in LAYERS]
+
+    with torch.inference_mode():
+        forwards = cpu(lambda: (a(x), b(x)))
+        capture = cpu(lambda: (captured(a, "flatten"), captured(b, "flatten")))
+        flat_a, flat_b = captured(a, "flatten"), captured(b, "flatten")
+        mean_a, mean_b = captured(a, "mean"), captured(b, "mean")
+        minibatch = cpu(lambda: MinibatchCKA(paired=True).update(flat_a, flat_b))
+        exact = cpu(lambda: LinearCKA(paired=True).update(mean_a, mean_b))
+    print(f"per batch of {len(x)} (CPU s, median of {reps}): two plain forwards {forwards:.3f}; two forwards "
+          f"capturing flattened blocks {capture:.3f} ({capture / forwards:.3f}×, stops after layer4); "
+          f"minibatch HSIC update {minibatch:.4f} (+{minibatch / forwards:.1%}); exact update "
+          f"{exact:.4f} (+{exact / forwards:.1%})")
 
 
 if __name__ == "__main__":

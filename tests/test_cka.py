@@ -397,3 +397,15 @@ def test_demo_part_adds_cka_between_two_trainings(digits_test):
     within = run.arrays["cka_within"]["matrix"]
     assert torch.allclose(torch.diagonal(within), torch.ones(4, dtype=F64), atol=1e-12)
     assert len(similarity.SECTIONS["cka"](run)) == 2
+
+
+def test_paired_exact_state_keeps_only_the_blocks_it_needs():
+    from unitscope.stats.cka import memory_bytes
+
+    xs, ys = layers_of(15, n=20)
+    acc = LinearCKA(paired=True)
+    acc.update(xs, ys)
+    held = sum(t.numel() * t.element_size() for k, t in acc.state_dict().items() if k != "nonfinite_rows"
+               and not k.startswith("dims") and k != "count")
+    dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
+    assert held == memory_bytes(dx, dy) < memory_bytes(dx + dy)

@@ -216,13 +216,19 @@ def _ratio(num: torch.Tensor, self_a: torch.Tensor, self_b: torch.Tensor) -> tor
 class LinearCKA(Accumulator):
     """Exact biased linear CKA between layers, over every input seen, with memory independent of n.
 
-    The state is the float64 second-moment matrix of the concatenated features ``z`` of all
-    layers (``X`` layers, then ``Y`` layers when ``paired``), taken about a shift ``k`` (the
-    first batch's mean, so the centring at the end does not cancel): ``n``, ``Σ(z-k)`` and
-    ``Σ(z-k)(z-k)ᵀ``. A batch costs one float64 matrix product added in place; merging
-    re-expresses the other state about this shift. The centred block of layers ``i`` and ``j``
-    is ``X_{i,c}ᵀ Y_{j,c}``, whose squared Frobenius norm is the CKA numerator. Memory is
-    ``(Σ d)²`` float64 values: reduce conv maps to channels (spatial mean) or to a few positions
+    The state holds float64 second moments of the features about a shift ``k`` (the first
+    batch's mean, so the centring at the end does not cancel): ``n``, ``Σ(z-k)`` and
+
+    * one model (not ``paired``): ``Σ(x-k)(x-k)ᵀ`` over the concatenated features of all layers;
+    * two models (``paired``): the cross moment ``Σ(x-k)(y-k)ᵀ`` between the concatenated features
+      of the two models, plus each layer's own block ``Σ(x_i-k)(x_i-k)ᵀ`` (the blocks between two
+      layers of the same model are never needed, so they are not kept).
+
+    A batch costs one float64 matrix product added in place (plus one per layer when paired);
+    merging re-expresses the other state about this shift. The centred block of layers ``i`` and
+    ``j`` is ``X_{i,c}ᵀ Y_{j,c}``, whose squared Frobenius norm is the CKA numerator. Memory is
+    ``(Σd)²`` float64 values for one model and ``Σd_x·Σd_y + Σd²`` for two (see
+    :func:`memory_bytes`): reduce conv maps to channels (spatial mean) or a few positions
     (``pool:2``) first, or use :class:`MinibatchCKA` for flattened maps. A row with a non-finite
     value is left out (counted in ``nonfinite_rows``).
 
@@ -241,7 +247,7 @@ class LinearCKA(Accumulator):
     """
 
     rules: ClassVar[dict[str, str]] = {"count": "custom", "shift": "custom", "sum": "custom",
-                                       "moment": "custom", "nonfinite_rows": "sum",
+                                       "cross": "custom", "blocks": "custom", "nonfinite_rows": "sum",
                                        "dims_x": "equal", "dims_y": "equal"}
 
     def __init__(self, paired: bool = False) -> None:
@@ -264,26 +270,55 @@ class LinearCKA(Accumulator):
         if bad:
             z = z[good]
         if not self.initialized:
-            _check_memory(z.shape[1])
+            need = memory_bytes(dims_x.tolist(), dims_y.tolist() if self.paired else None)
+            _check_memory(need, int(dims_x.sum() + dims_y.sum()))
             if z.shape[0] == 0:
                 return
-            dev = z.device
-            f64 = {"dtype": torch.float64, "device": dev}
-            self._states = {"count": torch.zeros((), **f64), "shift": z.mean(0),
-                            "sum": torch.zeros(z.shape[1], **f64),
-                            "moment": torch.zeros(z.shape[1], z.shape[1], **f64),
-                            "nonfinite_rows": torch.zeros((), dtype=torch.int64, device=dev),
-                            "dims_x": dims_x.to(dev), "dims_y": dims_y.to(dev)}
+            self._init_states(z, dims_x, dims_y)
         s = self._states
         if not (torch.equal(s["dims_x"].cpu(), dims_x) and torch.equal(s["dims_y"].cpu(), dims_y)):
             raise ValueError(f"LinearCKA: feature widths changed from {s['dims_x'].tolist()} / "
                              f"{s['dims_y'].tolist()} to {dims_x.tolist()} / {dims_y.tolist()}; feed the "
                              "same layers with the same reduction every batch")
         zc = z - s["shift"]
-        s["moment"].addmm_(zc.T, zc)
+        dx = int(dims_x.sum())
+        if self.paired:
+            s["cross"].addmm_(zc[:, :dx].T, zc[:, dx:])
+            for (start, stop), (at, d) in zip(self._spans(), self._block_offsets()):
+                blk = zc[:, start:stop]
+                s["blocks"][at:at + d * d].view(d, d).addmm_(blk.T, blk)
+        else:
+            s["cross"].addmm_(zc.T, zc)
         s["sum"] += zc.sum(0)
         s["count"] += zc.shape[0]
         s["nonfinite_rows"] += bad
+
+    def _init_states(self, z: torch.Tensor, dims_x: torch.Tensor, dims_y: torch.Tensor) -> None:
+        dev = z.device
+        f64 = {"dtype": torch.float64, "device": dev}
+        dx, dy = int(dims_x.sum()), int(dims_y.sum())
+        blocks = int((dims_x ** 2).sum() + (dims_y ** 2).sum()) if self.paired else 0
+        self._states = {"count": torch.zeros((), **f64), "shift": z.mean(0),
+                        "sum": torch.zeros(z.shape[1], **f64),
+                        "cross": torch.zeros(dx, dy if self.paired else dx, **f64),
+                        "blocks": torch.zeros(blocks, **f64),
+                        "nonfinite_rows": torch.zeros((), dtype=torch.int64, device=dev),
+                        "dims_x": dims_x.to(dev), "dims_y": dims_y.to(dev)}
+
+    def _spans(self) -> list[tuple[int, int]]:
+        """Column ranges of every layer (x layers, then y layers) in the concatenated features."""
+        dims = torch.cat([self._states["dims_x"], self._states["dims_y"]]).tolist()
+        ends = torch.tensor(dims).cumsum(0).tolist()
+        return [(e - d, e) for d, e in zip(dims, ends)]
+
+    def _block_offsets(self) -> list[tuple[int, int]]:
+        """(offset, width) of every layer's own block in the packed ``blocks`` state."""
+        dims = torch.cat([self._states["dims_x"], self._states["dims_y"]]).tolist()
+        out, at = [], 0
+        for d in dims:
+            out.append((at, d))
+            at += d * d
+        return out
 
     def merge(self, other: Accumulator) -> Accumulator:
         """Fold ``other`` (same layers, same widths) into ``self``."""
@@ -294,11 +329,27 @@ class LinearCKA(Accumulator):
         return super().merge(other)
 
     def _merge_states(self, theirs: dict[str, torch.Tensor]) -> None:
+        # (z - k_mine) = (z - k_theirs) + delta, so a moment Σ(a-k)(b-k)ᵀ of theirs gains
+        # delta_a s_bᵀ + s_a delta_bᵀ + n delta_a delta_bᵀ
         s = self._states
-        delta = theirs["shift"] - s["shift"]  # z - k_mine = (z - k_theirs) + delta
+        delta = theirs["shift"] - s["shift"]
         n_b, sum_b = theirs["count"], theirs["sum"]
-        s["moment"] = (s["moment"] + theirs["moment"] + torch.outer(delta, sum_b) + torch.outer(sum_b, delta)
-                       + n_b * torch.outer(delta, delta))
+
+        def moved(moment: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+            return (moment + torch.outer(delta[rows], sum_b[cols]) + torch.outer(sum_b[rows], delta[cols])
+                    + n_b * torch.outer(delta[rows], delta[cols]))
+
+        dx = int(s["dims_x"].sum())
+        if self.paired:
+            s["cross"] = s["cross"] + moved(theirs["cross"], slice(0, dx), slice(dx, None))
+            blocks = s["blocks"].clone()
+            for (start, stop), (at, d) in zip(self._spans(), self._block_offsets()):
+                span = slice(start, stop)
+                theirs_block = theirs["blocks"][at:at + d * d].view(d, d)
+                blocks[at:at + d * d] += moved(theirs_block, span, span).flatten()
+            s["blocks"] = blocks
+        else:
+            s["cross"] = s["cross"] + moved(theirs["cross"], slice(0, dx), slice(0, dx))
         s["sum"] = s["sum"] + sum_b + n_b * delta
         s["count"] = s["count"] + n_b
 
@@ -307,32 +358,34 @@ class LinearCKA(Accumulator):
         """How many inputs were folded in (rows with non-finite values are left out)."""
         return int(self._states["count"]) if self.initialized else 0
 
-    def comoment(self) -> torch.Tensor:
-        """The centred co-moment ``Σ (z - z̄)(z - z̄)ᵀ`` of the concatenated features (float64)."""
+    def compute(self) -> torch.Tensor:
+        """The ``(layers_x, layers_y)`` CKA matrix (``(layers, layers)`` when not paired), float64."""
         self._require_initialized()
         s = self._states
         n = float(s["count"].clamp(min=1))
-        return torch.addr(s["moment"], s["sum"], s["sum"], alpha=-1.0 / n)
-
-    def compute(self) -> torch.Tensor:
-        """The ``(layers_x, layers_y)`` CKA matrix (``(layers, layers)`` when not paired), float64."""
-        s = self._states
-        dims = torch.cat([s["dims_x"], s["dims_y"]]) if self.initialized else None
-        sums = _block_sums(self.comoment().square_(), dims, dims)
-        lx = len(s["dims_x"])
-        self_sim = torch.diagonal(sums)
+        dx = int(s["dims_x"].sum())
+        sx, sy = s["sum"][:dx], s["sum"][dx:] if self.paired else s["sum"]
+        cross = torch.addr(s["cross"], sx, sy, alpha=-1.0 / n).square_()  # centred, squared
+        sums = _block_sums(cross, s["dims_x"], s["dims_y"] if self.paired else s["dims_x"])
         if not self.paired:
+            self_sim = torch.diagonal(sums)
             return _ratio(sums, self_sim, self_sim)
-        return _ratio(sums[:lx, lx:], self_sim[:lx], self_sim[lx:])
+        self_sim = []
+        for (start, stop), (at, d) in zip(self._spans(), self._block_offsets()):
+            part = s["sum"][start:stop]
+            block = torch.addr(s["blocks"][at:at + d * d].view(d, d), part, part, alpha=-1.0 / n)
+            self_sim.append(block.square().sum())
+        self_sim = torch.stack(self_sim)
+        lx = len(s["dims_x"])
+        return _ratio(sums, self_sim[:lx], self_sim[lx:])
 
 
-def _check_memory(total: int, limit_bytes: float = 4 * 2 ** 30) -> None:
-    need = total * total * 8
+def _check_memory(need: int, features: int, limit_bytes: float = 4 * 2 ** 30) -> None:
     if need > limit_bytes:
         raise MemoryError(
-            f"exact linear CKA over {total} concatenated features needs a {total} × {total} float64 "
-            f"state ({need / 2 ** 30:.1f} GiB); reduce conv maps first (reduce='mean' or 'pool:2'), "
-            "or use the minibatch estimator (estimator='unbiased'), whose memory is batch² per layer")
+            f"exact linear CKA over {features} features needs a {need / 2 ** 30:.1f} GiB float64 state; "
+            "reduce conv maps first (reduce='mean' or 'pool:2'), or use the minibatch estimator "
+            "(estimator='unbiased'), whose memory is batch² per layer")
 
 
 def _check_lists(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None,
@@ -474,10 +527,16 @@ class MinibatchCKA(Accumulator):
         return _ratio(s["hsic_xy"], s["hsic_xx"], s["hsic_yy"])
 
 
-def memory_bytes(dims: Sequence[int]) -> int:
-    """Bytes of a :class:`LinearCKA` state over layers of these feature widths (to plan a reduction)."""
-    total = sum(dims)
-    return 8 * (total * total + total + 4)
+def memory_bytes(dims_x: Sequence[int], dims_y: Sequence[int] | None = None) -> int:
+    """Bytes of a :class:`LinearCKA` state over layers of these widths (to plan a reduction).
+
+    ``dims_y`` None is one model (layers × layers), otherwise two models.
+    """
+    dx = sum(dims_x)
+    if dims_y is None:
+        return 8 * (dx * dx + 2 * dx)
+    dy = sum(dims_y)
+    return 8 * (dx * dy + sum(d * d for d in (*dims_x, *dims_y)) + 2 * (dx + dy))
 
 
 __all__ = ["ESTIMATORS", "KERNELS", "LinearCKA", "MinibatchCKA", "centre_gram", "cka_from_grams",
