@@ -38,8 +38,9 @@ class CKA(Analysis):
     """The layer × layer CKA matrix of one model, or of two models on the same inputs.
 
     Args:
-        other: a second model, run on every batch of the pass (``None``: compare the layers of the
-            analysed model with each other).
+        other: a second model, run in eval mode on every batch of the pass (``None``: compare the
+            layers of the analysed model with each other). It is moved to the pass's device and
+            stays there; its train/eval mode is restored after every batch.
         kernel: ``"linear"`` or ``"rbf"`` (RBF bandwidth per batch, see ``sigma``).
         estimator: ``"biased"`` (with the linear kernel: exact over the whole dataset) or
             ``"unbiased"`` (the minibatch HSIC₁ estimator, batches of at least 4).
