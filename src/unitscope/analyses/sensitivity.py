@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -169,13 +170,10 @@ def _layer_frame(key: str, whole: Any, per_unit: Any, variables: list[str]) -> p
     if live.any():
         top = np.nanargmax(np.where(np.isnan(st[:, live]), -np.inf, st[:, live]), axis=0)
         dominant = np.bincount(top, minlength=d) / live.sum()
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            s1_mean, st_mean = np.nanmean(s1[:, live], 1), np.nanmean(st[:, live], 1)
-            st_median = np.nanmedian(st[:, live], 1)
+    with warnings.catch_warnings():  # a layer without live units gives NaN summaries, not warnings
+        warnings.simplefilter("ignore", RuntimeWarning)
+        s1_mean, st_mean = np.nanmean(s1[:, live], 1), np.nanmean(st[:, live], 1)
+        st_median = np.nanmedian(st[:, live], 1)
     return pd.DataFrame({
         "layer": key, "variable": variables, "S1_agg": whole.S1.cpu().numpy(),
         "ST_agg": whole.ST.cpu().numpy(), "S1_agg_conf": whole.S1_conf.cpu().numpy(),
@@ -204,24 +202,22 @@ def variable_correlation(table: pd.DataFrame, index: str = "ST") -> pd.DataFrame
     """
     from scipy.stats import spearmanr
 
-    rows = []
+    frames = []
     for layer, frame in table[~table["constant"].astype(bool)].groupby("layer", sort=False):
         wide = frame.pivot(index="unit", columns="variable", values=index)
         names = list(dict.fromkeys(frame["variable"]))
         wide = wide[names]
         if len(wide) < 3:
             continue
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rho = np.atleast_2d(spearmanr(wide.to_numpy(), nan_policy="omit").statistic)
         if rho.shape != (len(names), len(names)):
             rho = np.full((len(names), len(names)), math.nan)
-        for a in range(len(names)):
-            for b in range(len(names)):
-                rows.append((layer, names[a], names[b], float(rho[a, b])))
-    return pd.DataFrame(rows, columns=["layer", "variable_a", "variable_b", "spearman"])
+        frames.append(pd.DataFrame({"layer": layer, "variable_a": np.repeat(names, len(names)),
+                                    "variable_b": np.tile(names, len(names)), "spearman": rho.reshape(-1)}))
+    columns = ["layer", "variable_a", "variable_b", "spearman"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def lda_signature(maps: torch.Tensor, n_splits: int = 5, n_repeats: int = 10,
