@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import unitscope
-from unitscope.analyses.coverage import DEFAULT_CRITERIA, Coverage, coverage, plot_coverage_curve
+from unitscope.analyses.coverage import (
+    DEFAULT_CRITERIA,
+    Coverage,
+    coverage,
+    plot_coverage_curve,
+    plot_coverage_layers,
+)
 from unitscope.coverage.base import criterion
 from unitscope.coverage.neuron import NC
 
@@ -112,9 +118,15 @@ def test_curve_is_monotone_and_ends_at_the_table(model, test_data, fitted):
         assert rows.value.iloc[-1] == final
     fig = plot_coverage_curve(curve)
     assert len(fig.axes) == 2  # fractions and counts
+    bars = plot_coverage_layers(table)
+    labels = [t.get_text() for t in bars.axes[0].get_xticklabels()]
+    assert labels == [*LAYERS, "all"]
+    # one bar per layer group for each per-layer fraction criterion (nc kmnc nbc snac tknc)
+    assert len(bars.axes[0].patches) == 5 * len(labels)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+    plt.close(bars)
 
 
 def test_shards_merged_equal_one_pass_and_batching_does_not_matter(model, test_data, fitted):

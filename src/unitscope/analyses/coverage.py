@@ -43,7 +43,8 @@ from ..results import Run
 from ..stats.base import Accumulator, MergeError
 from .base import Analysis, Batch
 
-__all__ = ["DEFAULT_CRITERIA", "Coverage", "CoverageCurve", "coverage", "plot_coverage_curve"]
+__all__ = ["DEFAULT_CRITERIA", "Coverage", "CoverageCurve", "coverage", "plot_coverage_curve",
+           "plot_coverage_layers"]
 
 #: every criterion, in the order of the spec
 DEFAULT_CRITERIA = ("nc", "kmnc", "nbc", "snac", "tknc", "tknp", "cc", "lsc", "dsc", "mdsc")
@@ -407,6 +408,34 @@ def plot_coverage_curve(table: pd.DataFrame, ax: Any = None) -> Any:
         if panel is fractions:
             a.set_ylim(0, 1.02)
         a.legend(fontsize=8)
+    return fig
+
+
+def plot_coverage_layers(table: pd.DataFrame, ax: Any = None) -> Any:
+    """Per-layer coverage of the fraction criteria as grouped bars (a ``coverage`` table); returns the figure.
+
+    Criteria without per-layer values (TKNP in network mode, the surprise criteria) and counts
+    are left out; the ``"all"`` rows are drawn as a last group.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = table[[not _is_count(c, table) for c in table["criterion"]]]
+    grid = rows.pivot(index="layer", columns="criterion", values="value")
+    layers = [x for x in dict.fromkeys(rows["layer"]) if x != "all"] + ["all"]
+    per_layer = [c for c in dict.fromkeys(rows["criterion"]) if grid[c].drop("all").notna().any()]
+    grid = grid.loc[layers, per_layer]
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(
+        figsize=(1.5 + 0.9 * len(grid), 3.2), layout="constrained")
+    width = 0.8 / max(grid.shape[1], 1)
+    for i, name in enumerate(grid.columns):
+        ax.bar([j + i * width for j in range(len(grid))], grid[name].fillna(0), width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(grid))], grid.index, rotation=45)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("coverage")
+    ax.legend(fontsize=8, ncols=2)
     return fig
 
 
