@@ -191,7 +191,7 @@ def _width(module: nn.Module) -> int | None:
 def measure(idc: IDC, model: nn.Module, data: Dataset, batch_size: int = 256,
             device: str | torch.device = "cpu") -> IDC:
     """A copy of the fitted ``idc`` updated with every input of ``data`` (classes: the labels)."""
-    acts, labels, _ = activations(model, data, idc._layers, batch_size, device)
+    acts, labels, _ = activations(model, data, idc.layers, batch_size, device)
     out = idc.clone()
     has_classes = any(g["class"] >= 0 for g in out.groups)
     out.update(acts, labels if has_classes else None)

@@ -147,12 +147,11 @@ def pruning(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: A
         rows ``study, selection ("important" | "random"), n_units, repeat, accuracy,
         accuracy_drop, units``; the unpruned accuracy is the row with selection ``"none"``.
     """
-    from ..coverage.idc import IDC
+    from ..coverage.idc import normalise_scores
 
     names = resolve_layers(model, layers)
     rel = unit_relevance(model, train_data, names, batch_size=batch_size, device=device)
-    norm = IDC(cross_layer_norm=cross_layer_norm)._normalise
-    scores = torch.cat([norm(rel.total[n]) for n in names])
+    scores = torch.cat([normalise_scores(rel.total[n], cross_layer_norm) for n in names])
     owners = [(n, i) for n in names for i in range(len(rel.total[n]))]
     order = torch.sort(-scores, stable=True).indices.tolist()
     x, y = stack(test_data)

@@ -130,6 +130,22 @@ def assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- helpers
+def normalise_scores(scores: torch.Tensor, how: str = "none") -> torch.Tensor:
+    """One layer's importance scores made comparable across layers for an end-to-end ranking.
+
+    ``"none"``: as they are (SEED); ``"per_layer_max"``: divided by the largest absolute score;
+    ``"per_layer_z"``: z-scores within the layer. Raw LRP relevance is roughly conserved per
+    layer, so without a normalisation narrow layers get larger per-unit scores.
+    """
+    if how == "per_layer_max":
+        return scores / scores.abs().max().clamp_min(1e-300)
+    if how == "per_layer_z":
+        return (scores - scores.mean()) / scores.std(unbiased=False).clamp_min(1e-300)
+    if how != "none":
+        raise ValueError(f"cross_layer_norm={how!r}: use 'none', 'per_layer_max' or 'per_layer_z'")
+    return scores
+
+
 def _as_layers(acts: Acts, what: str, reduce: str = "mean") -> dict[str, torch.Tensor]:
     if isinstance(acts, torch.Tensor):
         acts = {SINGLE: acts}
@@ -219,6 +235,11 @@ class IDC(Accumulator):
     def initialized(self) -> bool:
         """Whether the IDC is fitted (its state exists)."""
         return self.fitted
+
+    @property
+    def layers(self) -> list[str]:
+        """The layer names it was fitted on, in order."""
+        return list(self._layers)
 
     @classmethod
     def from_centroids(cls, centroids: Sequence[Sequence[float]] | Mapping[str, Mapping[int, Sequence[float]]
@@ -358,11 +379,7 @@ class IDC(Accumulator):
                 self._add_group("end2end", "", cls, [owners[i] for i in top], [float(flat[i]) for i in top])
 
     def _normalise(self, s: torch.Tensor) -> torch.Tensor:
-        if self.cross_layer_norm == "per_layer_max":
-            return s / s.abs().max().clamp_min(1e-300)
-        if self.cross_layer_norm == "per_layer_z":
-            return (s - s.mean()) / s.std(unbiased=False).clamp_min(1e-300)
-        return s
+        return normalise_scores(s, self.cross_layer_norm)
 
     def _add_group(self, scope: str, layer: str, cls: int, kept: list[tuple[str, int]],
                    importance: list[float]) -> None:
