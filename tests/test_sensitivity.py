@@ -272,8 +272,9 @@ def test_config_run(tmp_path):
         ("hue", None), ("brightness", (0.5, 1.5)), ("roll", {"dx": (-0.1, 0.1), "dy": (0.0, 0.1)})]
     run = unitscope.load_run(_run_config(tmp_path))
     assert {"sensitivity", "sensitivity_layers", "sensitivity_lda", "sensitivity_masking",
-            "sensitivity_contrast", "sensitivity_shapley", "sensitivity_hsv", "sensitivity_hsv_compare"
-            } <= set(run.tables)
+            "sensitivity_contrast", "sensitivity_shapley", "sensitivity_hsv", "sensitivity_hsv_compare",
+            "sensitivity_single_class"} <= set(run.tables)
+    assert run.table("sensitivity_single_class")["classes"].str.len().min() >= 1
     assert run.analysis("sensitivity").config()["variables"][0] == ["brightness", {"factor": [0.5, 1.5]}]
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.replace('"hue"]', '"hue=0:2"]'))
@@ -368,7 +369,8 @@ def test_demo_part_on_shapes(cnn, tmp_path):
     factors = run.tables["sensitivity_factors"]
     assert {"layer", "unit", "hue_r2", "ST_hue"} <= set(factors.columns) and len(factors) == 128
     assert (factors["hue_r2"].between(0, 1) | factors["hue_r2"].isna()).all()  # NaN: a dead unit
-    assert {"sensitivity", "sensitivity_layers", "sensitivity_masking"} <= set(run.tables)
+    assert {"sensitivity", "sensitivity_layers", "sensitivity_masking",
+            "sensitivity_single_class"} <= set(run.tables)
     ctx.name = "digits-cnn"
     before = set(run.tables)
     demo(ctx)  # only shapes-cnn has a sensitivity part

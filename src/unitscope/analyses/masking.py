@@ -108,7 +108,7 @@ def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: f
     x, y = x.to(dev), y.to(dev)
     intact = _predict(model, x, batch_size).argmax(1)
     acc0 = float((intact == y).float().mean())
-    out_layers = _output_layers(model, x[:1])
+    out_layers = output_layers(model, x[:1])
     layers = [la for la in (layers or list(dict.fromkeys(table["layer"]))) if la not in out_layers]
     if not layers:
         raise ValueError("no layer left to mask: the table holds only the output layer; run sensitivity "
@@ -154,8 +154,8 @@ def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: f
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _output_layers(model: nn.Module, x: torch.Tensor) -> set[str]:
-    """Names of the modules whose output is the model's output (masking them removes classes)."""
+def output_layers(model: nn.Module, x: torch.Tensor) -> set[str]:
+    """Names of the leaf modules whose output is the model's output for input ``x`` (the classifier)."""
     from ..capture import capture
 
     names = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]

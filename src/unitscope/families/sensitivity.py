@@ -112,6 +112,7 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
             model, data, run.table("sensitivity"), fraction=config["mask_fraction"],
             index=config["mask_index"], samples=config["mask_samples"], seed=config["seed"],
             batch_size=config["batch_size"], device=config["device"])
+        _add_single_class(run, model, data, config["seed"], config["device"])
     variables, layers = analysis.config()["variables"], run.manifest["layers"]
     reduce = "mean" if config["reduce"] == "map" else config["reduce"]
     if config["contrast"]:
@@ -134,6 +135,19 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
             model, data, variables, config["hsv_segment"], n=config["n"], reduce=reduce, seed=config["seed"],
             batch_size=config["batch_size"], device=config["device"])
     run.save(target)
+
+
+def _add_single_class(run: Run, model: torch.nn.Module, data: Any, seed: int, device: str = "cpu",
+                      samples: int = 512) -> None:
+    """``sensitivity_single_class`` when the classifier layer was analysed (one unit per class)."""
+    from ..analyses.masking import output_layers, single_class
+
+    table = run.table("sensitivity")
+    outs = output_layers(model.eval().cpu(), data[0][0][None]) & set(table["layer"])
+    for layer in sorted(outs):
+        top = max(1, min(5, table[table["layer"] == layer]["unit"].nunique() // 4))
+        run.tables["sensitivity_single_class"] = single_class(model, data, table, layer, top=top,
+                                                              samples=samples, seed=seed, device=device)
 
 
 def lda_table(run: Run, repeats: int = 10) -> pd.DataFrame:
@@ -330,3 +344,4 @@ def demo(ctx: DemoContext) -> None:
     ctx.run.tables["sensitivity_masking"] = guided_masking(
         ctx.model, ctx.test_data, run.table("sensitivity"), fraction=0.2, samples=64 if ctx.quick else 128,
         random_repeats=1 if ctx.quick else 2, seed=ctx.seed, device="cpu")
+    _add_single_class(ctx.run, ctx.model, ctx.test_data, ctx.seed, samples=64 if ctx.quick else 128)
