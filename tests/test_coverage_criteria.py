@@ -388,6 +388,9 @@ def test_cc_properties():
     line = torch.tensor([[0.0], [1.5], [3.0]])
     assert CC(threshold=2.0).update(line) == 2.0
     assert CC(threshold=2.0).update(line[[1, 0, 2]]) == 1.0
+    wide = torch.randn(40, 2048, generator=torch.Generator().manual_seed(8)) * 30  # rounding in the expansion
+    tau0 = CC(threshold=0.0)
+    assert tau0.update(torch.cat([wide, wide[:25]])) == 40.0 and tau0.update(wide.flip(0)) == 0.0
     one_by_one = CC(threshold=2.0)
     for row in line:
         one_by_one.update(row[None])

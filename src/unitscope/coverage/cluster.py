@@ -18,26 +18,35 @@ import torch
 
 from .base import Criterion
 
-__all__ = ["CC", "min_distance"]
+__all__ = ["CC", "min_distance", "squared_distances"]
 
-#: rows of the test batch per distance block (bounds the (rows, representatives) matrix)
-CHUNK = 4096
+#: entries (rows × representatives) per float64 distance block, about 32 MB
+BLOCK = 1 << 22
+
+
+
+def squared_distances(x: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distances ``(len(x), len(reps))``, float64, by one matrix product.
+
+    ‖a − b‖² = ‖a‖² + ‖b‖² − 2a·b in float64. The rounding error of the sums is at most about
+    (units + 4) float64 rounding units of ‖a‖² + ‖b‖², so a result within that bound is set to
+    exactly 0: equal vectors are 0 apart whatever the batch (and vectors equal to about
+    sqrt(units) · 1e-8 relative count as equal).
+    """
+    a, b = x.double(), reps.double()
+    na, nb = a.square().sum(1), b.square().sum(1)
+    d2 = na[:, None] + nb[None, :] - 2 * (a @ b.T)
+    scale = (na[:, None] + nb[None, :]) * ((a.shape[1] + 4) * torch.finfo(torch.float64).eps)
+    return torch.where(d2 <= scale, torch.zeros_like(d2), d2)
 
 
 def min_distance(x: torch.Tensor, reps: torch.Tensor, squared: bool = False) -> torch.Tensor:
-    """Distance from every row of ``x`` to its nearest row of ``reps`` (``inf`` when there is none).
-
-    Distances are computed from the differences (not the ``|a|² + |b|² - 2ab`` expansion), so equal
-    vectors are exactly 0 apart.
-    """
+    """Distance (float64) from every row of ``x`` to its nearest row of ``reps``; ``inf`` when none."""
     if reps.shape[0] == 0:
-        return torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
-    out = []
-    for start in range(0, x.shape[0], CHUNK):
-        d = torch.cdist(x[start:start + CHUNK], reps, compute_mode="donot_use_mm_for_euclid_dist")
-        out.append(d.amin(1))
-    dist = torch.cat(out)
-    return dist * dist if squared else dist
+        return torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=x.device)
+    step = max(1, BLOCK // reps.shape[0])
+    d2 = torch.cat([squared_distances(x[i:i + step], reps).amin(1) for i in range(0, x.shape[0], step)])
+    return d2 if squared else d2.sqrt()
 
 
 class CC(Criterion):
@@ -48,10 +57,11 @@ class CC(Criterion):
     representative. CC = the sum over layers of the number of representatives.
 
     CC depends on the order of the inputs (greedy), not on how they are batched: a batch is
-    compared with the stored representatives in one distance computation, then its candidates
-    are accepted in input order (one step per accepted input). Equal vectors are at distance 0,
-    so ``threshold=0`` counts distinct vectors. The representatives are stored, so memory grows
-    as O(representatives × units) per layer.
+    compared with the stored representatives in one float64 matrix product (see
+    :func:`squared_distances`), then its candidates are accepted in input order (one step per
+    accepted candidate). Equal vectors are at distance 0, so ``threshold=0`` counts distinct
+    vectors (vectors equal to rounding error count as one). The representatives are stored, so
+    memory grows as O(representatives × units) per layer.
 
     Args:
         threshold: τ. The anchor (NeuraL-Coverage) and SEED use 10 (default) on the squared L2
@@ -92,8 +102,8 @@ class CC(Criterion):
         x = x[~torch.isnan(x).any(1)]  # NaN never covers anything
         cand = x[min_distance(x, reps, self.squared) > self.threshold]
         if cand.shape[0]:
-            d = torch.cdist(cand, cand, compute_mode="donot_use_mm_for_euclid_dist")
-            close = ((d * d if self.squared else d) <= self.threshold).cpu().numpy()
+            d2 = squared_distances(cand, cand)
+            close = ((d2 if self.squared else d2.sqrt()) <= self.threshold).cpu().numpy()
             keep = np.ones(cand.shape[0], dtype=bool)
             for i in range(cand.shape[0]):  # greedy, in input order; steps only over candidates
                 if keep[i]:
