@@ -36,6 +36,22 @@ def test_spec_5_4_silhouette_choice():
     assert score2 == pytest.approx(0.953086, abs=1e-6)
 
 
+def test_exact_1d_silhouette_equals_sklearn():
+    import numpy as np
+    from sklearn.metrics import silhouette_score
+
+    from unitscope.coverage.idc import silhouette_1d
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 5):
+        x = np.concatenate([rng.normal(3 * c, 1.0, 40 + c) for c in range(k)])
+        x[:5] = x[5]  # ties
+        labels = rng.integers(0, k, len(x)) if k == 5 else np.repeat(np.arange(k), [40 + c for c in range(k)])
+        assert silhouette_1d(x, labels) == pytest.approx(silhouette_score(x[:, None], labels), abs=1e-12)
+    x, labels = np.array([0.0, 1.0, 1.5, 7.0]), np.array([0, 1, 1, 2])  # a singleton cluster scores 0
+    assert silhouette_1d(x, labels) == pytest.approx(silhouette_score(x[:, None], labels), abs=1e-12)
+
+
 def test_nearest_centroid_ties_go_to_the_lower_one():
     c = torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64)
     assert assign(torch.tensor([1.0, 3.0, -5.0, 9.0, 1.01]), c).tolist() == [0, 1, 0, 2, 1]

@@ -61,22 +61,55 @@ class ClusteringError(ValueError):
 
 
 # ---------------------------------------------------------------------- 1-D clustering
+def silhouette_1d(values: np.ndarray, labels: np.ndarray) -> float:
+    """The silhouette score (Rousseeuw 1987) of a labelling of 1-D values, exact, in O(n log n) per cluster.
+
+    Equals scikit-learn's ``silhouette_score`` (Euclidean, every sample): for every value the mean
+    distance to each cluster comes from the cluster's sorted values and prefix sums instead of
+    an n × n distance matrix. A value alone in its cluster scores 0.
+    """
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    lab = np.asarray(labels).reshape(-1)
+    ids, own = np.unique(lab, return_inverse=True)
+    if not 2 <= len(ids) <= len(x) - 1:
+        raise ValueError(f"the silhouette needs 2 to n - 1 clusters, got {len(ids)} for {len(x)} values")
+    mean_dist = np.empty((len(ids), len(x)))
+    sizes = np.bincount(own)
+    for c in range(len(ids)):
+        s = np.sort(x[own == c])
+        prefix = np.concatenate([[0.0], np.cumsum(s)])
+        below = np.searchsorted(s, x, side="right")
+        total = (x * below - prefix[below]) + (prefix[-1] - prefix[below] - x * (len(s) - below))
+        mean_dist[c] = total
+    rows = np.arange(len(x))
+    a_sum = mean_dist[own, rows]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = a_sum / (sizes[own] - 1)
+        other = mean_dist / sizes[:, None]
+    other[own, rows] = np.inf
+    b = other.min(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sil = (b - a) / np.maximum(a, b)
+    sil = np.where(sizes[own] > 1, np.nan_to_num(sil), 0.0)
+    return float(sil.mean())
+
+
 def cluster_1d(values: torch.Tensor, k: int | None = None, k_range: tuple[int, int] = (2, 4),
-               seed: int = 0, n_init: int = 10, silhouette_samples: int = 2000) -> tuple[torch.Tensor, float]:
+               seed: int = 0, n_init: int = 10) -> tuple[torch.Tensor, float]:
     """Sorted distinct k-means centroids of 1-D values, and the silhouette score of the chosen k.
 
     With ``k`` given, k-means with that k (capped at the number of distinct values); otherwise
     every k in ``k_range`` (inclusive) that the data allows is tried and the one with the best
     silhouette score kept, the smaller k on ties (DeepImportance's ``quantizeSilhouette``: range
     (2, 4)). A unit with one distinct value gets one centroid. Uses scikit-learn's ``KMeans``
-    (``n_init`` restarts, ``random_state=seed``) and ``silhouette_score`` (on a seeded sample of
-    ``silhouette_samples`` values when there are more).
+    (``n_init`` restarts, ``random_state=seed``) and the exact silhouette of every value
+    (:func:`silhouette_1d`, equal to scikit-learn's ``silhouette_score``, without its n × n
+    distance matrix).
 
     Raises:
         ClusteringError: fewer (finite) values than clusters.
     """
     from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
 
     v = values.detach().double().cpu().reshape(-1)
     v = v[torch.isfinite(v)].numpy()
@@ -105,13 +138,11 @@ def cluster_1d(values: torch.Tensor, k: int | None = None, k_range: tuple[int, i
         raise ClusteringError(f"the silhouette choice of k in {k_range} needs more than {lo} samples with "
                               f"{lo} distinct values, got {n} samples ({distinct} distinct); fix k instead")
     best, best_score = None, -math.inf
-    sample = min(n, silhouette_samples)
     for kk in candidates:
         km = fit(kk)
         if len(np.unique(km.labels_)) < 2:
             continue
-        score = float(silhouette_score(x, km.labels_, sample_size=sample if sample < n else None,
-                                       random_state=seed))
+        score = silhouette_1d(v, km.labels_)
         if score > best_score + 1e-12:
             best, best_score = km, score
     if best is None:
@@ -177,7 +208,6 @@ class IDC(Accumulator):
             ``"per_layer_z"`` (z-scores within each layer).
         round_centroids: decimals to round centroids to (2 in DeepImportance), None to keep them.
         seed, n_init: k-means seed and restarts.
-        silhouette_samples: values the silhouette score is computed on at most (seeded sample).
     """
 
     rules: ClassVar[dict[str, str]] = {}
@@ -186,7 +216,7 @@ class IDC(Accumulator):
 
     def __init__(self, m: int = 2, k: int | None = None, k_range: Sequence[int] = (2, 4),
                  importance: str = "sum", cross_layer_norm: str = "none", round_centroids: int | None = None,
-                 seed: int = 0, n_init: int = 10, silhouette_samples: int = 2000) -> None:
+                 seed: int = 0, n_init: int = 10) -> None:
         super().__init__()
         if int(m) < 1:
             raise ValueError(f"IDC(m={m}): m must be >= 1")
@@ -203,14 +233,14 @@ class IDC(Accumulator):
         self.importance = importance
         self.cross_layer_norm = cross_layer_norm
         self.round_centroids = round_centroids
-        self.seed, self.n_init, self.silhouette_samples = int(seed), int(n_init), int(silhouette_samples)
+        self.seed, self.n_init = int(seed), int(n_init)
         self.reset()
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (two IDCs merge only when these match)."""
         return {"m": self.m, "k": self.k, "k_range": list(self.k_range), "importance": self.importance,
                 "cross_layer_norm": self.cross_layer_norm, "round_centroids": self.round_centroids,
-                "seed": self.seed, "n_init": self.n_init, "silhouette_samples": self.silhouette_samples}
+                "seed": self.seed, "n_init": self.n_init}
 
     def reset(self) -> None:
         """Forget the fit and everything covered."""
@@ -392,8 +422,7 @@ class IDC(Accumulator):
     def _cluster(self, acts: dict[str, torch.Tensor]) -> None:
         needed = sorted({u for g in self.groups for u in g["units"]}, key=self._order)
         for layer, unit in needed:
-            c, score = cluster_1d(acts[layer][:, unit], self.k, self.k_range, self.seed, self.n_init,
-                                  self.silhouette_samples)
+            c, score = cluster_1d(acts[layer][:, unit], self.k, self.k_range, self.seed, self.n_init)
             if self.round_centroids is not None:
                 c = torch.unique(torch.round(c, decimals=int(self.round_centroids)))
             self.centroids[(layer, unit)] = c
