@@ -180,6 +180,13 @@ def test_surprise_layers_give_the_surprise_criteria_their_own_trace(model, train
     assert unitscope.load_run(tmp_path / "run").analysis("coverage").config() == cov.config()
 
 
+def test_module_type_selection_is_saved_by_name(model, test_data, tmp_path):
+    cov = Coverage(["nc"], layers=torch.nn.Conv2d)
+    _run(model, test_data, cov, out=tmp_path / "run")
+    back = unitscope.load_run(tmp_path / "run").analysis("coverage")
+    assert back.config()["layers"] == "Conv2d" and back.coverage_layers == "Conv2d"
+
+
 def test_map_minmax_captures_whole_maps(model, test_data):
     cov = Coverage([NC(threshold=0.5, scale="map_minmax")], layers=["conv1", "conv2"])
     assert cov.reduce == "none"

@@ -176,7 +176,8 @@ class Coverage(Analysis):
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (criteria by name, their options, JSON-able)."""
-        return {**super().config(), "layers": self.coverage_layers, "surprise_layers": self.surprise_layers,
+        return {**super().config(), "layers": _jsonable(self.coverage_layers),
+                "surprise_layers": _jsonable(self.surprise_layers),
                 "criteria": list(self.criteria),
                 "options": {k: c.config() for k, c in self.criteria.items()},
                 "reduce": self.reduce_option, "class_source": self.class_source}
@@ -300,6 +301,15 @@ class Coverage(Analysis):
              for k, c in self.criteria.items() for name, v in c.diagnostics().items()],
             columns=["criterion", "diagnostic", "value"])
         return {"coverage": table, "coverage_curve": curve, "coverage_diagnostics": diagnostics}
+
+
+def _jsonable(spec: LayerSpec | None) -> Any:
+    """A layer selection with module types written as their class names (as in the manifest)."""
+    if isinstance(spec, type):
+        return spec.__name__
+    if isinstance(spec, (list, tuple)):
+        return [x.__name__ if isinstance(x, type) else x for x in spec]
+    return spec
 
 
 def _names(spec: LayerSpec | None) -> bool:
