@@ -297,3 +297,27 @@ def test_all_relu_layers_of_alexnet_at_once_state_is_units_times_k(alexnet):
     rows = unit_topk(run.table("topk"), "features.9", 17)
     ref = torch.sort(best.values, descending=True).values[:3]
     assert rows["value"].to_numpy() == pytest.approx(ref.numpy(), rel=1e-5)
+
+
+def test_zhou_segmentation_agrees_with_scipy_filter():
+    from scipy import ndimage
+
+    from unitscope.analyses.mosaics import unit_segments
+
+    ident = nn.Conv2d(1, 2, 1, bias=False)
+    with torch.no_grad():
+        ident.weight.zero_()
+        ident.weight[0] = 1.0  # unit 0 is the image, unit 1 is zero
+    model = nn.Sequential(OrderedDict(conv=ident))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, 16, 16, generator=g) * 0.2
+    images[:, 0, 10:14, 3:7] += 1.0
+    masks = unit_segments(model, "conv", images, torch.tensor([0, 0, 1]), threshold=0.4)
+    for i in range(2):
+        smooth = ndimage.uniform_filter(images[i, 0].double().numpy(), size=3, mode="constant")
+        assert torch.equal(masks[i], torch.from_numpy(smooth > 0.4 * smooth.max()))
+    assert masks[0, 11, 4] and not masks[0, 2, 12]
+    assert not masks[2].any()  # a zero map segments nothing
+    with pytest.raises(ValueError, match="no 2-D maps"):
+        unit_segments(nn.Sequential(OrderedDict(flat=nn.Flatten(), fc=nn.Linear(256, 2))), "fc", images,
+                      torch.tensor([0, 0, 1]))

@@ -118,6 +118,49 @@ def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: 
     return make_grid(pics.contiguous(), nrow=nrow, padding=padding, pad_value=1.0)
 
 
+def unit_segments(model: nn.Module, layer: str, images: torch.Tensor, units: torch.Tensor,
+                  threshold: float = 0.4) -> torch.Tensor:
+    """Zhou's segmentation of inputs by a unit's feature map (``generate_unitsegments.m``).
+
+    The unit's map on each image, in absolute value, is smoothed by a 3×3 mean (zero padding),
+    divided by its
+    maximum, upsampled bilinearly to the image size, and thresholded at ``threshold`` (0.4 in
+    Zhou's toolkit for AlexNet-like networks; 0.2–0.5 elsewhere).
+
+    Args:
+        model, layer: the network and a layer with 2-D maps.
+        images: ``(K, C, H, W)`` network inputs; units: ``(K,)`` the channel read on each.
+        threshold: the fraction of the smoothed map's maximum kept.
+
+    Returns:
+        ``(K, H, W)`` bool masks (all False for a map that is zero everywhere).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 1, 1, bias=False))
+        >>> _ = nn.init.ones_(net[0].weight)
+        >>> x = torch.zeros(1, 1, 8, 8)
+        >>> x[0, 0, 1, 1] = 1.0
+        >>> unit_segments(net, "0", x, torch.tensor([0]))[0, :3, :3].int().tolist()
+        [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    """
+    from .occlusion import truncated_forward
+
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold}: use a fraction of the maximum in (0, 1]")
+    units = torch.as_tensor(units, dtype=torch.int64).reshape(-1)
+    maps = truncated_forward(model, layer, images,
+                             lambda t: t[torch.arange(t.shape[0]), units].detach().clone())
+    if maps.dim() != 3:
+        raise ValueError(f"layer {layer!r} has no 2-D maps to segment with; pick a conv, pool or "
+                         "activation layer")
+    # zero padding at the border, as MATLAB's imfilter does
+    m = nn.functional.avg_pool2d(maps.abs().unsqueeze(1).to(torch.float32), 3, stride=1, padding=1,
+                                 count_include_pad=True)
+    m = m / m.flatten(1).amax(1).clamp(min=1e-30)[:, None, None, None]
+    up = nn.functional.interpolate(m, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)
+    return (up[:, 0] > threshold) & (m.flatten(1).amax(1) > 0)[:, None, None]
+
+
 def _item_x(item: Any) -> torch.Tensor:
     return item if isinstance(item, torch.Tensor) else item[0]
 
