@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..capture import Capture, LayerSpec, Reduction, resolve_layers
+from ..capture import Capture, LayerSpec, Reduction, make_reduction, resolve_layers
 from ..stats.base import Accumulator
-from ..stats.cka import MIN_UNBIASED, LinearCKA, MinibatchCKA, linear_cka, rbf_cka
+from ..stats.cka import MIN_UNBIASED, LinearCKA, MinibatchCKA, centred_linear_gram, linear_cka, rbf_cka
 from .base import Analysis, Batch
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,13 @@ class CKA(Analysis):
         self.other = other
         self.kernel, self.estimator = kernel, estimator
         self.exact = kernel == "linear" and estimator == "biased"
-        self.reduce = reduce if reduce is not None else ("mean" if self.exact else "flatten")
-        if callable(self.reduce):
+        self.features = reduce if reduce is not None else ("mean" if self.exact else "flatten")
+        if callable(self.features):
             raise ValueError("CKA(reduce=...) takes a name ('mean', 'max', 'flatten', 'pool:D'), so the run "
                              "can be saved and resumed")
+        # the minibatch route needs only each batch's Gram: the capture hook computes it, so the
+        # (flattened) maps are never copied or kept
+        self.reduce = self.features if self.exact else GramOf(self.features)
         self.other_layers = other_layers
         self.sigma, self.median_fraction, self.short_batches = sigma, median_fraction, short_batches
         self.resolved = {k: list(v) for k, v in (resolved or {}).items()}
@@ -95,7 +98,7 @@ class CKA(Analysis):
         if isinstance(other_layers, type):
             other_layers = other_layers.__name__
         return {**super().config(), "kernel": self.kernel, "estimator": self.estimator,
-                "other_layers": other_layers, "reduce": self.reduce, "sigma": self.sigma,
+                "other_layers": other_layers, "reduce": self.features, "sigma": self.sigma,
                 "median_fraction": self.median_fraction, "short_batches": self.short_batches,
                 "resolved": self.resolved}
 
@@ -130,11 +133,14 @@ class CKA(Analysis):
                         m, MIN_UNBIASED)
             xs = [acts[k] for k in self.resolved["x"]]
             ys = [xs[0]] * len(self.resolved["y"]) if self.paired else None  # only the count is kept
-            self.accumulators[KEY].update(xs, ys)
+            self.accumulators[KEY].update_grams(xs, ys)
             return
         xs = [acts[k] for k in self.resolved["x"]]
         ys = self._other_features(batch.x) if self.paired else None
-        self.accumulators[KEY].update(xs, ys)
+        if self.exact:
+            self.accumulators[KEY].update(xs, ys)
+        else:
+            self.accumulators[KEY].update_grams(xs, ys)
 
     def _other_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         other = self.other
@@ -192,6 +198,26 @@ class CKA(Analysis):
         """``matrix``: the CKA matrix (float64)."""
         acc = self.accumulators.get(KEY)
         return {"matrix": self.matrix()} if acc is not None and acc.initialized else {}
+
+
+class GramOf:
+    """A capture reduction: the Gram of a layer's column-centred features, computed inside the hook.
+
+    ``spec`` names how the output becomes features first (``"flatten"``, ``"mean"``, ``"pool:D"``,
+    ...). The Gram is formed before any later in-place operation can change the output, so the
+    flattened map is neither copied nor kept.
+    """
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.base = None if spec == "flatten" else make_reduction(spec)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """``(N, *shape)`` -> ``(N, N)``."""
+        return centred_linear_gram(t.detach() if self.base is None else self.base(t))
+
+    def __repr__(self) -> str:
+        return f"GramOf({self.spec!r})"
 
 
 # ------------------------------------------------------------------------------- celebalucid usage

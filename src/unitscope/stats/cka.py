@@ -80,7 +80,17 @@ def gram_rbf(x: torch.Tensor, sigma: float | None = None, median_fraction: float
             squared distances, zero diagonal included.
         median_fraction: the fraction of the median distance (their ``threshold``; 0.5 in their demo).
     """
-    g = gram_linear(x)
+    return rbf_from_linear(gram_linear(x), sigma, median_fraction)
+
+
+def rbf_from_linear(g: torch.Tensor, sigma: float | None = None,
+                    median_fraction: float = 1.0) -> torch.Tensor:
+    """The RBF Gram (see :func:`gram_rbf`) from the linear Gram ``X Xᵀ`` of the same inputs (float64).
+
+    Distances come from ``‖x_i - x_j‖² = K_ii + K_jj - 2 K_ij``, so a Gram of column-centred
+    features gives the same result.
+    """
+    g = g.to(torch.float64)
     sq = torch.diagonal(g)
     dist = (sq[:, None] + sq[None, :] - 2 * g).clamp(min=0)
     if sigma is None:
@@ -90,6 +100,19 @@ def gram_rbf(x: torch.Tensor, sigma: float | None = None, median_fraction: float
     if not float(sigma2) > 0:
         raise ValueError("RBF bandwidth is 0 (all inputs identical, or sigma=0); pass a positive sigma")
     return torch.exp(-dist / (2 * sigma2))
+
+
+def centred_linear_gram(x: torch.Tensor) -> torch.Tensor:
+    """``X_c X_cᵀ`` of the column-centred features of ``(m, *features)``, in the features' precision.
+
+    Centring the columns changes neither the centred nor the U-centred Gram (nor distances), and
+    removes the common offset (ReLU features are all positive) that would make a float32 Gram
+    lose the small centred part to rounding. The result is what :meth:`MinibatchCKA.update_grams`
+    takes; at ``m × m`` it is far smaller than the features.
+    """
+    f = x.reshape(x.shape[0], -1)
+    f = f - f.mean(0)
+    return f @ f.T
 
 
 def centre_gram(k: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
@@ -419,9 +442,10 @@ class MinibatchCKA(Accumulator):
     The state is the sums over batches of ``HSIC(K_i, L_j)``, ``HSIC(K_i, K_i)`` and
     ``HSIC(L_j, L_j)``; ``compute`` takes the ratio, which equals torch-cka's average over
     batches. Features are column-centred in their own precision (which leaves both centrings of
-    the Gram unchanged), their Gram is formed in that precision, then centred and summed in
-    float64. torch-cka works on uncentred float32 Grams, where the U-statistic of wide ReLU
-    features cancels (errors of 1e-2 on resnet18 blocks, and negative self-HSIC).
+    the Gram unchanged), their Gram is formed in that precision (:func:`centred_linear_gram`,
+    which :meth:`update_grams` takes directly), then centred and summed in float64. torch-cka
+    works on uncentred float32 Grams, where the U-statistic of wide ReLU features cancels (errors
+    of 1e-2 on resnet18 blocks, and negative self-HSIC).
 
     Args:
         kernel: ``"linear"`` or ``"rbf"`` (bandwidth per batch: ``sigma``, or the median heuristic).
@@ -461,31 +485,36 @@ class MinibatchCKA(Accumulator):
                 "median_fraction": self.median_fraction, "paired": self.paired,
                 "short_batches": self.short_batches}
 
-    def _centred(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        grams = []
-        for f in feats:  # one Gram per layer; layers differ in width, so they cannot be stacked first
-            # Centring the columns first changes neither the centred nor the U-centred Gram (nor
-            # distances), and removes the common offset that would make a float32 Gram cancel later.
-            f = as_matrix(f)
-            f = f - f.mean(0)
-            if self.kernel == "rbf":
-                grams.append(gram_rbf(f, self.sigma, self.median_fraction))
-            else:
-                grams.append((f @ f.T).to(torch.float64))
-        g = centre_gram(torch.stack(grams), self.unbiased)
-        return g.reshape(len(feats), -1)
+    def _centred(self, grams: list[torch.Tensor]) -> torch.Tensor:
+        k = torch.stack([g.to(torch.float64) for g in grams])
+        if self.kernel == "rbf":
+            k = torch.stack([rbf_from_linear(g, self.sigma, self.median_fraction) for g in k])
+        return centre_gram(k, self.unbiased).reshape(len(grams), -1)
 
     def update(self, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None = None) -> None:
         """Fold in one batch: a list of ``(m, *features)`` tensors per model, same ``m`` everywhere."""
         xs, ys = _check_lists(xs, ys, self.paired)
-        m = int(xs[0].shape[0])
-        dev = xs[0].device
+        gx = [centred_linear_gram(f) for f in xs]
+        gy = [centred_linear_gram(f) for f in ys] if ys is not None else None
+        self.update_grams(gx, gy)
+
+    def update_grams(self, kx: Sequence[torch.Tensor], ky: Sequence[torch.Tensor] | None = None) -> None:
+        """Fold in one batch given as linear Grams ``X Xᵀ`` (``m × m``, one per layer) instead of features.
+
+        The Grams may be of column-centred features (:func:`centred_linear_gram`, which a capture
+        hook can compute so the features are never kept); the RBF kernel is derived from them.
+        """
+        kx, ky = _check_lists(kx, ky, self.paired)
+        m = int(kx[0].shape[0])
+        dev = kx[0].device
+        if any(k.dim() != 2 or k.shape[0] != k.shape[1] for k in (*kx, *(ky or ()))):
+            raise ValueError("update_grams takes square m × m Gram matrices, one per layer")
         if m < (MIN_UNBIASED if self.unbiased else 2):
             if self.short_batches == "error":
                 if self.unbiased:
                     _check_unbiased_size(m)
                 raise ValueError(f"a CKA batch needs at least 2 samples, got {m}")
-            shape = (len(xs), len(ys) if ys is not None else len(xs))
+            shape = (len(kx), len(ky) if ky is not None else len(kx))
             part = {"hsic_xy": torch.zeros(shape, dtype=torch.float64, device=dev),
                     "hsic_xx": torch.zeros(shape[0], dtype=torch.float64, device=dev),
                     "hsic_yy": torch.zeros(shape[1], dtype=torch.float64, device=dev),
@@ -493,8 +522,8 @@ class MinibatchCKA(Accumulator):
                     "count": torch.zeros((), dtype=torch.float64, device=dev),
                     "skipped": torch.tensor(float(m), dtype=torch.float64, device=dev)}
         else:
-            gx = self._centred(xs)
-            gy = self._centred(ys) if ys is not None else gx
+            gx = self._centred(kx)
+            gy = self._centred(ky) if ky is not None else gx
             scale = _hsic_scale(m, self.unbiased)
             part = {"hsic_xy": (gx @ gy.T) * scale, "hsic_xx": gx.square().sum(1) * scale,
                     "hsic_yy": gy.square().sum(1) * scale,
@@ -539,5 +568,6 @@ def memory_bytes(dims_x: Sequence[int], dims_y: Sequence[int] | None = None) -> 
     return 8 * (dx * dy + sum(d * d for d in (*dims_x, *dims_y)) + 2 * (dx + dy))
 
 
-__all__ = ["ESTIMATORS", "KERNELS", "LinearCKA", "MinibatchCKA", "centre_gram", "cka_from_grams",
-           "gram_linear", "gram_rbf", "hsic", "linear_cka", "memory_bytes", "rbf_cka"]
+__all__ = ["ESTIMATORS", "KERNELS", "LinearCKA", "MinibatchCKA", "centre_gram", "centred_linear_gram",
+           "cka_from_grams", "gram_linear", "gram_rbf", "hsic", "linear_cka", "memory_bytes", "rbf_cka",
+           "rbf_from_linear"]
