@@ -160,6 +160,21 @@ def test_invariants_monotone_order_batch_merge_roundtrip():
     assert 0 < whole.value() <= 1
 
 
+def test_state_file_round_trip_without_pickle(tmp_path):
+    from unitscope.stats.base import load_states, save_states
+
+    idc, acts, classes = _fitted(3)
+    idc.update({k: v[:30] for k, v in acts.items()}, classes[:30])
+    save_states(tmp_path / "s.safetensors", {"idc": idc})
+    back = load_states(tmp_path / "s.safetensors")[0]["idc"]
+    assert back.results() == idc.results()
+    import pandas as pd
+
+    assert pd.DataFrame(back.important_units()).equals(pd.DataFrame(idc.important_units()))  # NaN == NaN
+    assert back.update({k: v[30:] for k, v in acts.items()}, classes[30:]) == \
+        idc.update({k: v[30:] for k, v in acts.items()}, classes[30:])
+
+
 def test_merge_refuses_a_differently_fitted_idc():
     a, _, _ = _fitted(0)
     b, _, _ = _fitted(1)
