@@ -318,6 +318,18 @@ def test_zhou_segmentation_agrees_with_scipy_filter():
         assert torch.equal(masks[i], torch.from_numpy(smooth > 0.4 * smooth.max()))
     assert masks[0, 11, 4] and not masks[0, 2, 12]
     assert not masks[2].any()  # a zero map segments nothing
+    from unitscope.analyses.mosaics import mosaic, unit_mosaics
+
+    dimmed = mosaic(images[:1], torch.tensor([[0, 1, 0, 1]]), segments=masks[:1], padding=0, nrow=1)
+    plain = mosaic(images[:1], torch.tensor([[0, 1, 0, 1]]), padding=0, nrow=1)
+    assert torch.equal(dimmed[:, 11, 4], plain[:, 11, 4])
+    assert torch.allclose(dimmed[:, 5, 12], plain[:, 5, 12] * 0.25)
+    data = ArrayDataset(images[:2], torch.zeros(2, dtype=torch.int64))
+    top = unitscope.analyze(model, data, layers="conv", analyses=[TopK(k=2)], progress=False).table("topk")
+    seg = unit_mosaics(model, data, top, ["conv:0"], mode="segment")["conv:0"]
+    assert seg.shape == unit_mosaics(model, data, top, ["conv:0"])["conv:0"].shape
+    with pytest.raises(ValueError, match="'segment'"):
+        unit_mosaics(model, data, top, ["conv:0"], mode="outline")
     with pytest.raises(ValueError, match="no 2-D maps"):
         unit_segments(nn.Sequential(OrderedDict(flat=nn.Flatten(), fc=nn.Linear(256, 2))), "fc", images,
                       torch.tensor([0, 0, 1]))

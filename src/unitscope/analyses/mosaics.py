@@ -21,6 +21,9 @@ from torch import nn
 from .occlusion import LayerRF, layer_rf
 
 MODES = ("mark", "crop")
+#: what :func:`unit_mosaics` draws: the two :func:`mosaic` modes, or ``"segment"`` (mark, and dim what
+#: lies outside Zhou's segmentation by the unit's map)
+UNIT_MODES = (*MODES, "segment")
 
 
 def rf_boxes(rf: LayerRF, locations: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,7 @@ def overlay(pics: torch.Tensor, maps: torch.Tensor, alpha: float = 0.7) -> torch
 
 def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: int | None = None,
            colour: Sequence[float] = (1.0, 0.1, 0.1), padding: int = 2,
-           maps: torch.Tensor | None = None) -> torch.Tensor:
+           maps: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
     """Tile ``images`` ``(K, C, H, W)`` into one ``(3, H', W')`` picture with their ``boxes``.
 
     Args:
@@ -75,6 +78,8 @@ def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: 
         padding: pixels between tiles.
         maps: optional discrepancy maps ``(K, H, W)`` (:func:`unitscope.analyses.occlusion.occlusion_maps`);
             a second row shows them over the images (``mode="mark"`` only), one row of ``K`` each.
+        segments: optional ``(K, H, W)`` bool masks (:func:`unit_segments`); pixels outside are
+            dimmed to a quarter.
 
     Example:
         >>> m = mosaic(torch.rand(4, 1, 10, 10), torch.tensor([[2, 7, 2, 7]] * 4))
@@ -92,6 +97,11 @@ def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: 
                          f"mode='mark', got {tuple(maps.shape)} with mode={mode!r}")
     pics = display_images(images)
     heat = overlay(pics, maps) if maps is not None else None
+    if segments is not None:
+        if segments.shape != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"segments must be (K, H, W) = {(images.shape[0], *images.shape[2:])}, got "
+                             f"{tuple(segments.shape)}")
+        pics = torch.where(segments[:, None].bool(), pics, pics * 0.25)
     k, _, h, w = pics.shape
     boxes = boxes.to(torch.int64)
     if mode == "crop":
@@ -177,7 +187,9 @@ def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
         topk: a table from :class:`unitscope.analyses.topk.TopK`.
         units: ``"layer:unit"`` strings or ``(layer, unit)`` pairs.
         k: how many top inputs (default all in the table).
-        mode, nrow: see :func:`mosaic`.
+        mode: ``"mark"`` or ``"crop"`` (see :func:`mosaic`), or ``"segment"``: marked, with what lies
+            outside Zhou's segmentation (:func:`unit_segments`, threshold 0.4) dimmed.
+        nrow: see :func:`mosaic`.
         maps: ``"layer:unit"`` -> discrepancy maps ``(k, H, W)`` of its top inputs in rank order
             (the ``"layer:unit:maps"`` arrays of
             :func:`unitscope.analyses.occlusion.empirical_receptive_fields`), shown in a second row.
@@ -193,6 +205,8 @@ def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
     """
     from .topk import parse_unit, unit_topk
 
+    if mode not in UNIT_MODES:
+        raise ValueError(f"mode={mode!r}: use 'mark' (outline the receptive field), 'crop' or 'segment'")
     out: dict[str, torch.Tensor] = {}
     rfs: dict[str, LayerRF | None] = {}
     for spec in units:
@@ -215,7 +229,11 @@ def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
         if unit_maps is not None:
             unit_maps = unit_maps[:len(rows)]
             images, boxes = images[:len(unit_maps)], boxes[:len(unit_maps)]
-        out[key] = mosaic(images, boxes, mode=mode, nrow=nrow, maps=unit_maps)
+        segments = None
+        if mode == "segment":
+            segments = unit_segments(model, layer, images, torch.full((len(images),), unit))
+        out[key] = mosaic(images, boxes, mode="crop" if mode == "crop" else "mark", nrow=nrow,
+                          maps=unit_maps, segments=segments)
     return out
 
 
