@@ -140,6 +140,7 @@ def parts(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, reps: int = 7
     End-to-end ratios of a few percent drown in the noise of a shared machine; the pieces can be
     timed one by one, many times, in process CPU seconds.
     """
+    from unitscope.analyses.cka import GramOf
     from unitscope.capture import Capture
     from unitscope.stats.cka import LinearCKA, MinibatchCKA
 
@@ -151,7 +152,7 @@ def parts(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, reps: int = 7
             out.append(time.process_time() - t0)
         return statistics.median(out)
 
-    def captured(model: torch.nn.Module, reduce: str) -> list[torch.Tensor]:
+    def captured(model: torch.nn.Module, reduce: object) -> list[torch.Tensor]:
         cap = Capture(model, LAYERS, {"r": reduce}, stop=True)
         with cap:
             model(x)
@@ -159,14 +160,16 @@ def parts(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor, reps: int = 7
 
     with torch.inference_mode():
         forwards = cpu(lambda: (a(x), b(x)))
-        capture = cpu(lambda: (captured(a, "flatten"), captured(b, "flatten")))
-        flat_a, flat_b = captured(a, "flatten"), captured(b, "flatten")
+        grams = cpu(lambda: (captured(a, GramOf("flatten")), captured(b, GramOf("flatten"))))
+        means = cpu(lambda: (captured(a, "mean"), captured(b, "mean")))
+        gram_a, gram_b = captured(a, GramOf("flatten")), captured(b, GramOf("flatten"))
         mean_a, mean_b = captured(a, "mean"), captured(b, "mean")
-        minibatch = cpu(lambda: MinibatchCKA(paired=True).update(flat_a, flat_b))
+        minibatch = cpu(lambda: MinibatchCKA(paired=True).update_grams(gram_a, gram_b))
         exact = cpu(lambda: LinearCKA(paired=True).update(mean_a, mean_b))
     print(f"per batch of {len(x)} (CPU s, median of {reps}): two plain forwards {forwards:.3f}; two forwards "
-          f"capturing flattened blocks {capture:.3f} ({capture / forwards:.3f}×, stops after layer4); "
-          f"minibatch HSIC update {minibatch:.4f} (+{minibatch / forwards:.1%}); exact update "
+          f"whose hooks reduce the blocks to centred Grams {grams:.3f} ({grams / forwards:.3f}×; the forward "
+          f"stops after layer4) + minibatch HSIC update {minibatch:.4f} (+{minibatch / forwards:.1%}); two "
+          f"forwards capturing channel means {means:.3f} ({means / forwards:.3f}×) + exact update "
           f"{exact:.4f} (+{exact / forwards:.1%})")
 
 
