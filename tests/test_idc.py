@@ -276,3 +276,40 @@ def test_pipeline_bad_input(digits_model):
         fit_idc(always0, data, "1", m=1)
     with pytest.raises(ClusteringError, match="needs at least 3 samples, got 2"):
         fit_idc(digits_model, _small(2), "conv3", m=1, k=3, train_filter="all")
+
+
+def _sync_worker(rank: int, world: int, store: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        idc = IDC.from_centroids({"a": {0: [0.0, 1.0], 2: [0.0, 2.0, 4.0]}, "b": {1: [-1.0, 1.0]}})
+        x = torch.tensor(STREAM * 3) * torch.tensor([[1.0, 1.1]] * 12)
+        acts = {"a": torch.stack([x[:, 0], x[:, 0], x[:, 1]], 1), "b": torch.stack([x[:, 1], -x[:, 0]], 1)}
+        part = slice(0, 5) if rank == 0 else slice(5, 12)
+        idc.update({k: v[part] for k, v in acts.items()})
+        idc.sync()
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(idc.results(), f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_gloo_ranks_sync_to_one_pass(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "res")
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    idc = IDC.from_centroids({"a": {0: [0.0, 1.0], 2: [0.0, 2.0, 4.0]}, "b": {1: [-1.0, 1.0]}})
+    x = torch.tensor(STREAM * 3) * torch.tensor([[1.0, 1.1]] * 12)
+    idc.update({"a": torch.stack([x[:, 0], x[:, 0], x[:, 1]], 1), "b": torch.stack([x[:, 1], -x[:, 0]], 1)})
+    for rank in (0, 1):
+        with open(f"{out}.{rank}") as f:
+            assert json.load(f) == idc.results()
+    assert idc.layer_values()["a"] > 0
