@@ -303,11 +303,15 @@ def test_receptive_field_empirical_experiment_and_report(tmp_path):
     page = write_report(target).read_text()
     assert "id='receptive_field_empirical'" in page and "alt='receptive_field_empirical figure'" in page
     config.write_text('experiment = "receptive-field-empirical"\nmodel = "digits-cnn"\ndataset = "digits"\n'
-                      'layers = ["fc"]\n')
+                      'layers = ["fc"]\noccluder = 3\n')
     with pytest.raises(ConfigError, match="fc have no 2-D map"):
         run_config(config, out=tmp_path / "runs2", progress=False)
     config.write_text('experiment = "receptive-field-empirical"\nmodel = "digits-cnn"\ndataset = "digits"\n'
-                      'layers = ["relu1"]\nunits = [16]\nk = 2\n')
+                      'occluder = 9\n')
+    with pytest.raises(ConfigError, match=r"occluder \(9×9\) is larger than the image \(8×8\)"):
+        run_config(config, out=tmp_path / "runs4", progress=False)
+    config.write_text('experiment = "receptive-field-empirical"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+                      'layers = ["relu1"]\nunits = [16]\nk = 2\noccluder = 3\n')
     with pytest.raises(ConfigError, match="unit 16 is out of range: layer 'relu1' has 16 units"):
         run_config(config, out=tmp_path / "runs3", progress=False)
 

@@ -101,10 +101,12 @@ def _layers(model: Any, config: dict[str, Any]) -> list[str]:
 @EXPERIMENTS.register("topk")
 def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
     """Top-k inputs of every unit of the layers (default all ReLU layers), mosaics of a few units."""
-    from ..analyses.mosaics import save_mosaics, unit_mosaics
+    from ..analyses.mosaics import UNIT_MODES, save_mosaics, unit_mosaics
     from ..analyses.topk import TopK
     from ..engine import analyze
 
+    if config["mosaic_mode"] not in UNIT_MODES:
+        raise ConfigError(f"mosaic_mode = {config['mosaic_mode']!r}: use one of {', '.join(UNIT_MODES)}")
     model, data = _model_and_data(config)
     _check_k(config["k"], data)
     layers = _layers(model, config)
@@ -139,6 +141,7 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
     model, data = _model_and_data(config)
     _check_k(config["k"], data)
     size = tuple(_first_input(data).shape[-2:])
+    _check_erf_options(config, size)
     layers = _layers(model, config)
     if config["centre"] == "argmax":  # centring on the map's maximum needs no 2-D layer output
         mapped = layers
@@ -190,6 +193,23 @@ def _store_erf(run: Any, model: Any, data: Any, topk: pd.DataFrame, tables: list
     run.arrays["receptive_field_empirical"] = {key: v for key, v in arrays.items()
                                                if not key.endswith(":maps")}
     run.arrays["receptive_field_empirical_mosaics"] = unit_mosaics(model, data, topk, units, k=k, maps=maps)
+
+
+def _check_erf_options(config: dict[str, Any], size: tuple[int, int]) -> None:
+    """Refuse bad occlusion options before the top-k pass, not after it."""
+    from ..analyses.occlusion import DISCREPANCIES, _check_fill, occluder_positions
+
+    try:
+        _check_fill(config["fill"])
+        occluder_positions(size[0], size[1], config["occluder"], config["stride"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if config["discrepancy"] not in DISCREPANCIES:
+        raise ConfigError(f"discrepancy = {config['discrepancy']!r}: use one of {', '.join(DISCREPANCIES)}")
+    if config["centre"] not in ("rf", "argmax"):
+        raise ConfigError(f"centre = {config['centre']!r}: use 'rf' or 'argmax'")
+    if not 0 < config["threshold"] <= 1:
+        raise ConfigError(f"threshold = {config['threshold']}: use a fraction of the maximum in (0, 1]")
 
 
 def _first_input(data: Any) -> Any:
