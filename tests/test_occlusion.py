@@ -7,6 +7,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import unitscope
@@ -19,6 +21,7 @@ from unitscope.analyses.occlusion import (
     empirical_receptive_fields,
     occluder_positions,
     occlusion_maps,
+    pixel_maps,
     summarize_layers,
     truncated_forward,
 )
@@ -405,3 +408,22 @@ def test_noise_draws_are_averaged():
     assert not torch.equal(a.grid, b.grid)
     with pytest.raises(ValueError, match="only with a noise fill"):
         occlusion_maps(model, "relu2", image, torch.tensor([1]), draws=3, occluder=4, fill=0.0, device="cpu")
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(3, 12), w=st.integers(3, 12), k=st.integers(1, 4), s=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_pixel_maps_are_the_mean_over_covering_windows(h, w, k, s, seed):
+    k = min(k, h, w)
+    pos = occluder_positions(h, w, k, s)
+    ny, nx = len(range(0, h - k + 1, s)), len(range(0, w - k + 1, s))
+    grid = torch.randn(1, ny, nx, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = pixel_maps(grid, k, s, (h, w))[0]
+    flat = grid.reshape(-1)
+    for yy in range(h):
+        for xx in range(w):
+            cover = (pos[:, 0] <= yy) & (yy < pos[:, 0] + k) & (pos[:, 1] <= xx) & (xx < pos[:, 1] + k)
+            if cover.any():
+                assert float(got[yy, xx]) == pytest.approx(float(flat[cover].mean()), abs=1e-12)
+            else:
+                assert torch.isnan(got[yy, xx])
