@@ -118,7 +118,9 @@ def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
     spec = config["mosaics"]
     _check_named_layers(spec, layers, "mosaics")
     if isinstance(spec, int) and not isinstance(spec, bool):
-        units = [(layers[-1], u) for u in choose_units(spec, table, layers[-1])]
+        mapped = [la for la in layers if (table.loc[table["layer"] == la, "y"] >= 0).any()]
+        last = (mapped or layers)[-1]  # the deepest layer with a spatial map, for a visible field
+        units = [(last, u) for u in choose_units(spec, table, last)]
     else:
         units = [(la, u) for la in layers for u in choose_units(spec, table, la)]
     mosaics = unit_mosaics(model, data, table, units, mode=config["mosaic_mode"]) if units else {}
