@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -214,7 +215,9 @@ def _captum(method: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, lay
         return algo.attribute(x, baselines=baselines, target=t, **options)
     if method == "deeplift":
         algo = ca.DeepLift(model) if layer is None else ca.LayerDeepLift(model, layer)
-        return algo.attribute(x, baselines=baselines, target=t, **options)
+        with warnings.catch_warnings():  # captum announces the hooks it sets; _neutral removes them all
+            warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
+            return algo.attribute(x, baselines=baselines, target=t, **options)
     base = torch.zeros_like(x[:1]) if baselines is None else baselines
     algo = ca.GradientShap(model) if layer is None else ca.LayerGradientShap(model, layer)
     import numpy as np
@@ -301,11 +304,11 @@ def plot_heatmaps(inputs: torch.Tensor, relevance: torch.Tensor, labels: Sequenc
         img = inputs[i].detach().cpu().float()
         img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
         lo, hi = float(img.min()), float(img.max())
-        ax[0, i].imshow((img - lo) / (hi - lo + 1e-12), cmap="gray")
+        ax[0, i].imshow(((img - lo) / (hi - lo + 1e-12)).numpy(), cmap="gray")
         rel = relevance[i].detach().cpu().float()
         rel = rel.sum(0) if rel.dim() == 3 else rel
         bound = float(rel.abs().max()) or 1.0
-        ax[1, i].imshow(rel, cmap=cmap, vmin=-bound, vmax=bound)
+        ax[1, i].imshow(rel.numpy(), cmap=cmap, vmin=-bound, vmax=bound)
         if labels is not None:
             ax[0, i].set_title(str(labels[i]), fontsize=8)
         for a in (ax[0, i], ax[1, i]):
