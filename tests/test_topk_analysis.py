@@ -229,6 +229,11 @@ def test_topk_experiment_writes_mosaics_and_report(tmp_path):
     assert [p.name for p in paths] == ["relu1_7.png"] and paths[0].is_file()
     with pytest.raises(KeyError, match="no layer 'conv9'"):
         render_mosaics(target, ["conv9:0"], out=tmp_path / "later")
+    config.write_text('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 2\n'
+                      'layers = ["relu2", "fc"]\nmosaics = 2\n')
+    [(target, _)] = run_config(config, out=tmp_path / "runs4", progress=False)
+    drawn = unitscope.load_run(target).arrays["topk_mosaics"]
+    assert len(drawn) == 2 and all(key.startswith("relu2:") for key in drawn)  # not the linear fc
     config.write_text('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 400\n')
     with pytest.raises(ConfigError, match="k = 400 is larger than the dataset"):
         run_config(config, out=tmp_path / "runs2", progress=False)
