@@ -175,6 +175,15 @@ def test_state_file_round_trip_without_pickle(tmp_path):
         idc.update({k: v[30:] for k, v in acts.items()}, classes[30:])
 
 
+def test_propose_leaves_the_state_and_commit_adopts_it():
+    idc = IDC.from_centroids([[0.0, 1.0], [0.0, 2.0, 4.0]])
+    idc.update(torch.tensor([STREAM[0]]))
+    candidate = idc.propose(torch.tensor(STREAM[1:]))
+    assert idc.value() == 1 / 6 and candidate.value() == 3 / 6
+    assert idc.commit(candidate) == pytest.approx(2 / 6)
+    assert idc.value() == 3 / 6
+
+
 def test_merge_refuses_a_differently_fitted_idc():
     a, _, _ = _fitted(0)
     b, _, _ = _fitted(1)

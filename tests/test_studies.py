@@ -128,6 +128,22 @@ def test_adversarial_mixing_by_hand(setup):
     assert row["normalised_change"] == pytest.approx(abs(cov - clean) / clean)
 
 
+def test_a_classic_criterion_as_the_meter(setup):
+    model, tr, te = setup
+    try:
+        from unitscope.coverage.neuron import NC
+    except ImportError:
+        pytest.skip("the classic criteria (unitscope.coverage.neuron) are not installed")
+    meter = studies.CoverageMeter(model, tr, LAYERS, criterion="nc", threshold=0.5)
+    x, _ = studies.stack(te)
+    acts, preds = meter.acts(x)
+    direct = NC(threshold=0.5)
+    direct.update(acts)
+    assert meter.value(acts, preds) == direct.value()
+    table = studies.adversarial(model, tr, te, LAYERS, eps=0.2, fractions=[0.1], criterion="nc")
+    assert table["coverage_clean"].item() == pytest.approx(NC().update(acts))
+
+
 def test_impartiality_columns_are_what_they_say(setup):
     model, tr, te = setup
     table = studies.impartiality(model, tr, te, LAYERS, sizes=[10, 40], repeats=2, eps=0.2, m=4, k=3)
