@@ -139,7 +139,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     """Luma ``(n, 1, H, W)`` with ITU-R 601 weights (as torchvision's ``rgb_to_grayscale``)."""
     if x.shape[1] == 1:
         return x
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    weights = torch.tensor([0.2989, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return F.conv2d(x, weights)
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:

@@ -211,7 +211,7 @@ def variable_correlation(table: pd.DataFrame, index: str = "ST") -> pd.DataFrame
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rho = np.atleast_2d(spearmanr(wide.to_numpy(), nan_policy="omit").statistic)
+            rho = np.atleast_2d(spearmanr(wide.to_numpy()).statistic)
         if rho.shape != (len(names), len(names)):
             rho = np.full((len(names), len(names)), math.nan)
         frames.append(pd.DataFrame({"layer": layer, "variable_a": np.repeat(names, len(names)),

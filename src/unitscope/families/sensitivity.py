@@ -96,7 +96,7 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
     data = load_dataset(config["dataset"], split=config["split"], **options)
     try:
         analysis = Sensitivity(parse_variables(config.get("variables") or DEFAULT_VARIABLES), n=config["n"],
-                               layers=config.get("layers"), reduce=config["reduce"],
+                               layers=config.get("layers") or ["Conv2d", "Linear"], reduce=config["reduce"],
                                second_order=config["second_order"], bootstrap=config["bootstrap"],
                                seed=config["seed"])
     except (AugmentError, ValueError) as exc:

@@ -339,7 +339,7 @@ class SobolAccumulator(Accumulator):
         centre = parts[0][:64].median(0).values
         z = self._terms(*((t - centre).float() if t is not None else None for t in parts))  # (K, b, M)
         rep = torch.matmul(weights.T.float(), z).transpose(0, 1).double()  # (R, K, M)
-        return _reshift(rep, weights.sum(0), -centre, self.d, self.second_order)
+        return _reshift(rep, weights.sum(0), -centre, self.d, self.second_order, inplace=True)
 
     def _point_sums(self, a: torch.Tensor, b: torch.Tensor, ab: torch.Tensor,
                     ba: torch.Tensor | None) -> torch.Tensor:
@@ -498,22 +498,27 @@ def _estimate(sums: torch.Tensor, count: torch.Tensor, d: int,
 
 
 def _reshift(sums: torch.Tensor, count: torch.Tensor, delta: torch.Tensor, d: int,
-             second_order: bool) -> torch.Tensor:
-    """Re-express sums taken about shift ``c`` as sums about ``c + delta`` (exact algebra)."""
-    out = sums.clone()
-    s = _split(sums, d, second_order)
+             second_order: bool, inplace: bool = False) -> torch.Tensor:
+    """Re-express sums taken about shift ``c`` as sums about ``c + delta`` (exact algebra).
+
+    Only the sums of non-differences change (a, b, a²+b², ab, U, W); with ``inplace`` the given
+    tensor is updated (the originals each update needs are read before they change).
+    """
+    out = sums if inplace else sums.clone()
     o = _split(out, d, second_order)
     n = count[:, None]
-    o["a"].sub_(n * delta)
-    o["b"].sub_(n * delta)
-    o["q"].sub_(2 * delta * (s["a"] + s["b"]) - 2 * n * delta * delta)
-    o["p"].sub_(delta * (s["a"] + s["b"]) - n * delta * delta)
-    o["U"].sub_(delta * s["D"])
+    total = o["a"] + o["b"]
     if second_order:
         j, k = torch.triu_indices(d, d, offset=1)
-        sum_bj = s["E"] + s["b"][:, None]
-        sum_ak = s["D"] + s["a"][:, None]
+        sum_bj = o["E"] + o["b"][:, None]
+        sum_ak = o["D"] + o["a"][:, None]
         o["W"].sub_(delta * (sum_bj[:, j] + sum_ak[:, k]) - n[:, :, None] * delta * delta)
+    nd = n * delta
+    o["q"].sub_(2 * delta * total - 2 * nd * delta)
+    o["p"].sub_(delta * total - nd * delta)
+    o["U"].sub_(delta * o["D"])
+    o["a"].sub_(nd)
+    o["b"].sub_(nd)
     return out
 
 
