@@ -269,7 +269,7 @@ def plot_important_units(units: pd.DataFrame, ax: Any = None) -> Any:
     return fig
 
 
-def plot_coverage(table: pd.DataFrame, ax: Any = None) -> Any:
+def plot_idc(table: pd.DataFrame, ax: Any = None) -> Any:
     """IDC per layer and end to end (all classes), beside the per-class values; returns the figure."""
     import matplotlib
 

@@ -184,9 +184,9 @@ if HAS_CRITERIA:
 
 # ---------------------------------------------------------------------- report sections
 def _idc_figures(run: Any) -> list[Any]:
-    from ..analyses.importance import plot_coverage, plot_important_units
+    from ..analyses.importance import plot_idc, plot_important_units
 
-    figures = [plot_coverage(run.table("idc"))]
+    figures = [plot_idc(run.table("idc"))]
     if "idc_units" in run.tables:
         figures.append(plot_important_units(run.table("idc_units")))
     return figures
