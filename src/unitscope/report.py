@@ -210,15 +210,22 @@ def _run_page(run: Run) -> str:
         parts.append("<p><b>Non-finite activations</b> (left out of every statistic): "
                      f"{html.escape(str(bad))}</p>")
     parts.append("</section>")
+    owner = {name: _section_of(name, sections) for name in run.tables}
     for section in sections:
         parts.append(f"<section id='{html.escape(section)}'><h2>{html.escape(section)}</h2>")
         for fig in SECTIONS.get(section, lambda r: [])(run):
             parts.append(_img(fig, f"{section} figure"))
         for name, frame in run.tables.items():
-            if name == section or name.startswith(f"{section}_"):
+            if owner[name] == section:
                 parts.append(f"<h3>{html.escape(name)}</h3>" + _table_html(frame))
         parts.append("</section>")
     return _page(title, "".join(parts))
+
+
+def _section_of(table: str, sections: list[str]) -> str | None:
+    """The section a table belongs to: the longest section name it equals or starts with plus ``_``."""
+    matches = [x for x in sections if table == x or table.startswith(f"{x}_")]
+    return max(matches, key=len) if matches else None
 
 
 def write_grid_report(grid: str | Path, run_reports: bool = True) -> Path:
