@@ -193,3 +193,14 @@ def test_receptive_field_and_probes_experiments_with_reports(tmp_path):
         assert f"href='{name}/report.html'" in index and (tmp_path / "rf" / name / "report.html").is_file()
     assert "<section id='compare-receptive_field'>" in index and index.count("data:image/png;base64,") == 1
     assert main(["run", str(pr), "--out", str(tmp_path)]) == 0  # finished: skipped
+
+
+def test_mosaics_command_draws_chosen_units(tmp_path, capsys):
+    config = write(tmp_path / "top.toml", 'experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+                   'k = 3\nlayers = ["relu3"]\nmosaics = 0\n')
+    assert main(["-q", "run", str(config), "--out", str(tmp_path)]) == 0
+    [target] = [p for p in (tmp_path / "top").iterdir() if p.is_dir()]
+    assert main(["-q", "mosaics", str(target), "relu3:1", "relu3:5", "--out", str(tmp_path / "m")]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["relu3_1.png", "relu3_5.png"]
+    assert main(["mosaics", str(target), "relu3:99"]) == 1
+    assert "relu3" in capsys.readouterr().err

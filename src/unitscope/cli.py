@@ -1,4 +1,4 @@
-"""The ``unitscope`` command: layers, run, merge, report, demo.
+"""The ``unitscope`` command: layers, run, train, merge, report, mosaics, demo.
 
 Works the same under ``torchrun``: when ``WORLD_SIZE`` > 1 the process group is initialised
 (gloo on CPU, nccl on GPU), each rank streams its own shard and rank 0 writes the results.
@@ -28,6 +28,8 @@ EXAMPLES = {
     "report": ("examples:\n  unitscope report runs/demo/digits-cnn     # one run\n"
                "  unitscope report runs/grid                 # every run of a grid, and an index"),
     "demo": "examples:\n  unitscope demo\n  unitscope demo --quick --out /tmp/demo",
+    "mosaics": ("examples:\n  unitscope mosaics runs/topk/shapes-cnn_shapes-test relu3:0 relu3:7\n"
+                "  unitscope mosaics RUN relu2:5 --mode crop --k 6 --out figures/"),
 }
 
 
@@ -81,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", "write RUN_DIR/report.html (self-contained); for a grid directory, every run's "
             "report and an index comparing them")
     p.add_argument("run_dir", help="a run directory, or a directory of runs (a grid)")
+
+    p = add("mosaics", "draw the top-k mosaics of chosen units from a run with a topk table")
+    p.add_argument("run_dir", help="a run directory written by a 'topk' experiment")
+    p.add_argument("units", nargs="+", help="units as layer:channel, e.g. relu3:7")
+    p.add_argument("--out", help="directory of the PNGs (default RUN_DIR/mosaics)")
+    p.add_argument("--mode", default="mark", choices=["mark", "crop", "segment"],
+                   help="mark the receptive field of the maximum (default), crop to it, or segment")
+    p.add_argument("--k", type=int, help="inputs per unit (default: all ranked)")
 
     p = add("demo", "train digits-cnn and shapes-cnn on bundled and generated data, run every analysis "
             "family on them, write the reports")
@@ -161,6 +171,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mosaics(args: argparse.Namespace) -> int:
+    from .analyses.mosaics import render_mosaics
+
+    for path in render_mosaics(args.run_dir, args.units, out=args.out, mode=args.mode, k=args.k):
+        log.info("wrote %s", path)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -173,7 +191,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"layers": _cmd_layers, "run": _cmd_run, "train": _cmd_train, "merge": _cmd_merge,
-            "report": _cmd_report, "demo": _cmd_demo}
+            "report": _cmd_report, "demo": _cmd_demo, "mosaics": _cmd_mosaics}
 
 
 if __name__ == "__main__":
