@@ -375,3 +375,33 @@ def test_demo_part_on_shapes(cnn, tmp_path):
     before = set(run.tables)
     demo(ctx)  # only shapes-cnn has a sensitivity part
     assert set(run.tables) == before
+
+
+def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = unitscope.load_model("shapes-cnn").eval()
+        data = unitscope.load_dataset("shapes", "test", n=32)
+        run = sensitivity(model, data, ["hue", "brightness"], n=16, layers=["relu4", "fc"], bootstrap=8)
+        if rank == 0:
+            run.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(tmp_path, shapes64):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "run"
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    two = unitscope.load_run(out)
+    assert two.manifest["world_size"] == 2 and two.manifest["data"]["range"] == [0, 16]
+    torch.manual_seed(0)
+    model = unitscope.load_model("shapes-cnn").eval()
+    one = sensitivity(model, shapes64, ["hue", "brightness"], n=16, layers=["relu4", "fc"], bootstrap=8)
+    _tables_close(one.table("sensitivity"), two.table("sensitivity"))

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..augment import Augmenter, AugmentError, VariableSpec
@@ -296,7 +297,9 @@ def sensitivity(model: nn.Module, data: Any,
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         progress: show a progress bar.
         shard: ``(i, k)``: evaluate only the i-th of k contiguous ranges of base samples; merge the
-            shards' analyses (``a.merge(b)``) to get the one-pass result.
+            shards' analyses (``a.merge(b)``, or ``unitscope.merge_runs`` on saved runs) to get the
+            one-pass result. Under ``torchrun`` (an initialised process group) each rank takes its
+            own range and the accumulators are synced, so every rank holds the full result.
         config: recorded in the manifest.
 
     Returns:
@@ -326,7 +329,12 @@ def sensitivity(model: nn.Module, data: Any,
     names = resolve_layers(model, a.layers if a.layers is not None else layers)
     design = saltelli_sample(a.columns, a.n, a.seed, a.second_order)
     total = design.A.shape[0]
-    start, stop = shard_range(total, *(shard or (0, 1)))
+    world = 1
+    if shard is None and dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()  # under torchrun each rank evaluates its own range, then sync
+        start, stop = shard_range(total, dist.get_rank(), world)
+    else:
+        start, stop = shard_range(total, *(shard or (0, 1)))
     d = len(a.groups)
     per_base = (2 * d if a.second_order else d) + 2
     chunk = max(1, batch_size // per_base)
@@ -367,8 +375,11 @@ def sensitivity(model: nn.Module, data: Any,
         model.train(was_training)
         if old_device is not None:
             model.to(old_device)
+    if world > 1:
+        a.sync()
+        start, stop = 0, total
     manifest = _manifest(model, data, a, names, dev, (start, stop), total, time.perf_counter() - t0,
-                         shard, config)
+                         shard, config, world)
     return Run([a], manifest)
 
 
@@ -387,7 +398,7 @@ def _augmented(aug: Augmenter, data: Any, rows: torch.Tensor, dev: torch.device)
 
 def _manifest(model: nn.Module, data: Any, a: Sensitivity, layers: list[str], dev: torch.device,
               span: tuple[int, int], total: int, seconds: float, shard: tuple[int, int] | None,
-              config: dict[str, Any] | None) -> dict[str, Any]:
+              config: dict[str, Any] | None, world: int = 1) -> dict[str, Any]:
     import platform
 
     from .. import __version__
@@ -398,7 +409,7 @@ def _manifest(model: nn.Module, data: Any, a: Sensitivity, layers: list[str], de
         "status": "complete", "kind": "sensitivity", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"unitscope": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
-        "device": str(dev), "seed": a.seed, "world_size": 1,
+        "device": str(dev), "seed": a.seed, "world_size": world,
         "shard": {"index": shard[0], "count": shard[1]} if shard else None,
         "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model),
                   "parameters": sum(p.numel() for p in model.parameters())},
