@@ -14,7 +14,7 @@ with ``V`` the variance (ddof 0) of the ``2N`` values ``f_A ∪ f_B``. Like SALi
 are taken (the Saltelli 2010 numerator is not shift-invariant), so the numbers equal SALib's on
 the same rows to float64 rounding.
 
-:class:`SobolAccumulator` keeps only float64 sums per output (3 + 3D of them, plus D + D(D-1)/2
+:class:`SobolAccumulator` keeps only float64 sums per output (4 + 3D of them, plus D + D(D-1)/2
 with second order), shifted by a per-output constant taken from the first batch to limit
 cancellation; the centring on the grand mean is applied exactly at :meth:`~SobolAccumulator.compute`.
 Memory is O(outputs × D) whatever the number of base samples; two accumulators merge by
