@@ -186,7 +186,9 @@ def _demo_cka(ctx: DemoContext) -> None:
     ctx.run.arrays["cka"] = run.arrays["cka"]
     run = analyze(ctx.model, ctx.test_data, layers=layers, analyses=[within], progress=False,
                   seed=ctx.seed, device="cpu")
-    ctx.run.tables["cka_within"] = run.table("cka")
+    table = run.table("cka")
+    table.attrs["title"] = f"CKA (exact, pool:2 features) between the layers of {ctx.name}"
+    ctx.run.tables["cka_within"] = table
     ctx.run.arrays["cka_within"] = run.arrays["cka"]
 
 
