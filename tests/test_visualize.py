@@ -211,7 +211,7 @@ def test_visualize_experiment_and_report_section(tmp_path):
     from unitscope.report import write_report
 
     (tmp_path / "vis.toml").write_text(
-        'experiment = "visualize"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+        'experiment = "visualize"\nmodel = "digits-cnn"\n'  # no dataset: visualize reads none
         'targets = ["conv2:3", "fc:1"]\nsteps = [4, 6]\ndevice = "cpu"\n')
     [(target, _)] = run_config(tmp_path / "vis.toml", out=tmp_path / "runs", progress=False)
     run = unitscope.load_run(target)

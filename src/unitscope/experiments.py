@@ -56,6 +56,8 @@ KEYS: dict[str, dict[str, Any]] = {
 KEYS["probes"] = {"layers": None, "downsample": 4, "C": 1.0, "dtype": "float32", "batch_size": 256}
 KEYS["receptive-field"] = {"input_size": None}
 LIST_KEYS = {"layers", "analyses", "project_deltas", "input_size"}
+#: experiment types that read no dataset (families add theirs)
+MODEL_ONLY = {"receptive-field", "visualize"}
 
 
 class ConfigError(ValueError):
@@ -93,7 +95,7 @@ def validate(config: dict[str, Any]) -> None:
     for key in config:
         if key not in known:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
-    for key in ("model", "dataset") if exp != "receptive-field" else ("model",):
+    for key in ("model",) if exp in MODEL_ONLY else ("model", "dataset"):
         if config.get(key) is None:
             raise ConfigError(f"config key {key!r} is required (e.g. {key} = "
                               f"\"{'digits-cnn' if key == 'model' else 'digits'}\")")
