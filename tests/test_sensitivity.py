@@ -222,8 +222,17 @@ def test_masking_hooks_and_identity_cases(cnn, shapes64):
     assert torch.allclose(off, off[:1].expand_as(off))
     assert hook_counts(cnn) == 0
     table = _fake_table({"relu3": 64, "relu4": 64, "fc": 4})
-    kept = guided_masking(cnn, shapes64, table, fraction=0.25, alpha=1.0, samples=16, random_repeats=2)
+    kept = guided_masking(cnn, shapes64, table, fraction=0.25, alpha=1.0, samples=16, random_repeats=2,
+                          augment=["hflip", ("brightness", (0.5, 1.5))])
     assert (kept["agreement"] == 1.0).all() and (kept["accuracy"] == kept["accuracy_intact"]).all()
+    assert set(kept["inputs"]) == {"original", "brightness", "hflip"}
+    # the intact model on flipped images: its own accuracy, computed directly
+    x = torch.stack([shapes64[i][0] for i in range(32)])
+    y = torch.tensor([shapes64[i][1] for i in range(32)])
+    sub = torch.randperm(32, generator=torch.Generator().manual_seed(0))[:16].sort().values
+    with torch.inference_mode():
+        flipped_acc = (cnn(x[sub].flip(-1)).argmax(1) == y[sub]).float().mean().item()
+    assert kept[kept["inputs"] == "hflip"]["accuracy_intact"].iloc[0] == pytest.approx(flipped_acc)
     assert set(kept["layer"]) == {"all"} and kept["units_masked"].iloc[0] == 32  # fc (output) left out
     out = guided_masking(cnn, shapes64, table, fraction=1.0, samples=16, per_layer=True, random_repeats=1)
     # masking every unit of a layer is the same whichever units are "sensitive"
@@ -249,6 +258,7 @@ def test_single_class_picks_the_most_sensitive_classes(cnn, shapes64):
 CONFIG = ('experiment = "sensitivity"\nmodel = "shapes-cnn"\ndataset = "shapes"\n'
           'dataset_options = {n = 16}\nvariables = ["brightness=0.5:1.5", "hue"]\nn = 8\n'
           'layers = ["relu4", "fc"]\nbootstrap = 4\nreduce = "map"\nlda_repeats = 1\nmasking = true\n'
+          'mask_augment = true\n'
           'mask_samples = 16\ncontrast = true\ncontrast_images = 8\nshapley = true\n'
           'shapley_permutations = 2\nshapley_outer = 2\nshapley_inner = 2\n'
           'hsv_segment = ["conv1", "bn1", "relu1"]\n')
@@ -275,6 +285,7 @@ def test_config_run(tmp_path):
             "sensitivity_contrast", "sensitivity_shapley", "sensitivity_hsv", "sensitivity_hsv_compare",
             "sensitivity_single_class"} <= set(run.tables)
     assert run.table("sensitivity_single_class")["classes"].str.len().min() >= 1
+    assert set(run.table("sensitivity_masking")["inputs"]) == {"original", "brightness", "hue"}
     assert run.analysis("sensitivity").config()["variables"][0] == ["brightness", {"factor": [0.5, 1.5]}]
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.replace('"hue"]', '"hue=0:2"]'))

@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-COLUMNS = ["variable", "layer", "selection", "units_masked", "accuracy", "agreement", "accuracy_intact"]
+COLUMNS = ["inputs", "variable", "layer", "selection", "units_masked", "accuracy", "agreement",
+           "accuracy_intact"]
 
 
 @contextlib.contextmanager
@@ -73,7 +74,7 @@ def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: f
                    index: str = "ST", variables: Sequence[str] | None = None,
                    layers: Sequence[str] | None = None, alpha: float = 0.0, samples: int = 512,
                    random_repeats: int = 3, per_layer: bool = False, seed: int = 0, batch_size: int = 256,
-                   device: str | torch.device = "cpu") -> pd.DataFrame:
+                   device: str | torch.device = "cpu", augment: Sequence[Any] | None = None) -> pd.DataFrame:
     """Change of predictions when the units most sensitive to each variable are masked.
 
     Args:
@@ -90,11 +91,17 @@ def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: f
         per_layer: also mask each layer on its own (rows with that layer's name).
         seed: seeds the image subset and the random masks.
         batch_size, device: for the forwards (the model is moved to ``device`` and put in eval mode).
+        augment: augmentation variables (as for :class:`unitscope.augment.Augmenter`); each is
+            also applied alone to the images (one random draw per image, on/off ones switched on)
+            and every masking is evaluated on those inputs too (spec A.9: masked predictions on
+            augmented inputs). ``accuracy_intact`` and ``agreement`` then refer to the intact
+            model on the same augmented images.
 
     Returns:
-        One row per (variable, layer or ``"all"``, selection): ``units_masked``, ``accuracy``,
-        ``agreement`` (top-1 equal to the intact model's), ``accuracy_intact``. Random rows are
-        averaged over the repeats and carry ``variable="random"``.
+        One row per (inputs, variable, layer or ``"all"``, selection): ``inputs`` is
+        ``"original"`` or the augmentation applied; ``units_masked``, ``accuracy``, ``agreement``
+        (top-1 equal to the intact model's), ``accuracy_intact``. Random rows are averaged over
+        the repeats and carry ``variable="random"``.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction} must lie in (0, 1]")
@@ -106,8 +113,6 @@ def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: f
     x, y = _inputs(data, samples, seed)
     model = model.eval().to(dev)
     x, y = x.to(dev), y.to(dev)
-    intact = _predict(model, x, batch_size).argmax(1)
-    acc0 = float((intact == y).float().mean())
     out_layers = output_layers(model, x[:1])
     layers = [la for la in (layers or list(dict.fromkeys(table["layer"]))) if la not in out_layers]
     if not layers:
@@ -118,6 +123,29 @@ def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: f
     sizes = {la: int(table[table["layer"] == la]["unit"].nunique()) for la in layers}
     counts = {la: max(1, round(fraction * sizes[la])) for la in layers}
     groups = [("all", layers)] + ([(la, [la]) for la in layers] if per_layer else [])
+    rows: list[tuple[Any, ...]] = []
+    inputs = [("original", x)]
+    if augment:
+        from ..augment import Augmenter
+
+        draw = torch.Generator().manual_seed(seed + 1)
+        for var in Augmenter(augment, channels=x.shape[1]).variables:
+            aug = Augmenter([(var.name, {p.name: (p.low, p.high) for p in var.params})])
+            u = torch.zeros(len(x), aug.d) if var.switch else torch.rand(len(x), aug.d, generator=draw)
+            inputs.append((var.name, aug(x, u)))
+    for name, xin in inputs:
+        rows += _masking_rows(model, xin, y, name, live, variables, groups, sizes, counts, index, alpha,
+                              random_repeats, seed, batch_size)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _masking_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, inputs: str, live: pd.DataFrame,
+                  variables: list[str], groups: list[tuple[str, list[str]]], sizes: dict[str, int],
+                  counts: dict[str, int], index: str, alpha: float, random_repeats: int, seed: int,
+                  batch_size: int) -> list[tuple[Any, ...]]:
+    """The rows of :func:`guided_masking` for one set of input images."""
+    intact = _predict(model, x, batch_size).argmax(1)
+    acc0 = float((intact == y).float().mean())
     gen = torch.Generator().manual_seed(seed)
     rows = []
 
@@ -137,7 +165,7 @@ def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: f
                 m[torch.as_tensor(ranked, dtype=torch.long)] = alpha
                 masks[la] = m
             acc, agree = evaluate(masks)
-            rows.append((var, group, "sensitive", n_masked, acc, agree, acc0))
+            rows.append((inputs, var, group, "sensitive", n_masked, acc, agree, acc0))
         accs, agrees = [], []
         for _ in range(random_repeats):
             masks = {}
@@ -149,9 +177,9 @@ def guided_masking(model: nn.Module, data: Any, table: pd.DataFrame, fraction: f
             accs.append(acc)
             agrees.append(agree)
         if random_repeats:
-            rows.append(("random", group, "random", n_masked, float(np.mean(accs)), float(np.mean(agrees)),
-                         acc0))
-    return pd.DataFrame(rows, columns=COLUMNS)
+            rows.append((inputs, "random", group, "random", n_masked, float(np.mean(accs)),
+                         float(np.mean(agrees)), acc0))
+    return rows
 
 
 def output_layers(model: nn.Module, x: torch.Tensor) -> set[str]:
@@ -201,7 +229,7 @@ def plot_masking(table: pd.DataFrame, ax: Any = None) -> Any:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rows = table[table["layer"] == "all"]
+    rows = table[(table["layer"] == "all") & (table["inputs"] == "original")]
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3), layout="constrained")
     colors = ["tab:gray" if s == "random" else "tab:blue" for s in rows["selection"]]
     x = np.arange(len(rows))

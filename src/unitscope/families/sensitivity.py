@@ -39,7 +39,7 @@ DEFAULT_VARIABLES = ["brightness", "contrast", "saturation", "hue", "hflip", "ro
 KEYS["sensitivity"] = {"split": "test", "variables": None, "n": 256, "layers": None, "reduce": "mean",
                        "bootstrap": 100, "second_order": False, "batch_size": 256, "lda": True,
                        "lda_repeats": 10, "masking": False, "mask_fraction": 0.1, "mask_index": "ST",
-                       "mask_samples": 512,
+                       "mask_samples": 512, "mask_augment": False,
                        "contrast": False, "contrast_images": 256, "contrast_draws": 4,
                        "shapley": False, "shapley_permutations": 64, "shapley_outer": 16, "shapley_inner": 4,
                        "hsv_segment": None}
@@ -111,7 +111,8 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
         run.tables["sensitivity_masking"] = guided_masking(
             model, data, run.table("sensitivity"), fraction=config["mask_fraction"],
             index=config["mask_index"], samples=config["mask_samples"], seed=config["seed"],
-            batch_size=config["batch_size"], device=config["device"])
+            batch_size=config["batch_size"], device=config["device"],
+            augment=analysis.config()["variables"] if config["mask_augment"] else None)
         _add_single_class(run, model, data, config["seed"], config["device"])
     variables, layers = analysis.config()["variables"], run.manifest["layers"]
     reduce = "mean" if config["reduce"] == "map" else config["reduce"]
