@@ -6,7 +6,8 @@ split only, like delve's train-mode tracking) and with delve's SaturationTracker
 channelwise, lsat + idim, CSV writer to a temporary folder). Reports median seconds and ratios.
 Also reports how many samples each tracker's last-epoch value is built from.
 
-Run:  python benchmarks/saturation_tracking.py [--rounds 5] [--epochs 3]   (needs the bench extra: delve)
+Run:  python benchmarks/saturation_tracking.py [--rounds 5] [--epochs 3] [--threads N]
+      (needs the bench extra: delve)
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def one(method: str, epochs: int, data) -> float:
     tmp = tempfile.TemporaryDirectory()
     if method == "unitscope":
         callbacks = [unitscope.SaturationTracker(model, (nn.Conv2d, nn.Linear))]
+    elif method == "unitscope float32 products":
+        callbacks = [unitscope.SaturationTracker(model, (nn.Conv2d, nn.Linear), products="float32")]
     elif method == "unitscope hooks only":
         callbacks = [CaptureOnly(model, (nn.Conv2d, nn.Linear))]
     elif method == "delve":
@@ -70,9 +73,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     data = unitscope.load_dataset("digits", "train")
-    methods = ["plain", "unitscope", "unitscope hooks only", "delve"]
+    methods = ["plain", "unitscope", "unitscope float32 products", "unitscope hooks only", "delve"]
     one("plain", 1, data)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.rounds):

@@ -168,6 +168,41 @@ def test_tracker_buffering_does_not_change_the_result():
             assert torch.allclose(cov[key], covs[0][key], rtol=1e-10, atol=1e-12)
 
 
+def test_float32_products_match_float64_covariance():
+    from unitscope.stats import Covariance
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(40_000, 24, generator=g) @ torch.randn(24, 24, generator=g) + 50.0).float()
+    exact, fast = Covariance(), Covariance("float32")
+    for chunk in x.split(9_000):
+        exact.update(chunk)
+        fast.update(chunk)
+    a, b = exact.compute(), fast.compute()
+    assert a.count == b.count and torch.allclose(a.mean, b.mean, rtol=1e-12, atol=0)
+    scale = a.cov.abs().max()
+    assert float((a.cov - b.cov).abs().max() / scale) < 1e-5  # float32 products, large offset
+    assert Covariance("float32").config() == {"products": "float32"}
+    with pytest.raises(ValueError, match="products="):
+        Covariance("float16")
+    with pytest.raises(ValueError, match="products="):
+        unitscope.Saturation(products="half")
+
+
+def test_tracker_with_float32_products_gives_the_same_saturation():
+    from unitscope.train import train
+
+    train_data = unitscope.load_dataset("digits", "train")
+    tables = []
+    for products in ("float64", "float32"):
+        torch.manual_seed(0)
+        model = unitscope.load_model("digits-cnn")
+        tracker = unitscope.SaturationTracker(model, ["conv*", "fc"], products=products)
+        train(model, train_data, epochs=2, batch_size=64, seed=0, callbacks=[tracker])
+        tables.append(tracker.table)
+    cols = ["layer", "intrinsic_dim", "samples"]
+    assert tables[0][cols].equals(tables[1][cols])
+
+
 def test_projected_accuracy_keeps_accuracy_at_delta_one(digits_model):
     from unitscope.train import train
 

@@ -69,6 +69,24 @@ class Covariance(Accumulator):
         "count": "custom", "mean": "custom", "comoment": "custom", "nonfinite_rows": "sum",
     }
 
+    def __init__(self, products: str = "float64") -> None:
+        """``products``: the precision of each batch's centred cross-product matrix.
+
+        ``"float64"`` (default) casts the batch to float64 first. ``"float32"`` centres a float32
+        batch on its (float64) mean rounded to float32 and multiplies in float32, then corrects for
+        the rounding of the mean and folds the product into the float64 state: about 4x cheaper on
+        a CPU, with a relative error of the order of 1e-6 on each entry (for batches of tens of
+        thousands of rows). The state, merges and results stay float64 either way.
+        """
+        super().__init__()
+        if products not in ("float64", "float32"):
+            raise ValueError(f"products={products!r}: use 'float64' or 'float32'")
+        self.products = products
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments."""
+        return {"products": self.products}
+
     def _init_states(self, units: int, device: torch.device) -> None:
         f64 = {"dtype": torch.float64, "device": device}
         self._states = {
@@ -88,7 +106,10 @@ class Covariance(Accumulator):
 
         Rows with any non-finite value are left out and counted in ``nonfinite_rows``.
         """
-        x = as_matrix(x).to(torch.float64)
+        x = as_matrix(x)
+        low = self.products == "float32" and x.dtype == torch.float32
+        if not low:
+            x = x.to(torch.float64)
         if not self.initialized:
             self._init_states(x.shape[1], x.device)
         s = self._states
@@ -96,14 +117,25 @@ class Covariance(Accumulator):
             raise ValueError(f"Covariance: expected {s['mean'].shape[0]} units, got {x.shape[1]}")
         if x.shape[0] == 0:
             return
-        colsum = x.sum(0)
+        colsum = x.sum(0, dtype=torch.float64)
         if bool(torch.isfinite(colsum).all()):
             # fast path: every value is finite (a NaN or inf would make its column sum non-finite)
             good = None
             n_b = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
             mean_b = colsum / n_b
+            if low:
+                # centre on the mean rounded to float32, multiply in float32, then remove the
+                # rounding offset r exactly: sum (x-m)(x-m)^T = sum (x-m32)(x-m32)^T - n r r^T
+                m32 = mean_b.to(torch.float32)
+                xc32 = x - m32
+                r = mean_b - m32.to(torch.float64)
+                comoment_b = (xc32.T @ xc32).to(torch.float64) - n_b * torch.outer(r, r)
+                s["count"], s["mean"], s["comoment"] = chan_combine(
+                    s["count"], s["mean"], s["comoment"], n_b, mean_b, comoment_b, outer=True)
+                return
             xc = x - mean_b
         else:
+            x = x.to(torch.float64)
             good = torch.isfinite(x).all(1, keepdim=True)  # (N, 1)
             n_b = good.sum(dtype=torch.float64)
             mean_b = torch.where(good, x, 0.0).sum(0) / n_b.clamp(min=1)
