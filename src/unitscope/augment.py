@@ -139,8 +139,11 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     """Luma ``(n, 1, H, W)`` with ITU-R 601 weights (as torchvision's ``rgb_to_grayscale``)."""
     if x.shape[1] == 1:
         return x
-    weights = torch.tensor([0.2989, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return F.conv2d(x, weights)
+    return (x * _luma_weights(x).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def _luma_weights(x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([0.2989, 0.587, 0.114], dtype=x.dtype, device=x.device)
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +206,9 @@ def _brightness(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 @register_variable("contrast", [Param("factor", 0.01, 3.5, (0.0, math.inf))])
 def _contrast(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Blend with the image's mean luma (torchvision ``adjust_contrast``)."""
-    m = _gray(x).mean((1, 2, 3), keepdim=True)
+    means = x.mean((2, 3))  # the mean luma is the luma of the channel means
+    m = means if x.shape[1] == 1 else means @ _luma_weights(x)[:, None]
+    m = m.view(-1, 1, 1, 1)
     f = _col(v)
     return (f * x + (1 - f) * m).clamp(0, 1)
 
