@@ -49,7 +49,7 @@ _POISSON1_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(20)
 #: a bootstrap replicate whose variance is below this fraction of the point estimate's is degenerate
 _DEGENERATE = 1e-8
 #: elements of the per-sample term tensor processed at once in update (bounds temporary memory)
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 22
 
 
 # --------------------------------------------------------------------------- the design
