@@ -416,3 +416,19 @@ def test_two_ranks_equal_one_process(tmp_path, shapes64):
     model = unitscope.load_model("shapes-cnn").eval()
     one = sensitivity(model, shapes64, ["hue", "brightness"], n=16, layers=["relu4", "fc"], bootstrap=8)
     _tables_close(one.table("sensitivity"), two.table("sensitivity"))
+
+
+def test_hue_unit_is_sensitive_to_hue_not_brightness(shapes):
+    """A unit reading the saturation-weighted hue direction (cos 2πH · S) follows the hue variable;
+    brightness without clipping keeps H and S, so it does not move the unit."""
+    from unitscope.augment import rgb_to_hsv
+
+    def hue_unit(x):
+        hsv = rgb_to_hsv(x)
+        return (torch.cos(2 * torch.pi * hsv[:, 0]) * hsv[:, 1]).mean((1, 2))[:, None]
+    images = [shapes[0] * 0.39]
+    run = sensitivity(unit_model(hue_unit), images, [("brightness", (0.5, 2.5)), "hue", "hflip"], n=128,
+                      layers="unit", bootstrap=0)
+    t = run.table("sensitivity").set_index("variable")
+    assert t.loc["hue", "ST"] == pytest.approx(1.0, abs=0.02) and t.loc["hue", "S1"] > 0.95
+    assert abs(t.loc["brightness", "ST"]) < 1e-4 and abs(t.loc["hflip", "ST"]) < 1e-6
