@@ -29,17 +29,7 @@ from unitscope.analyses.topk import TopK
 from unitscope.capture import LayerError
 from unitscope.data import ArrayDataset
 
-B = 5  # side of the window the hand-built unit sums
-
-
-def window_sum_model() -> nn.Module:
-    """conv channel 0 sums a B×B window (no padding), channel 1 is the constant 1."""
-    conv = nn.Conv2d(1, 2, B, bias=True)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[0] = 1.0
-        conv.bias.copy_(torch.tensor([0.0, 1.0]))
-    return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU()))
+from .toy_models import B, window_sum_model
 
 
 class PixelUnit(nn.Module):

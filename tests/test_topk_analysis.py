@@ -14,17 +14,7 @@ from unitscope.analyses.topk import TopK, parse_unit, score_with_location, unit_
 from unitscope.data import ArrayDataset
 from unitscope.results import merge_runs
 
-B = 5  # side of the summed window
-
-
-def window_sum_model() -> nn.Module:
-    """conv channel 0 sums a B×B window (no padding), channel 1 is the constant 1."""
-    conv = nn.Conv2d(1, 2, B, bias=True)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[0] = 1.0
-        conv.bias.copy_(torch.tensor([0.0, 1.0]))
-    return nn.Sequential(OrderedDict(conv=conv, relu=nn.ReLU()))
+from .toy_models import B, window_sum_model
 
 
 def random_images(n: int = 23, side: int = 16, seed: int = 0) -> ArrayDataset:

@@ -282,20 +282,9 @@ class Criterion(Accumulator):
         return False  # gather the states and merge them in rank order
 
     def _sync_by_gather(self, group: Any) -> None:
-        import torch.distributed as dist
+        from ..stats.base import sync_by_gather
 
-        mine = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, mine, group=group)
-        device = self.device
-        merged = type(self)(**self.config())
-        for state in gathered:
-            part = type(self)(**self.config())
-            part.load_state_dict(state)
-            merged.merge(part)
-        self.load_state_dict(merged.state_dict())
-        if device is not None:
-            self.to(device)
+        sync_by_gather(self, group)
 
     def clone(self) -> Criterion:
         """An independent copy with the same configuration and state."""

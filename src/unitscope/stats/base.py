@@ -178,18 +178,7 @@ class Accumulator:
                 dist.all_reduce(self._states[name], op=ops[rule], group=group)
 
     def _sync_by_gather(self, group: Any) -> None:
-        cpu_state = {k: v.detach().cpu() for k, v in self._states.items()}
-        gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, cpu_state, group=group)
-        device = self.device
-        merged = type(self)(**self.config())
-        for state in gathered:
-            part = type(self)(**self.config())
-            part.load_state_dict(state)
-            merged.merge(part)
-        self.load_state_dict(merged.state_dict())
-        if device is not None:
-            self.to(device)
+        sync_by_gather(self, group)
 
     # ----------------------------------------------------------------- to implement
     def update(self, *args: Any, **kwargs: Any) -> None:
@@ -212,6 +201,26 @@ def _collective_device(group: Any) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def sync_by_gather(acc: Any, group: Any) -> None:
+    """Give every rank the merge, in rank order, of all ranks' states (gathered as CPU tensors).
+
+    ``acc`` is anything with the accumulator verbs (``state_dict``, ``load_state_dict``,
+    ``merge``, ``config``, ``device``, ``to``): the fallback for states no all-reduce can combine.
+    """
+    mine = {k: v.detach().cpu() for k, v in acc.state_dict().items()}
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    device = acc.device
+    merged = type(acc)(**acc.config())
+    for state in gathered:
+        part = type(acc)(**acc.config())
+        part.load_state_dict(state)
+        merged.merge(part)
+    acc.load_state_dict(merged.state_dict())
+    if device is not None:
+        acc.to(device)
 
 
 def as_matrix(x: torch.Tensor) -> torch.Tensor:
