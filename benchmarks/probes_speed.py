@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--tol", type=float, default=1e-6,
+                    help="unitscope's gradient tolerance (its default 1e-6; sklearn's tol is 1e-4)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from sklearn.exceptions import ConvergenceWarning
@@ -68,13 +70,13 @@ def main() -> None:
         return torch.from_numpy(m.coef_), torch.from_numpy(m.intercept_), int(m.n_iter_[0])
 
     def fit_ours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        r = fit_logreg(x, y_tr, 1.0, num_classes=10)
+        r = fit_logreg(x, y_tr, 1.0, num_classes=10, tol=args.tol)
         if not r.converged:
             raise RuntimeError("unitscope probe did not converge")
         return r.weight, r.bias, r.n_iter
 
     def fit_joint(xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        rs = fit_logreg_many(xs, y_tr, 1.0, num_classes=10)
+        rs = fit_logreg_many(xs, y_tr, 1.0, num_classes=10, tol=args.tol)
         if not all(r.converged for r in rs):
             raise RuntimeError("unitscope joint probes did not converge")
         return [(r.weight, r.bias, r.n_iter) for r in rs]
