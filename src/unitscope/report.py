@@ -222,6 +222,28 @@ def _run_page(run: Run) -> str:
     return _page(title, "".join(parts))
 
 
+def _merged_order(sequences: list[list[str]]) -> list[str]:
+    """One order of the layers of several runs that keeps each run's own order where it can.
+
+    A layer the order lacks goes right after the last layer before it in its run (so ``conv4`` of
+    one model lands between ``conv3`` and ``fc`` of another).
+
+    Example:
+        >>> _merged_order([["conv1", "conv3", "fc"], ["conv1", "conv3", "conv4", "fc"]])
+        ['conv1', 'conv3', 'conv4', 'fc']
+    """
+    order: list[str] = []
+    for seq in sequences:
+        at = 0
+        for layer in seq:
+            if layer in order:
+                at = order.index(layer) + 1
+            else:
+                order.insert(at, layer)
+                at += 1
+    return order
+
+
 def _section_of(table: str, sections: list[str]) -> str | None:
     """The section a table belongs to: the longest section name it equals or starts with plus ``_``."""
     matches = [x for x in sections if table == x or table.startswith(f"{x}_")]
@@ -255,7 +277,7 @@ def write_grid_report(grid: str | Path, run_reports: bool = True) -> Path:
                     f"{html.escape(name)}</a></td><td>{html.escape(str(config.get('experiment', '')))}</td>"
                     f"<td>{html.escape(str(config.get('model', '')))}</td>"
                     f"<td>{html.escape(str(config.get('dataset', '')))}</td>"
-                    f"<td>{html.escape(', '.join(sorted(run.tables)))}</td></tr>")
+                    f"<td style='text-align:left'>{html.escape(', '.join(sorted(run.tables)))}</td></tr>")
     parts = [f"<h1>unitscope grid: {html.escape(grid.name)}</h1>",
              f"<section id='runs'><h2>runs ({len(runs)})</h2><table><tr><th>run</th><th>experiment</th>"
              f"<th>model</th><th>data</th><th>tables</th></tr>{''.join(rows)}</table></section>"]
@@ -264,11 +286,13 @@ def write_grid_report(grid: str | Path, run_reports: bool = True) -> Path:
                   if table in r.tables and {"layer", column} <= set(r.tables[table].columns)}
         if len(having) < 2:
             continue
+        order = _merged_order([list(frame["layer"].astype(str)) for frame in having.values()])
+        position = {layer: i for i, layer in enumerate(order)}
         fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
         for name, frame in having.items():
-            ax.plot(frame["layer"].astype(str), frame[column], "o-", label=name)
+            ax.plot([position[x] for x in frame["layer"].astype(str)], frame[column], "o-", label=name)
+        ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
         ax.set_ylabel(label)
-        ax.tick_params(axis="x", rotation=45)
         ax.legend(fontsize=7)
         parts.append(f"<section id='compare-{table}'><h2>{html.escape(label)} per layer</h2>"
                      + _img(fig, f"{table} compared") + "</section>")
