@@ -447,7 +447,7 @@ def test_kde_and_covariance_with_too_few_samples():
         assert crit.usable_classes() == [0]
         assert crit.diagnostics()["skipped_classes"] == 1.0 and crit.diagnostics()["dropped"] == 2.0
     with pytest.raises(ValueError, match="no class has 2 training inputs"):
-        MDSC().fit(spread[:2], torch.tensor([0, 1])).update(torch.zeros(1, 2))
+        MDSC().fit(spread[:2], torch.tensor([0, 1])).update(torch.zeros(1, 2), torch.tensor([0]))
     line = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
     for crit in (LSC(min_var=0.0, ridge=0.0), MDSC(ridge=0.0)):
         with pytest.raises(ValueError, match="singular.*ridge"):
@@ -512,3 +512,19 @@ def test_lsc_default_lower_bound_is_the_smallest_training_lsa():
     lower = math.floor(float(lsc.surprise(train).min()))
     assert lsc._sh["bounds"].tolist() == [lower, 2000.0]
     assert lsc.diagnostics()["underflow"] == 0.0
+
+
+def test_class_wise_profiles_refuse_inputs_without_classes():
+    from unitscope.coverage.surprise import MDSC
+
+    g = torch.Generator().manual_seed(0)
+    train = torch.cat([torch.randn(20, 2, generator=g), torch.randn(20, 2, generator=g) + 10])
+    classes = torch.tensor([0] * 20 + [1] * 20)
+    mdsc = MDSC().fit(train, classes)
+    with pytest.raises(ValueError, match="pass the class of every input"):
+        mdsc.update(train[:3])
+    with pytest.raises(ValueError, match="pass the class of every input"):
+        mdsc.surprise(train[:3])
+    assert mdsc.update(train[:3], classes[:3]) >= 0
+    one_class = MDSC().fit(train[:20])  # fitted without classes: every input is class 0
+    assert one_class.update(train[:3]) >= 0

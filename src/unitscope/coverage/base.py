@@ -103,7 +103,7 @@ class Criterion(Accumulator):
         layers = self._check(acts, "fit")
         if not layers:
             return self
-        cls = self._classes(classes, layers)
+        cls = self._classes(classes, layers, "fit")
         self._fit_layers(layers, cls)
         self._phase = _FITTING
         self._cache.clear()
@@ -123,7 +123,7 @@ class Criterion(Accumulator):
         layers = self._check(acts, "update")
         if not layers:
             return 0.0
-        cls = self._classes(classes, layers)
+        cls = self._classes(classes, layers, "update")
         before = self.value() if self._phase == _TESTING else 0.0
         if self._phase != _TESTING:
             self._start()
@@ -336,11 +336,21 @@ class Criterion(Accumulator):
         ordered = {k: out[k] for k in self._layers}
         return ordered if n != {0} else {}
 
-    def _classes(self, classes: torch.Tensor | None, layers: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _fitted_classes(self) -> int:
+        """How many classes the profile holds (criteria with class-wise profiles override it)."""
+        return 1
+
+    def _classes(self, classes: torch.Tensor | None, layers: dict[str, torch.Tensor],
+                 verb: str) -> torch.Tensor | None:
         if not self.needs_classes:
             return None
         first = next(iter(layers.values()))
         if classes is None:
+            fitted = self._fitted_classes() if verb != "fit" else 1
+            if fitted > 1:
+                raise ValueError(f"{type(self).__name__}.{verb}(): the profile holds {fitted} classes, so "
+                                 "pass the class of every input (classes=predicted or true labels, "
+                                 "as in fit)")
             return torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
         classes = torch.as_tensor(classes, device=first.device)
         if classes.shape != (first.shape[0],) or torch.is_floating_point(classes):

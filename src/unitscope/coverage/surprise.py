@@ -153,7 +153,7 @@ class _Surprise(Criterion):
         layers = self._check(acts, "surprise")
         if not layers:
             return torch.zeros(0, dtype=torch.float64)
-        cls = self._classes(classes, layers)
+        cls = self._classes(classes, layers, "surprise")
         assert cls is not None
         return self._surprise(self._trace(layers), cls)
 
@@ -267,6 +267,9 @@ class _Surprise(Criterion):
     def _class_counts(self) -> dict[int, int]:
         """Training inputs per class (classes with at least one)."""
         raise NotImplementedError
+
+    def _fitted_classes(self) -> int:
+        return len(self._class_counts())
 
     def _min_class_size(self) -> int:
         return 2 if self.var_scope == "class" else 1  # a per-class variance needs two inputs
