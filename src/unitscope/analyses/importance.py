@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..attribution import lrp
 from ..capture import Capture, resolve_layers
 from ..coverage.idc import IDC
+from ..models.modes import preserved
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,10 @@ def activations(model: nn.Module, data: Dataset, layers: Sequence[str], batch_si
                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Spatially averaged outputs of ``layers`` on ``data``: (acts by layer, labels, predictions)."""
     dev = _device(device)
-    model_device = next(iter(model.parameters()), torch.empty(0)).device
-    training = model.training
-    model.to(dev).eval()
     acts: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
     labels, preds = [], []
-    try:
+    with preserved(model):  # every module's train/eval flag and the device come back
+        model.to(dev).eval()
         with torch.inference_mode(), Capture(model, list(layers), {"mean": "mean"}) as cap:
             for item in batches(data, batch_size):
                 x, y = _xy(item)
@@ -156,9 +155,6 @@ def activations(model: nn.Module, data: Dataset, layers: Sequence[str], batch_si
                     acts[k].append(cap.outputs["mean"][k].float().cpu())
                 labels.append(y.cpu())
                 preds.append(out.argmax(1).cpu())
-    finally:
-        model.train(training)
-        model.to(model_device)
     return {k: torch.cat(v) for k, v in acts.items()}, torch.cat(labels), torch.cat(preds)
 
 

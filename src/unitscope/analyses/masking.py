@@ -24,6 +24,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..models.modes import restores_model
+
 COLUMNS = ["inputs", "variable", "layer", "selection", "units_masked", "accuracy", "agreement",
            "accuracy_intact"]
 
@@ -193,6 +195,7 @@ def output_layers(model: nn.Module, x: torch.Tensor) -> set[str]:
             and torch.equal(a, out)}
 
 
+@restores_model
 def single_class(model: nn.Module, data: Any, table: pd.DataFrame, layer: str, top: int = 1,
                  index: str = "ST", samples: int = 512, seed: int = 0, batch_size: int = 256,
                  device: str | torch.device = "cpu") -> pd.DataFrame:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..models.modes import restores_model
 from .occlusion import LayerRF, layer_rf
 
 MODES = ("mark", "crop")
@@ -128,6 +129,7 @@ def mosaic(images: torch.Tensor, boxes: torch.Tensor, mode: str = "mark", nrow: 
     return make_grid(pics.contiguous(), nrow=nrow, padding=padding, pad_value=1.0)
 
 
+@restores_model
 def unit_segments(model: nn.Module, layer: str, images: torch.Tensor, units: torch.Tensor,
                   threshold: float = 0.4) -> torch.Tensor:
     """Zhou's segmentation of inputs by a unit's feature map (``generate_unitsegments.m``).
@@ -153,6 +155,7 @@ def unit_segments(model: nn.Module, layer: str, images: torch.Tensor, units: tor
         >>> unit_segments(net, "0", x, torch.tensor([0]))[0, :3, :3].int().tolist()
         [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
     """
+    model.eval()  # batch statistics and dropout off; the decorator restores every flag
     from .occlusion import truncated_forward
 
     if not 0.0 < threshold <= 1.0:

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..augment import Augmenter, AugmentError, VariableSpec
 from ..capture import Capture, LayerSpec, StopForward, resolve_layers
+from ..models.modes import preserved, restores_model
 from ..stats.base import Accumulator
 from ..stats.sobol import SobolAccumulator, saltelli_sample
 from .base import Analysis, Batch
@@ -343,8 +344,8 @@ def sensitivity(model: nn.Module, data: Any,
     dev = resolve_device(device)
     a.start(names)
     a.to(dev)
-    was_training = model.training
-    old_device = next((p.device for p in model.parameters()), None)
+    modes = preserved(model)  # every module's flag and the device, restored in the finally below
+    modes.__enter__()
     model.eval()
     model.to(dev)
     bar = None
@@ -372,9 +373,7 @@ def sensitivity(model: nn.Module, data: Any,
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
-        if old_device is not None:
-            model.to(old_device)
+        modes.__exit__(None, None, None)
     if world > 1:
         a.sync()
         start, stop = 0, total
@@ -445,6 +444,7 @@ def _subset(data: Any, images: int, seed: int) -> torch.Tensor:
     return torch.stack([_item(data, int(i)) for i in idx])
 
 
+@restores_model
 def contrast(model: nn.Module, data: Any, variables: Sequence[VariableSpec] | Mapping[str, Any],
              layers: LayerSpec, images: int = 64, draws: int = 4, reduce: str = "mean", seed: int = 0,
              batch_size: int = 256, device: str | torch.device = "cpu") -> pd.DataFrame:
@@ -484,6 +484,7 @@ def contrast(model: nn.Module, data: Any, variables: Sequence[VariableSpec] | Ma
     return table
 
 
+@restores_model
 def shapley(model: nn.Module, data: Any, variables: Sequence[VariableSpec] | Mapping[str, Any],
             layers: LayerSpec, n_perm: int = 64, n_outer: int = 16, n_inner: int = 4, reduce: str = "mean",
             seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu") -> pd.DataFrame:
@@ -555,6 +556,7 @@ class PlaneSegment(nn.Module):
         return self.segment(hsv.expand(-1, self.in_channels, -1, -1).contiguous())
 
 
+@restores_model
 def hsv_segments(model: nn.Module, data: Any, variables: Sequence[VariableSpec] | Mapping[str, Any],
                  segment: Sequence[str], n: int = 256, bootstrap: int = 0, reduce: str = "mean",
                  seed: int = 0, batch_size: int = 256, device: str | torch.device = "cpu"

@@ -33,6 +33,7 @@ from ..attacks import attack as run_attack
 from ..attribution import attribute
 from ..capture import resolve_layers
 from ..data.arrays import ArrayDataset
+from ..models.modes import preserved, restores_model
 from ..stats.evenness import pearson, pielou
 from .importance import activations, fit_idc, unit_relevance
 
@@ -122,18 +123,15 @@ def zeroed(model: nn.Module, units: Sequence[tuple[str, int]]) -> Iterator[None]
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)`` (eval mode for the call)."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            dev = next(iter(model.parameters()), torch.empty(0)).device
-            pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu()
-                              for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(training)
+    with preserved(model), torch.no_grad():
+        model.eval()
+        dev = next(iter(model.parameters()), torch.empty(0)).device
+        pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu()
+                          for i in range(0, len(x), batch_size)])
     return float((pred == y).float().mean())
 
 
+@restores_model
 def pruning(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: Any,
             prune_m: Sequence[int] = (1, 2, 4), repeats: int = 3, cross_layer_norm: str = "none",
             seed: int = 0, batch_size: int = 128, device: str | torch.device = "cpu") -> pd.DataFrame:
@@ -187,6 +185,7 @@ def relevant_pixels(model: nn.Module, x: torch.Tensor, fraction: float,
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).view_as(x)
 
 
+@restores_model
 def noise(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: Any, std: float = 0.3,
           fraction: float = 0.02, repeats: int = 3, criterion: str = "idc", seed: int = 0,
           batch_size: int = 128, device: str | torch.device = "cpu", **meter_options: Any) -> pd.DataFrame:
@@ -229,6 +228,7 @@ def _normalised_change(mixed: float, clean: float) -> float:
     return abs(mixed - clean) / clean if clean > 0 else math.nan
 
 
+@restores_model
 def adversarial(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: Any, attack: str = "fgsm",
                 eps: float = 0.3, fractions: Sequence[float] = (0.01, 0.05, 0.1), criterion: str = "idc",
                 seed: int = 0, batch_size: int = 128, device: str | torch.device = "cpu",
@@ -269,6 +269,7 @@ def adversarial(model: nn.Module, train_data: Dataset, test_data: Dataset, layer
     return pd.DataFrame(rows)
 
 
+@restores_model
 def impartiality(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: Any,
                  sizes: Sequence[int] = (50, 100, 200), attack: str = "fgsm", eps: float = 0.3,
                  repeats: int = 3, richness: str = "total", criterion: str = "idc", seed: int = 0,

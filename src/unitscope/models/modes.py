@@ -1,0 +1,62 @@
+"""Leaving a model as it was: every module's train/eval flag and the device of its tensors.
+
+Functions that switch a caller's model to eval mode, or move it to a device, restore both when
+they return, also after an exception. Flags are restored module by module: a model that keeps
+some modules in eval (frozen batch norms) gets exactly those back, which ``model.train(flag)``
+would not do.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _device(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore every module's ``training`` flag and the model's device on exit.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> _ = net[1].eval()
+        >>> with preserved(net):
+        ...     _ = net.train()
+        >>> net.training, net[0].training, net[1].training
+        (True, True, False)
+    """
+    modes = {m: m.training for m in model.modules()}
+    device = _device(model)
+    try:
+        yield model
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+        if device is not None and _device(model) != device:
+            model.to(device)
+
+
+def restores_model(fn: F) -> F:
+    """Decorate a function whose first argument is a model it may switch to eval or move."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with preserved(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
