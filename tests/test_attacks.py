@@ -88,6 +88,15 @@ def test_batched_equals_whole(trained):
     torch.testing.assert_close(attack(model, x, y, "fgsm", eps=0.2, batch_size=5), fgsm(model, x, y, 0.2))
 
 
+def test_cw_takes_its_own_constant_not_eps(trained):
+    model, x, y = trained
+    x, y = x[:6], y[:6]
+    direct = cw(model, x, y, c=1.0, steps=8)
+    torch.testing.assert_close(attack(model, x, y, "cw", eps=0.3, steps=8), direct)  # default c = 1
+    torch.testing.assert_close(attack(model, x, y, "cw", eps=0.01, c=1.0, steps=8), direct)
+    assert not torch.equal(attack(model, x, y, "cw", c=20.0, steps=8), direct)
+
+
 def test_bad_input():
     net = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="unknown attack"):

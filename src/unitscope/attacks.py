@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -130,8 +131,13 @@ def cw(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float = 1.0, kappa
 
 
 def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "fgsm", eps: float = 0.3,
-           batch_size: int = 256, **options: float) -> torch.Tensor:
-    """Run attack ``method`` (one of :data:`ATTACKS`) on ``x`` in batches; ``eps`` is CW's ``c``."""
+           batch_size: int = 256, c: float = 1.0, **options: Any) -> torch.Tensor:
+    """Run attack ``method`` (one of :data:`ATTACKS`) on ``x`` in batches.
+
+    ``eps`` is the L∞ radius of FGSM and PGD; CW (L2) takes its trade-off constant ``c`` instead
+    (default 1, as the seed's studies used) and ignores ``eps``. ``options`` go to the attack
+    (``bounds=(low, high)``: the valid input range, default (0, 1)).
+    """
     if method not in ATTACKS:
         raise ValueError(f"unknown attack {method!r}; use one of {', '.join(ATTACKS)}")
     parts = []
@@ -142,5 +148,5 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str = "fg
         elif method == "pgd":
             parts.append(pgd(model, xb, yb, eps, **options))
         else:
-            parts.append(cw(model, xb, yb, c=eps, **options))
+            parts.append(cw(model, xb, yb, c=c, **options))
     return torch.cat(parts)

@@ -245,7 +245,7 @@ def adversarial(model: nn.Module, train_data: Dataset, test_data: Dataset, layer
     meter = CoverageMeter(model, train_data, layers, criterion, seed=seed, batch_size=batch_size,
                           device=device, **meter_options)
     x, y = stack(test_data)
-    adv = run_attack(model, x, y, attack, eps, batch_size)
+    adv = run_attack(model, x, y, attack, eps, batch_size, bounds=(float(x.min()), float(x.max())))
     acts, preds = meter.acts(x)
     adv_acts, adv_preds = meter.acts(adv)
     clean = meter.value(acts, preds)
@@ -292,7 +292,7 @@ def impartiality(model: nn.Module, train_data: Dataset, test_data: Dataset, laye
     bad = [s for s in sizes if not 0 < int(s) <= len(x)]
     if bad:
         raise ValueError(f"subset sizes {bad} do not fit a test set of {len(x)} inputs")
-    adv = run_attack(model, x, y, attack, eps, batch_size)
+    adv = run_attack(model, x, y, attack, eps, batch_size, bounds=(float(x.min()), float(x.max())))
     sets = {"clean": meter.acts(x), "adversarial": meter.acts(adv)}
     with torch.no_grad():
         dev = next(iter(model.parameters()), torch.empty(0)).device
