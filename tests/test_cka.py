@@ -409,3 +409,14 @@ def test_paired_exact_state_keeps_only_the_blocks_it_needs():
                and not k.startswith("dims") and k != "count")
     dx, dy = [x.shape[1] for x in xs], [y.shape[1] for y in ys]
     assert held == memory_bytes(dx, dy) < memory_bytes(dx + dy)
+
+
+def test_exact_route_counts_inputs_left_out_for_nonfinite_features(caplog):
+    from unitscope.stats.cka import LinearCKA
+
+    x = torch.randn(10, 3, dtype=torch.float64)
+    x[4, 1] = float("nan")
+    acc = LinearCKA()
+    acc.update([x, x * 2])
+    assert acc.count == 9 and acc.skipped == 1
+    assert "left out" in caplog.text

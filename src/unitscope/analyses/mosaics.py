@@ -282,12 +282,12 @@ def render_mosaics(run_dir: str | Path, units: Sequence[str], out: str | Path | 
     if "topk" not in run.tables:
         raise ValueError(f"{run_dir} has no topk table; run a 'topk' experiment (or analyze with TopK) first")
     config = run.manifest.get("config") or {}
-    missing = [key for key in ("model", "dataset") if not config.get(key)]
+    missing = [key for key in ("model", "dataset", "split") if not config.get(key)]
     if missing:
         raise ValueError(f"{run_dir} records no {' or '.join(missing)} in its config, so its inputs cannot "
                          "be read back; call unit_mosaics(model, data, table, units) instead")
     model = load_model(config["model"], weights=config.get("weights"))
-    data = load_dataset(config["dataset"], split=config.get("split", "test"),
+    data = load_dataset(config["dataset"], split=config["split"],
                         **(config.get("dataset_options") or {}))
     mosaics = unit_mosaics(model, data, run.tables["topk"], units, k=k, mode=mode)
     return save_mosaics(mosaics, out if out is not None else Path(run_dir) / "mosaics", scale=scale)

@@ -320,7 +320,7 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
     if local:
         try:
             rf = layer_rf(model, layer, (h, w))
-        except Exception as exc:  # reported; the sweep stays exact without the RF, only slower
+        except ValueError as exc:  # reported; the sweep stays exact without the RF, only slower
             log.warning("occlusion: no analytic receptive field for %s (%s); every window is "
                         "evaluated on the whole image", layer, exc)
     was_training = model.training

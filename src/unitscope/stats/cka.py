@@ -291,6 +291,8 @@ class LinearCKA(Accumulator):
         good = torch.isfinite(z).all(1)
         bad = int((~good).sum())
         if bad:
+            log.warning("LinearCKA: %d of %d inputs have NaN or infinite features and are left out "
+                        "(counted in skipped)", bad, z.shape[0])
             z = z[good]
         if not self.initialized:
             need = memory_bytes(dims_x.tolist(), dims_y.tolist() if self.paired else None)
@@ -380,6 +382,11 @@ class LinearCKA(Accumulator):
     def count(self) -> int:
         """How many inputs were folded in (rows with non-finite values are left out)."""
         return int(self._states["count"]) if self.initialized else 0
+
+    @property
+    def skipped(self) -> int:
+        """How many inputs were left out for NaN or infinite features."""
+        return int(self._states["nonfinite_rows"]) if self.initialized else 0
 
     def compute(self) -> torch.Tensor:
         """The ``(layers_x, layers_y)`` CKA matrix (``(layers, layers)`` when not paired), float64."""
