@@ -177,3 +177,12 @@ def test_user_variable_is_applied_after_the_builtins():
     finally:
         del VARIABLES["test_invert"]
     assert math.isfinite(Augmenter(["brightness"]).high.item())
+
+
+def test_normalised_images_are_refused_not_clipped():
+    from unitscope.augment import Augmenter, AugmentError
+
+    aug = Augmenter(["brightness"], channels=3)
+    x = torch.rand(2, 3, 8, 8) * 4 - 2  # e.g. ImageNet-normalised
+    with pytest.raises(AugmentError, match=r"need images in \[0, 1\]"):
+        aug(x, torch.full((2, 1), 0.5))

@@ -407,6 +407,10 @@ class Augmenter:
             raise AugmentError(f"images must be a float batch (n, C, H, W), got {tuple(x.shape)} {x.dtype}")
         if u.shape[0] != x.shape[0]:
             raise AugmentError(f"{x.shape[0]} images but {u.shape[0]} design points")
+        if x.numel() and (x.amin() < -1e-6 or x.amax() > 1 + 1e-6):
+            raise AugmentError(f"augmentations need images in [0, 1]; these lie in [{x.amin().item():.3g}, "
+                               f"{x.amax().item():.3g}]. Feed unnormalised images and put the "
+                               "normalisation inside the model")
         self.check_channels(x.shape[1])
         vals = self.values(u).to(x.device)
         for var, cols in zip(self.variables, self.groups):
