@@ -322,3 +322,16 @@ def test_two_gloo_ranks_sync_to_one_pass(tmp_path):
         with open(f"{out}.{rank}") as f:
             assert json.load(f) == idc.results()
     assert idc.layer_values()["a"] > 0
+
+
+def test_abs_sum_ranks_on_summed_absolute_relevance():
+    import unitscope
+    from unitscope.analyses.importance import unit_relevance
+
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn").eval()
+    data = torch.utils.data.Subset(unitscope.load_dataset("digits", "train"), range(64))
+    signed = unit_relevance(model, data, ["conv3"], train_filter="all")
+    absolute = unit_relevance(model, data, ["conv3"], train_filter="all", absolute=True)
+    assert (absolute.total["conv3"] >= signed.total["conv3"].abs() - 1e-9).all()
+    assert (absolute.total["conv3"] > signed.total["conv3"].abs() + 1e-6).any()  # signs cancel in the sum

@@ -89,12 +89,13 @@ class Relevance:
 
 def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train_filter: str = "correct",
                    batch_size: int = 128, device: str | torch.device = "cpu",
-                   composite: Any = "epsilon_plus_flat", **options: Any) -> Relevance:
+                   composite: Any = "epsilon_plus_flat", absolute: bool = False, **options: Any) -> Relevance:
     """Summed LRP relevance of every unit of ``layers`` over (the correctly classified) ``data``.
 
     One forward and one backward per batch gives the relevance of all layers at once. A conv
     unit's relevance is the sum of its map. ``train_filter="all"`` keeps every input (target:
-    the label).
+    the label). ``absolute=True`` sums each input's absolute unit relevance (what IDC's
+    ``importance="abs_sum"`` ranks on) instead of the signed relevance.
 
     Raises:
         NoCorrectInputError: no input is classified correctly (nothing to rank on).
@@ -123,7 +124,7 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
             for layer, r in rel.items():
                 r = r[idx].double()
                 r = r.sum(tuple(range(2, r.dim()))) if r.dim() > 2 else r
-                r = r.cpu()
+                r = r.abs().cpu() if absolute else r.cpu()  # absolute: sums of |r| per input
                 total[layer] = total.get(layer, 0) + r.sum(0)
                 sums = torch.zeros(int(yk.max()) + 1, r.shape[1], dtype=torch.float64).index_add_(0, yk, r)
                 for c in torch.unique(yk).tolist():
@@ -170,7 +171,9 @@ def fit_idc(model: nn.Module, train_data: Dataset, layers: Any, m: int = 2, k: i
         if width is not None and width < m:
             raise ValueError(f"layer {name!r} has {width} units, fewer than m={m}: choose m <= {width} "
                              "or another layer")
-    rel = unit_relevance(model, train_data, names, train_filter, batch_size, device, composite)
+    absolute = idc_options.get("importance") == "abs_sum"  # sum |r| over inputs, not |sum r|
+    rel = unit_relevance(model, train_data, names, train_filter, batch_size, device, composite,
+                         absolute=absolute)
     acts, _, _ = activations(model, Subset(train_data, rel.kept.tolist()), names, batch_size, device)
     idc = IDC(m=m, k=k, k_range=tuple(k_range), **idc_options)
     idc.fit(acts, relevance=rel.total, class_relevance=rel.per_class if per_class else None)
