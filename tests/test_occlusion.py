@@ -124,7 +124,7 @@ def test_window_sum_unit_rf_is_exactly_the_window_grown_by_the_occluder(local):
     support = torch.nan_to_num(rf) > 0
     assert torch.equal(support, square)  # exactly the grown window, never a pixel outside
     assert torch.equal(arrays["conv:0:mask"].bool(), square)
-    assert table["rf_size_empirical"][0] == side
+    assert table["rf_size_empirical"][0] == side and bool(table["centred"][0])
     assert table["rf_size"][0] == B and table["ratio"][0] == pytest.approx(side / B)
     # the constant unit: every map is zero, no RF
     assert torch.nan_to_num(arrays["conv:1"]).abs().max() == 0
@@ -214,6 +214,13 @@ def test_centring_translation_consistency():
     torch.testing.assert_close(torch.nan_to_num(rf.maps[0]) * valid.any(0), canvas[0])
     assert rf.masks[0].sum() == (canvas[0] >= 4.5).sum()
     assert rf.sizes[0] == pytest.approx(float((canvas[0] >= 4.5).sum()) ** 0.5)
+
+
+def test_a_field_away_from_the_centre_is_flagged():
+    canvas = torch.zeros(1, 9, 9, dtype=torch.float64)
+    canvas[0, 0:2, 0:2] = 1.0  # the response sits in a corner; the centre (4, 4) is below threshold
+    rf = average_centred(canvas, torch.ones_like(canvas, dtype=torch.bool), torch.tensor([0]), 0.5)
+    assert not bool(rf.centred[0]) and rf.masks[0].sum() == 4
 
 
 # ----------------------------------------------------------------------------- bad input and hooks

@@ -535,12 +535,16 @@ class EmpiricalRF:
         counts: ``(U, 2H−1, 2W−1)`` int64, how many images cover each pixel.
         masks: ``(U, 2H−1, 2W−1)`` bool thresholded RF (the component at the centre).
         sizes: ``(U,)`` float64 ``√area`` of the masks in pixels.
+        centred: ``(U,)`` bool: the centre is above the threshold, so the mask is the component
+            at the centre (the spec's definition). False: the centre is below it and the mask is
+            the component at the map's peak instead, an off-centre field to read with care.
     """
 
     maps: torch.Tensor
     counts: torch.Tensor
     masks: torch.Tensor
     sizes: torch.Tensor
+    centred: torch.Tensor
 
 
 def average_centred(canvas: torch.Tensor, valid: torch.Tensor, group: torch.Tensor,
@@ -580,7 +584,7 @@ def average_centred(canvas: torch.Tensor, valid: torch.Tensor, group: torch.Tens
     chosen = torch.where(at_centre > 0, at_centre, at_peak)
     masks = (labels == chosen[:, None, None]) & (chosen[:, None, None] > 0)
     sizes = masks.flatten(1).sum(1).to(torch.float64).sqrt()
-    return EmpiricalRF(maps=maps, counts=counts, masks=masks, sizes=sizes)
+    return EmpiricalRF(maps=maps, counts=counts, masks=masks, sizes=sizes, centred=at_centre > 0)
 
 
 def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: list[int],
@@ -605,7 +609,8 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
 
     Returns:
         ``(table, arrays)``: one row per unit with ``layer, unit, images, rf_size_empirical,
-        rf_area, rf_size`` (analytic) and ``ratio`` (empirical / analytic); arrays
+        rf_area, rf_size`` (analytic), ``ratio`` (empirical / analytic) and ``centred`` (False
+        when the centre is below the threshold and the field is the component at the peak); arrays
         ``"layer:unit"`` -> averaged map, ``"layer:unit:mask"`` -> thresholded mask (float) and
         ``"layer:unit:maps"`` -> the ``(k, H, W)`` pixel discrepancy maps of its top images in
         rank order.
@@ -652,6 +657,7 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
         "rf_size_empirical": erf.sizes.numpy(), "rf_area": erf.masks.flatten(1).sum(1).numpy(),
         "rf_size": rf.size if rf is not None else float("nan"),
         "ratio": erf.sizes.numpy() / (rf.size if rf is not None else float("nan")),
+        "centred": erf.centred.numpy(),
     })
     arrays = {}
     for i, u in enumerate(units):
