@@ -173,12 +173,27 @@ def pruning(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: A
     return pd.DataFrame(rows)
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
+
+
+def _attack_on_model_device(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, eps: float,
+                            batch_size: int) -> torch.Tensor:
+    """Adversarial inputs made where the model lives, clamped to the data's own range, back on the CPU."""
+    dev = _model_device(model)
+    bounds = (float(x.min()), float(x.max()))
+    return run_attack(model, x.to(dev), y.to(dev), method, eps, batch_size, bounds=bounds).cpu()
+
+
+@restores_model
 def relevant_pixels(model: nn.Module, x: torch.Tensor, fraction: float,
                     batch_size: int = 128) -> torch.Tensor:
     """Boolean mask of the ``fraction`` most relevant input values of every input (|LRP|, predicted class)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction}: choose a fraction of the pixels in (0, 1]")
-    rel = torch.cat([attribute(model, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    dev = _model_device(model)
+    rel = torch.cat([attribute(model, x[i:i + batch_size].to(dev)).cpu()
+                     for i in range(0, len(x), batch_size)])
     flat = rel.abs().flatten(1)
     q = max(1, round(fraction * flat.shape[1]))
     top = torch.sort(-flat, dim=1, stable=True).indices[:, :q]
@@ -245,7 +260,7 @@ def adversarial(model: nn.Module, train_data: Dataset, test_data: Dataset, layer
     meter = CoverageMeter(model, train_data, layers, criterion, seed=seed, batch_size=batch_size,
                           device=device, **meter_options)
     x, y = stack(test_data)
-    adv = run_attack(model, x, y, attack, eps, batch_size, bounds=(float(x.min()), float(x.max())))
+    adv = _attack_on_model_device(model, x, y, attack, eps, batch_size)
     acts, preds = meter.acts(x)
     adv_acts, adv_preds = meter.acts(adv)
     clean = meter.value(acts, preds)
@@ -292,7 +307,7 @@ def impartiality(model: nn.Module, train_data: Dataset, test_data: Dataset, laye
     bad = [s for s in sizes if not 0 < int(s) <= len(x)]
     if bad:
         raise ValueError(f"subset sizes {bad} do not fit a test set of {len(x)} inputs")
-    adv = run_attack(model, x, y, attack, eps, batch_size, bounds=(float(x.min()), float(x.max())))
+    adv = _attack_on_model_device(model, x, y, attack, eps, batch_size)
     sets = {"clean": meter.acts(x), "adversarial": meter.acts(adv)}
     with torch.no_grad():
         dev = next(iter(model.parameters()), torch.empty(0)).device
