@@ -109,9 +109,21 @@ def test_rotation_zero_is_identity_and_keeps_constant_images_constant(images):
     torch.testing.assert_close(out, images[:2], atol=1e-5, rtol=0)
     flat = torch.full((2, 3, 16, 16), 0.3)
     torch.testing.assert_close(_apply("rotation", flat, [-10.0, 10.0]), flat, atol=1e-6, rtol=0)
-    # rotating by 90° on a square image is a transpose-and-flip (zoom 1)
     rot = Augmenter([("rotation", None)])
     assert rot.ranges()["rotation.angle"] == (-10.0, 10.0)
+
+
+def test_rotation_turns_the_way_torchvision_does():
+    import torchvision.transforms.v2.functional as TF
+
+    from unitscope.augment import _rotation
+
+    # at ±90° on a square image the zoom is 1: a pure quarter turn, compared with torchvision's
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = _rotation(x, torch.tensor([[90.0], [-90.0]]))
+    torch.testing.assert_close(out[0], TF.rotate(x[0], 90.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], TF.rotate(x[1], -90.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0], torch.rot90(x[0], 1, (1, 2)), atol=1e-5, rtol=0)
 
 
 def test_local_blur_changes_only_inside_the_ellipse(images):
