@@ -31,10 +31,12 @@ COLUMNS = ["inputs", "variable", "layer", "selection", "units_masked", "accuracy
 
 
 @contextlib.contextmanager
-def masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Multiply the channels (dim 1) of each named layer's output by ``masks[layer]`` (shape (C,)).
+def masked(model: nn.Module, masks: dict[str, torch.Tensor | Sequence[int]]) -> Iterator[None]:
+    """Multiply the channels (dim 1) of each named layer's output by ``masks[layer]``.
 
-    The hooks are removed on exit, also after an exception.
+    A mask is a ``(C,)`` tensor of channel factors, or a list of channel indices to zero (the
+    others keep their value). The hooks are removed on exit, also after an exception; the
+    weights are never touched.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
@@ -42,14 +44,22 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
         ...     out = net(torch.ones(1, 2))
         >>> out[0, 1].item() == 0
         True
+        >>> with masked(net, {"0": [0, 2]}):
+        ...     out = net(torch.ones(1, 2))
+        >>> out[0, 0].item() == out[0, 2].item() == 0
+        True
     """
     modules = dict(model.named_modules())
     handles = []
 
-    def hook_for(m: torch.Tensor) -> Any:
+    def hook_for(m: torch.Tensor | Sequence[int]) -> Any:
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-            shape = (1, -1) + (1,) * (out.dim() - 2)
-            return out * m.to(out.device, out.dtype).view(shape)
+            if isinstance(m, torch.Tensor):
+                factors = m.to(out.device, out.dtype)
+            else:
+                factors = torch.ones(out.shape[1], device=out.device, dtype=out.dtype)
+                factors[list(m)] = 0
+            return out * factors.view((1, -1) + (1,) * (out.dim() - 2))
         return hook
     try:
         for name, m in masks.items():

@@ -36,6 +36,7 @@ from ..data.arrays import ArrayDataset
 from ..models.modes import preserved, restores_model
 from ..stats.evenness import pearson, pielou
 from .importance import activations, fit_idc, unit_relevance
+from .masking import masked
 
 
 def stack(data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,26 +100,11 @@ def zeroed(model: nn.Module, units: Sequence[tuple[str, int]]) -> Iterator[None]
     Forward hooks multiply each listed layer's output by a 0/1 channel mask; they are removed on
     exit, so the model is exactly as before (its weights are never touched).
     """
-    modules = dict(model.named_modules())
     by_layer: dict[str, list[int]] = {}
     for layer, unit in units:
         by_layer.setdefault(layer, []).append(int(unit))
-    handles = []
-
-    def hook_for(idx: list[int]) -> Any:
-        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-            mask = torch.ones(output.shape[1], device=output.device, dtype=output.dtype)
-            mask[idx] = 0
-            return output * mask.view(1, -1, *([1] * (output.dim() - 2)))
-        return hook
-
-    try:
-        for layer, idx in by_layer.items():
-            handles.append(modules[layer].register_forward_hook(hook_for(idx)))
+    with masked(model, by_layer):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
@@ -139,7 +125,8 @@ def pruning(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: A
 
     Units are ranked over all ``layers`` together by their LRP relevance summed over the
     correctly classified training inputs (``cross_layer_norm`` as in IDC). Zeroing is a mask on
-    the layer's output (see :func:`zeroed`), so a batch-normalised channel really reads 0.
+    the named layer's output (see :func:`zeroed`): for a conv followed by batch norm, the channel
+    after the batch norm reads its shift, not 0; select the batch norm or activation to zero that.
 
     Returns:
         rows ``study, selection ("important" | "random"), n_units, repeat, accuracy,
