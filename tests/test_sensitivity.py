@@ -432,3 +432,13 @@ def test_hue_unit_is_sensitive_to_hue_not_brightness(shapes):
     t = run.table("sensitivity").set_index("variable")
     assert t.loc["hue", "ST"] == pytest.approx(1.0, abs=0.02) and t.loc["hue", "S1"] > 0.95
     assert abs(t.loc["brightness", "ST"]) < 1e-4 and abs(t.loc["hflip", "ST"]) < 1e-6
+
+
+def test_normalised_data_is_refused_with_the_fix():
+    from unitscope.augment import AugmentError
+
+    x = torch.rand(8, 3, 8, 8) * 4 - 2  # e.g. ImageNet-normalised images
+    data = unitscope.ArrayDataset(x, torch.zeros(8, dtype=torch.long))
+    net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3), relu=nn.ReLU()))
+    with pytest.raises(AugmentError, match="put the normalisation inside the model"):
+        sensitivity(net, data, ["brightness"], n=4, layers=["relu"], bootstrap=0)

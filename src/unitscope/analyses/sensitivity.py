@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..augment import Augmenter, AugmentError, VariableSpec
+from ..augment import Augmenter, VariableSpec
 from ..capture import Capture, LayerSpec, StopForward, resolve_layers
 from ..models.modes import preserved, restores_model
 from ..stats.base import Accumulator
@@ -344,36 +344,34 @@ def sensitivity(model: nn.Module, data: Any,
     dev = resolve_device(device)
     a.start(names)
     a.to(dev)
-    modes = preserved(model)  # every module's flag and the device, restored in the finally below
-    modes.__enter__()
-    model.eval()
-    model.to(dev)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    with preserved(model):  # every module's train/eval flag and the device come back
+        model.eval()
+        model.to(dev)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=stop - start, desc="sensitivity", unit="base sample")
-    t0 = time.perf_counter()
-    try:
-        with Capture(model, names, {"r": a.reduce}, stop=True) as cap, torch.inference_mode():
-            for lo in range(start, stop, chunk):
-                hi = min(lo + chunk, stop)
-                x = _augmented(a.augmenter, data, design.rows(a.groups, lo, hi), dev)
-                with contextlib.suppress(StopForward):  # hooks stop the forward after the last layer
-                    model(x)
-                c = hi - lo
-                for key in names:
-                    y = cap.outputs["r"][key]
-                    y = y.reshape(c, per_base, *y.shape[1:])
-                    y_ba = y[:, 1 + d:1 + 2 * d].movedim(1, 0) if a.second_order else None
-                    a.accumulators[key].update(y[:, 0], y[:, -1], y[:, 1:1 + d].movedim(1, 0), y_ba,
-                                               index=torch.arange(lo, hi))
-                if bar is not None:
-                    bar.update(c)
-    finally:
-        if bar is not None:
-            bar.close()
-        modes.__exit__(None, None, None)
+            bar = tqdm(total=stop - start, desc="sensitivity", unit="base sample")
+        t0 = time.perf_counter()
+        try:
+            with Capture(model, names, {"r": a.reduce}, stop=True) as cap, torch.inference_mode():
+                for lo in range(start, stop, chunk):
+                    hi = min(lo + chunk, stop)
+                    x = _augmented(a.augmenter, data, design.rows(a.groups, lo, hi), dev)
+                    with contextlib.suppress(StopForward):  # hooks stop the forward after the last layer
+                        model(x)
+                    c = hi - lo
+                    for key in names:
+                        y = cap.outputs["r"][key]
+                        y = y.reshape(c, per_base, *y.shape[1:])
+                        y_ba = y[:, 1 + d:1 + 2 * d].movedim(1, 0) if a.second_order else None
+                        a.accumulators[key].update(y[:, 0], y[:, -1], y[:, 1:1 + d].movedim(1, 0), y_ba,
+                                                   index=torch.arange(lo, hi))
+                    if bar is not None:
+                        bar.update(c)
+        finally:
+            if bar is not None:
+                bar.close()
     if world > 1:
         a.sync()
         start, stop = 0, total
@@ -388,11 +386,7 @@ def _augmented(aug: Augmenter, data: Any, rows: torch.Tensor, dev: torch.device)
     idx = design_images(flat[:, -1], len(data))
     uniq, inverse = torch.unique(idx, return_inverse=True)
     images = torch.stack([_item(data, int(i)) for i in uniq]).to(dev)
-    if not images.is_floating_point() or images.amin() < -1e-6 or images.amax() > 1 + 1e-6:
-        raise AugmentError(f"augmentations need float images in [0, 1]; the data gives {images.dtype} in "
-                           f"[{images.amin().item():.3g}, {images.amax().item():.3g}]. Feed unnormalised "
-                           "images and put the normalisation inside the model")
-    return aug(images[inverse.to(dev)], flat[:, :-1])
+    return aug(images[inverse.to(dev)], flat[:, :-1])  # the Augmenter checks dtype and range
 
 
 def _manifest(model: nn.Module, data: Any, a: Sensitivity, layers: list[str], dev: torch.device,
