@@ -33,3 +33,12 @@ def test_model_modes_come_back_module_by_module():
     except RuntimeError:
         pass
     assert flags(model) == before
+
+
+def test_model_device_reads_parameters_then_buffers():
+    from unitscope.models.modes import model_device
+
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")  # no tensors at all
+    bn = torch.nn.BatchNorm1d(3, affine=False).to(torch.float64)  # buffers only
+    assert model_device(bn) == bn.running_mean.device
+    assert model_device(unitscope.load_model("digits-cnn")) == torch.device("cpu")

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..attribution import lrp
 from ..capture import Capture, resolve_layers
 from ..coverage.idc import IDC
-from ..models.modes import preserved
+from ..models.modes import model_device, preserved
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
     if train_filter not in ("correct", "all"):
         raise ValueError(f"train_filter={train_filter!r}: use 'correct' or 'all'")
     dev = _device(device)
-    model_device = next(iter(model.parameters()), torch.empty(0)).device
+    home = model_device(model)
     model.to(dev)
     total: dict[str, torch.Tensor] = {}
     per_class: dict[int, dict[str, torch.Tensor]] = {}
@@ -131,7 +131,7 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
                     per = per_class.setdefault(int(c), {})
                     per[layer] = per.get(layer, 0) + sums[c]
     finally:
-        model.to(model_device)
+        model.to(home)
     kept_idx = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
     if not len(kept_idx):
         raise NoCorrectInputError(f"none of the {seen} training inputs is classified correctly, so no unit "

@@ -33,7 +33,7 @@ from ..attacks import attack as run_attack
 from ..attribution import attribute
 from ..capture import resolve_layers
 from ..data.arrays import ArrayDataset
-from ..models.modes import preserved, restores_model
+from ..models.modes import model_device, preserved, restores_model
 from ..stats.evenness import pearson, pielou
 from .importance import activations, fit_idc, unit_relevance
 from .masking import masked
@@ -111,7 +111,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Top-1 accuracy of ``model`` on ``(x, y)`` (eval mode for the call)."""
     with preserved(model), torch.no_grad():
         model.eval()
-        dev = next(iter(model.parameters()), torch.empty(0)).device
+        dev = model_device(model)
         pred = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu()
                           for i in range(0, len(x), batch_size)])
     return float((pred == y).float().mean())
@@ -160,14 +160,10 @@ def pruning(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: A
     return pd.DataFrame(rows)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(iter(model.parameters()), torch.empty(0)).device
-
-
 def _attack_on_model_device(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, eps: float,
                             batch_size: int) -> torch.Tensor:
     """Adversarial inputs made where the model lives, clamped to the data's own range, back on the CPU."""
-    dev = _model_device(model)
+    dev = model_device(model)
     bounds = (float(x.min()), float(x.max()))
     return run_attack(model, x.to(dev), y.to(dev), method, eps, batch_size, bounds=bounds).cpu()
 
@@ -178,7 +174,7 @@ def relevant_pixels(model: nn.Module, x: torch.Tensor, fraction: float,
     """Boolean mask of the ``fraction`` most relevant input values of every input (|LRP|, predicted class)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction={fraction}: choose a fraction of the pixels in (0, 1]")
-    dev = _model_device(model)
+    dev = model_device(model)
     rel = torch.cat([attribute(model, x[i:i + batch_size].to(dev)).cpu()
                      for i in range(0, len(x), batch_size)])
     flat = rel.abs().flatten(1)
@@ -297,7 +293,7 @@ def impartiality(model: nn.Module, train_data: Dataset, test_data: Dataset, laye
     adv = _attack_on_model_device(model, x, y, attack, eps, batch_size)
     sets = {"clean": meter.acts(x), "adversarial": meter.acts(adv)}
     with torch.no_grad():
-        dev = next(iter(model.parameters()), torch.empty(0)).device
+        dev = model_device(model)
         classes = int(model.eval()(x[:1].to(dev)).shape[1])
     g = torch.Generator().manual_seed(seed)
     rows = []

@@ -27,6 +27,12 @@ def _device(model: nn.Module) -> torch.device | None:
     return None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (else buffers) live; the CPU for a model without tensors."""
+    device = _device(model)
+    return device if device is not None else torch.device("cpu")
+
+
 @contextmanager
 def preserved(model: nn.Module) -> Iterator[nn.Module]:
     """Restore every module's ``training`` flag and the model's device on exit.
