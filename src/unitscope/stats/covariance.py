@@ -130,17 +130,16 @@ class Covariance(Accumulator):
                 xc32 = x - m32
                 r = mean_b - m32.to(torch.float64)
                 comoment_b = (xc32.T @ xc32).to(torch.float64) - n_b * torch.outer(r, r)
-                s["count"], s["mean"], s["comoment"] = chan_combine(
-                    s["count"], s["mean"], s["comoment"], n_b, mean_b, comoment_b, outer=True)
-                return
-            xc = x - mean_b
+            else:
+                xc = x - mean_b
+                comoment_b = xc.T @ xc
         else:
             x = x.to(torch.float64)
             good = torch.isfinite(x).all(1, keepdim=True)  # (N, 1)
             n_b = good.sum(dtype=torch.float64)
             mean_b = torch.where(good, x, 0.0).sum(0) / n_b.clamp(min=1)
             xc = torch.where(good, x - mean_b, 0.0)
-        comoment_b = xc.T @ xc
+            comoment_b = xc.T @ xc
         s["count"], s["mean"], s["comoment"] = chan_combine(
             s["count"], s["mean"], s["comoment"], n_b, mean_b, comoment_b, outer=True)
         if good is not None:
