@@ -1,10 +1,12 @@
 """Cost of tracking saturation while training digits-cnn: unitscope vs delve, against no tracking.
 
 Interleaved in one process: each round trains a fresh digits-cnn (same seed) for E epochs with
-no tracker, with unitscope's SaturationTracker (every Conv2d and Linear, channelwise, train
-split only, like delve's train-mode tracking) and with delve's SaturationTracker (same layers,
-channelwise, lsat + idim, CSV writer to a temporary folder). Reports median seconds and ratios.
-Also reports how many samples each tracker's last-epoch value is built from.
+no tracker; with unitscope's SaturationTracker (every Conv2d and Linear, channelwise, train split
+only, like delve's train-mode tracking), with its default float32 products and with float64
+products; with the same tracker's hooks alone (no covariance updates); and with delve's
+SaturationTracker (same layers, channelwise, lsat + idim, CSV writer to a temporary folder).
+Reports median seconds and three ratios to no tracking: of the medians, the median of each
+round's own ratio, and of the minima (the least disturbed run of each, on a shared machine).
 
 Run:  python benchmarks/saturation_tracking.py [--rounds 5] [--epochs 3] [--threads N]
       (needs the bench extra: delve)
@@ -13,6 +15,7 @@ Run:  python benchmarks/saturation_tracking.py [--rounds 5] [--epochs 3] [--thre
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import tempfile
 import time
@@ -54,8 +57,8 @@ def one(method: str, epochs: int, data) -> float:
     tmp = tempfile.TemporaryDirectory()
     if method == "unitscope":
         callbacks = [unitscope.SaturationTracker(model, (nn.Conv2d, nn.Linear))]
-    elif method == "unitscope float32 products":
-        callbacks = [unitscope.SaturationTracker(model, (nn.Conv2d, nn.Linear), products="float32")]
+    elif method == "unitscope float64 products":
+        callbacks = [unitscope.SaturationTracker(model, (nn.Conv2d, nn.Linear), products="float64")]
     elif method == "unitscope hooks only":
         callbacks = [CaptureOnly(model, (nn.Conv2d, nn.Linear))]
     elif method == "delve":
@@ -76,8 +79,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("delve").setLevel(logging.WARNING)
     data = unitscope.load_dataset("digits", "train")
-    methods = ["plain", "unitscope", "unitscope float32 products", "unitscope hooks only", "delve"]
+    methods = ["plain", "unitscope", "unitscope float64 products", "unitscope hooks only", "delve"]
     one("plain", 1, data)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.rounds):
@@ -86,11 +90,13 @@ def main() -> None:
     base = statistics.median(times["plain"])
     print(f"digits-cnn, {len(data)} training images, batch 32, {args.epochs} epochs, "
           f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| method | median s | ratio to no tracking |")
-    print("|---|---:|---:|")
+    print("| method | median s | ratio of medians | median of paired ratios | ratio of minima |")
+    print("|---|---:|---:|---:|---:|")
     for m in methods:
         med = statistics.median(times[m])
-        print(f"| {m} | {med:.3f} | {med / base:.3f}x |")
+        paired = statistics.median(t / p for t, p in zip(times[m], times["plain"]))
+        print(f"| {m} | {med:.3f} | {med / base:.3f}x | {paired:.3f}x | "
+              f"{min(times[m]) / min(times['plain']):.3f}x |")
 
 
 if __name__ == "__main__":

@@ -149,15 +149,30 @@ def test_tracker_uses_every_batch_of_the_epoch(digits_model):
     assert hook_counts(digits_model) == 0
 
 
+def test_tracker_ignores_forwards_between_training_batches(digits_model):
+    from unitscope.train import Callback, train
+
+    class Probe(Callback):  # runs after the tracker, like an evaluation inside a callback
+        def on_batch_end(self, state) -> None:
+            with torch.no_grad():
+                digits_model(state.x[:7])
+
+    train_data = unitscope.load_dataset("digits", "train")
+    tracker = unitscope.SaturationTracker(digits_model, ["conv1", "fc"], buffer_rows=300)
+    train(digits_model, train_data, epochs=1, batch_size=100, callbacks=[tracker, Probe()])
+    samples = dict(zip(tracker.table["layer"], tracker.table["samples"]))
+    assert samples == {"conv1": 1437 * 64, "fc": 1437}
+
+
 def test_tracker_buffering_does_not_change_the_result():
     from unitscope.train import train
 
     train_data = unitscope.load_dataset("digits", "train")
     tables, covs = [], []
-    for rows in (1, 5000, 1 << 20):  # fold every batch, every few batches, once per epoch
+    for rows in (1, 5000, 1 << 20):  # fold every batch, every few batches, once per epoch (92k rows)
         torch.manual_seed(0)
         model = unitscope.load_model("digits-cnn")
-        tracker = unitscope.SaturationTracker(model, ["conv2", "fc"], buffer_rows=rows)
+        tracker = unitscope.SaturationTracker(model, ["conv2", "fc"], buffer_rows=rows, products="float64")
         train(model, train_data, epochs=1, batch_size=64, seed=0, callbacks=[tracker])
         tables.append(tracker.table)
         covs.append({k: a.compute().cov for k, a in tracker.analysis.accumulators.items()})
@@ -178,14 +193,38 @@ def test_float32_products_match_float64_covariance():
         exact.update(chunk)
         fast.update(chunk)
     a, b = exact.compute(), fast.compute()
-    assert a.count == b.count and torch.allclose(a.mean, b.mean, rtol=1e-12, atol=0)
+    assert a.count == b.count and torch.allclose(a.mean, b.mean, rtol=1e-8, atol=0)  # float32 sums
     scale = a.cov.abs().max()
-    assert float((a.cov - b.cov).abs().max() / scale) < 1e-5  # float32 products, large offset
+    assert float((a.cov - b.cov).abs().max() / scale) < 1e-6  # float32 products, large offset
     assert Covariance("float32").config() == {"products": "float32"}
     with pytest.raises(ValueError, match="products="):
         Covariance("float16")
     with pytest.raises(ValueError, match="products="):
         unitscope.Saturation(products="half")
+
+
+@pytest.mark.parametrize("products", ["float64", "float32"])
+def test_update_shifted_equals_update(products):
+    from unitscope.stats import Covariance
+
+    g = torch.Generator().manual_seed(1)
+    dtype = torch.float64 if products == "float64" else torch.float32  # so chunk - shift is exact
+    x = (torch.randn(3_000, 5, generator=g, dtype=torch.float64) * 3.0 + 20.0).to(dtype)
+    x[7, 2] = float("nan")  # a non-finite row is left out either way
+    near = torch.tensor([19.0, 21.0, 17.0, 23.0, 20.5], dtype=dtype)  # the mean is 20, sd 3
+    # float64 takes any finite shift; float32 products need one near the mean
+    far = torch.zeros(5, dtype=dtype) if products == "float64" else near - 2.0
+    plain, shifted = Covariance(products), Covariance(products)
+    for chunk, s in zip(x.split(1_000), (near, near + 1.0, far)):
+        plain.update(chunk)
+        shifted.update_shifted(chunk - s, s)
+    a, b = plain.compute(), shifted.compute()
+    assert int(a.nonfinite_rows) == int(b.nonfinite_rows) == 1 and a.count == b.count == 2_999
+    tol = 1e-12 if products == "float64" else 1e-6
+    torch.testing.assert_close(b.mean, a.mean, rtol=tol, atol=0)
+    torch.testing.assert_close(b.cov, a.cov, rtol=tol * 10, atol=tol * float(a.cov.abs().max()))
+    with pytest.raises(ValueError, match="shift must be finite"):
+        shifted.update_shifted(x[:3], torch.full((5,), float("inf")))
 
 
 def test_tracker_with_float32_products_gives_the_same_saturation():

@@ -120,16 +120,80 @@ class Saturation(Analysis):
         return {key: r.eigenvalues for key, r in self.results().items()}
 
 
+class _RowBuffer:
+    """One layer's training outputs as rows, written in place by a forward hook, folded in blocks.
+
+    The hook copies each forward's output straight into a preallocated ``(rows, C)`` block (for
+    ``"channelwise"``, as ``(N, H, W, C)``), subtracting a shift in the same pass, so a batch
+    costs one copy and no other arithmetic; a full block is folded into the covariance with
+    :meth:`Covariance.update_shifted`, which then needs no centring pass. The shift is the first
+    batch's mean, then the covariance's running mean, so the float32 products stay centred while
+    the network trains. :meth:`commit` keeps the latest forward's rows (a forward not followed by
+    a commit, such as an evaluation inside a callback, is overwritten by the next one). A block
+    holds at most ``rows`` rows and about 2**22 values, or one batch when a batch is larger.
+    """
+
+    max_values = 1 << 22
+
+    def __init__(self, conv: str, rows: int, acc: Covariance) -> None:
+        self.conv, self.rows, self.acc = conv, rows, acc
+        self.block: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
+        self.used = self.pending = 0
+
+    def write(self, t: torch.Tensor) -> None:
+        """The capture reduction: copy ``t``'s rows after the committed ones (nothing is returned)."""
+        if t.dim() > 2:
+            src = t.movedim(1, -1) if self.conv == "channelwise" else t.mean(dim=tuple(range(2, t.dim())))
+        else:
+            src = t
+        width = t.shape[1]
+        n = src.numel() // width
+        low = self.acc.products == "float32" and t.dtype == torch.float32
+        dtype = torch.float32 if low else torch.float64
+        block = self.block
+        if block is None or block.shape[1] != width or block.dtype != dtype or block.device != t.device:
+            self.flush()
+            block = self.block = None
+            self.shift = torch.nan_to_num(src.reshape(-1, width).mean(0), nan=0.0, posinf=0.0,
+                                          neginf=0.0).to(dtype)
+        elif self.used + n > block.shape[0]:
+            self.flush()
+        if block is None or n > block.shape[0]:
+            rows = max(n, min(self.rows, self.max_values // width))
+            block = self.block = torch.empty(rows, width, dtype=dtype, device=t.device)
+        torch.sub(src, self.shift, out=block[self.used:self.used + n].view(src.shape))
+        self.pending = n
+
+    def commit(self) -> None:
+        """Keep the rows of the latest forward."""
+        self.used += self.pending
+        self.pending = 0
+
+    def flush(self) -> None:
+        """Fold the committed rows into the covariance, empty the block, re-centre the shift."""
+        if self.used:
+            self.acc.update_shifted(self.block[:self.used], self.shift)
+            mean = self.acc.compute(ddof=0).mean
+            if bool(torch.isfinite(mean).all()):
+                self.shift = mean.to(self.shift.dtype)
+        self.used = self.pending = 0
+
+
 class SaturationTracker(Callback):
     """A training callback: saturation per layer for every epoch, over all of its batches.
 
-    Each epoch starts a fresh float64 covariance per layer, fed by every training batch of that
-    epoch (in train mode, as the seed did); at the end of the epoch the test set, if given, is
-    measured in eval mode with the epoch's final weights. ``table`` holds one row per
-    (epoch, split, layer). Captured outputs are buffered and folded in groups of at least
-    ``buffer_rows`` rows (and at the end of the epoch), which keeps the tracking cost low for
-    small models; the buffer holds at most that many rows per layer. ``products="float32"``
-    multiplies in float32 (see :class:`Saturation`), for the cheapest tracking.
+    Each epoch starts a fresh covariance per layer, fed by every training batch of that epoch (in
+    train mode, as the seed did); at the end of the epoch the test set, if given, is measured in
+    eval mode with the epoch's final weights. ``table`` holds one row per (epoch, split, layer).
+
+    The forward hooks copy each training batch's outputs into a block per layer, which is folded
+    into the covariance once it holds ``buffer_rows`` rows (and at the end of the epoch): one
+    update per block instead of one per batch, with the same result. ``products="float32"`` (the
+    default here, unlike :class:`Saturation`) takes each block's sums and cross-products in
+    float32 before folding them into the float64 state: about 5x cheaper, with relative errors
+    near 1e-7 that leave the intrinsic dimensions unchanged (tested); pass ``"float64"`` for
+    float64 products.
 
     Example:
         >>> import unitscope
@@ -143,14 +207,16 @@ class SaturationTracker(Callback):
 
     def __init__(self, model: nn.Module, layers: LayerSpec | None = DEFAULT_LAYERS, delta: float = 0.99,
                  conv: str = "channelwise", rule: str = "textbook", test_data: Dataset | None = None,
-                 batch_size: int = 256, buffer_rows: int = 1 << 15, products: str = "float64") -> None:
+                 batch_size: int = 256, buffer_rows: int = 1 << 15, products: str = "float32") -> None:
+        if buffer_rows < 1:
+            raise ValueError(f"buffer_rows={buffer_rows}: use a positive number of rows")
         self.model = model
         self.layers = resolve_layers(model, layers)
         self.analysis = Saturation(self.layers, delta=delta, conv=conv, rule=rule, products=products)
         self.test_data, self.batch_size = test_data, batch_size
         self.buffer_rows = buffer_rows
         self._capture: Capture | None = None
-        self._buffer: dict[str, list[torch.Tensor]] = {}
+        self._blocks: dict[str, _RowBuffer] = {}
         self._rows: list[dict[str, Any]] = []
 
     @property
@@ -162,31 +228,18 @@ class SaturationTracker(Callback):
         """Fresh accumulators, and hooks on the tracked layers for this epoch's training forwards."""
         self.analysis.accumulators = {}
         self.analysis.start(self.layers)
-        self._buffer = {key: [] for key in self.layers}
-        self._capture = Capture(self.model, self.layers, {"r": self.analysis.reduce})
+        accs = self.analysis.accumulators
+        self._blocks = {key: _RowBuffer(self.analysis.conv, self.buffer_rows, accs[key])
+                        for key in self.layers}
+        self._capture = Capture(self.model, self.layers, {key: b.write for key, b in self._blocks.items()},
+                                targets={key: {key} for key in self.layers})
         self._capture.__enter__()
 
     def on_batch_end(self, state: Any) -> None:
-        """Keep this batch's captured outputs; fold them into the covariances every ``buffer_rows``.
-
-        Folding many batches at once costs one float64 update instead of one per batch (the
-        per-batch update of a small model costs more in dispatch than in arithmetic); the result
-        is the same, since the covariance of the concatenated rows is what one pass computes.
-        """
-        if self._capture is None:
-            return
-        outputs = self._capture.outputs["r"]
-        for key, buffer in self._buffer.items():
-            if key in outputs:
-                buffer.append(outputs[key])
-                if sum(t.shape[0] for t in buffer) >= self.buffer_rows:
-                    self._flush(key)
-
-    def _flush(self, key: str) -> None:
-        buffer = self._buffer[key]
-        if buffer:
-            self.analysis.accumulators[key].update(torch.cat(buffer) if len(buffer) > 1 else buffer[0])
-            buffer.clear()
+        """Keep this batch's rows (folded into the covariances whenever a block is full)."""
+        if self._capture is not None:
+            for block in self._blocks.values():
+                block.commit()
 
     def on_epoch_end(self, state: Any, metrics: dict[str, Any]) -> None:
         """Record the epoch's training saturation, then measure the test set."""
@@ -195,8 +248,9 @@ class SaturationTracker(Callback):
         if self._capture is not None:
             self._capture.remove()
             self._capture = None
-        for key in self._buffer:
-            self._flush(key)
+        for block in self._blocks.values():
+            block.flush()
+        self._blocks = {}
         self._record(state.epoch, "train", self.analysis.tables()["saturation"])
         if self.test_data is not None:
             test = Saturation(self.layers, delta=self.analysis.delta, conv=self.analysis.conv,
