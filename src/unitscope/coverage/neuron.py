@@ -290,21 +290,34 @@ class KMNC(_RangeCriterion):
             st = self._st[layer]
             st["covered"] = torch.zeros(self._units[layer], self.k, dtype=torch.bool, device=st["lo"].device)
 
+    def _sections(self, layer: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``lo, hi, hi - lo``, the valid units and each unit's first cell, cached per layer.
+
+        The profile is frozen in the test phase, so these are computed once, not per batch.
+        """
+        key = ("sections", layer, str(device))
+        if key not in self._cache:
+            st = self._st[layer]
+            lo, hi = st["lo"].to(device), st["hi"].to(device)
+            valid = hi > lo
+            first = torch.arange(len(lo), device=device) * self.k
+            self._cache[key] = (lo, hi, hi - lo, valid, first)
+        return self._cache[key]
+
     def _update_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
         k = self.k
         for layer, t in layers.items():
             st = self._st[layer]
-            lo, hi = st["lo"].to(t.device), st["hi"].to(t.device)
+            lo, hi, width, valid, first = self._sections(layer, t.device)
             v = t.double()
-            ok = (hi > lo) & (v >= lo) & (v <= hi)
-            pos = (v - lo) / (hi - lo) * k
+            ok = valid & (v >= lo) & (v <= hi)
+            pos = (v - lo).div_(width).mul_(k)
             if self.boundary == "floor":
-                j = pos.floor().clamp(max=k - 1)
+                j = pos.floor_().clamp_(max=k - 1)
             else:
-                j = pos.ceil() - 1
+                j = pos.ceil_().sub_(1)
                 ok &= j >= 0
-            j = torch.where(ok, j, torch.zeros_like(j)).long()
-            cells = (torch.arange(t.shape[1], device=t.device) * k + j)[ok]
+            cells = (first + j.long())[ok]
             covered = st["covered"].to(t.device)
             covered.view(-1)[cells] = True
             st["covered"] = covered

@@ -162,20 +162,29 @@ class _Surprise(Criterion):
         return self._batch_surprise(at[:, self.mask().to(at.device)], classes)
 
     def _batch_surprise(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """SA of masked traces ``x`` (float64), class by class; NaN for a class without training traces."""
-        x = x.double()
-        order = torch.argsort(classes, stable=True)
-        groups, counts = torch.unique_consecutive(classes[order], return_counts=True)
-        parts = []
-        for c, xc in zip(groups.tolist(), x[order].split(counts.tolist())):
-            if c in self._cache["usable"]:
-                parts.append(self._class_surprise(xc, c).to(x.device))
-            else:
-                parts.append(torch.full((len(xc),), math.nan, dtype=torch.float64, device=x.device))
-        out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-        if parts:
-            out[order] = torch.cat(parts)
-        return out
+        """SA of masked traces ``x`` (float64, on ``x``'s device); NaN for a class without a model.
+
+        Every usable class is computed at once: the inputs are grouped by class into a zero-padded
+        ``(classes, m, d)`` block (m the most inputs of one class) and :meth:`_grouped_surprise`
+        evaluates all class models with batched torch operations, so a batch costs the same number
+        of operations whatever the number of classes (with small batches, per-operation overhead,
+        not arithmetic, dominates). The arithmetic stays that of the class-by-class computation
+        for batches spread over the classes (up to ``classes``× for a batch of one class). Rows are
+        processed in blocks so the padded intermediates stay near 32 MB.
+        """
+        self._prepare_model()
+        device = x.device
+        known = self._cache["known"]  # the usable classes, sorted; their models are stacked in this order
+        out = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=known.device)
+        x, classes = x.to(known.device, torch.float64), classes.to(known.device, torch.long)
+        k = torch.searchsorted(known, classes).clamp_(max=len(known) - 1)
+        rows = torch.nonzero(known[k] == classes).squeeze(1)
+        step = _rows_per_block(len(known) * self._group_width())
+        for start in range(0, len(rows), step):
+            block = rows[start:start + step]
+            grouped, pos = _group(x[block], k[block], len(known))
+            out[block] = self._grouped_surprise(grouped)[k[block], pos]
+        return out.to(device)
 
     def _update_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
         assert classes is not None
@@ -275,9 +284,18 @@ class _Surprise(Criterion):
         return 2 if self.var_scope == "class" else 1  # a per-class variance needs two inputs
 
     def _prepare_model(self) -> None:
+        """Build the per-class models, stacked in the order of ``self._cache["known"]``."""
         raise NotImplementedError
 
-    def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
+    def _group_width(self) -> int:
+        """Entries per input and class in the largest intermediate of :meth:`_grouped_surprise`."""
+        raise NotImplementedError
+
+    def _grouped_surprise(self, x: torch.Tensor) -> torch.Tensor:
+        """SA ``(classes, m)`` of traces grouped by class, ``(classes, m, d)`` float64.
+
+        Padding rows hold zeros; their values are discarded.
+        """
         raise NotImplementedError
 
 
@@ -391,11 +409,21 @@ class LSC(_StoredTraces):
         return 2 if self.bandwidth == "scott" else super()._min_class_size()
 
     def _prepare_model(self) -> None:
+        """Stack the class KDEs: Cholesky factors, Σ⁻¹xᵢ and xᵢᵀΣ⁻¹xᵢ padded to the largest class.
+
+        The padding columns of ``proj`` are 0 and their norms +inf, so they add exp(−inf) = 0 to
+        the density.
+        """
         if "kde" in self._cache:
             return
-        kde = {}
-        for c, x in self._class_data().items():
-            n, d = x.shape
+        data = self._class_data()
+        first = next(iter(data.values()))
+        d, classes, most = first.shape[1], len(data), max(len(x) for x in data.values())
+        f64 = {"dtype": torch.float64, "device": first.device}
+        chols, proj = torch.empty(classes, d, d, **f64), torch.zeros(classes, d, most, **f64)
+        norms, log_norm = torch.full((classes, most), math.inf, **f64), torch.empty(classes, **f64)
+        for i, (c, x) in enumerate(data.items()):
+            n = x.shape[0]
             if self.bandwidth == "scott":
                 cov = torch.atleast_2d(torch.cov(x.T)) * n ** (-2.0 / (d + 4))
             else:
@@ -406,10 +434,15 @@ class LSC(_StoredTraces):
                                  f"{d} units); fit on more inputs, use fewer layers, pass ridge=1e-6 or an "
                                  "isotropic bandwidth=<float>")
             z = torch.linalg.solve_triangular(chol, x.T, upper=False)  # whitened traces, (d, n)
-            proj = torch.linalg.solve_triangular(chol.T, z, upper=True)  # Σ⁻¹ xᵢ, (d, n)
-            log_norm = -math.log(n) - 0.5 * d * math.log(2 * math.pi) - float(chol.diagonal().log().sum())
-            kde[c] = (chol, proj, z.square().sum(0), log_norm)
-        self._cache["kde"] = kde
+            chols[i] = chol
+            proj[i, :, :n] = torch.linalg.solve_triangular(chol.T, z, upper=True)  # Σ⁻¹ xᵢ, (d, n)
+            norms[i, :n] = z.square().sum(0)
+            log_norm[i] = -math.log(n) - 0.5 * d * math.log(2 * math.pi) - float(chol.diagonal().log().sum())
+        self._cache.update(kde=(chols, proj, norms, log_norm),
+                           known=torch.tensor(sorted(data), device=first.device))
+
+    def _group_width(self) -> int:
+        return max(self._cache["kde"][1].shape[1:])
 
     def _auto_bounds(self) -> tuple[float, float]:
         x = self._sh["train"][:, self.mask()]
@@ -419,22 +452,16 @@ class LSC(_StoredTraces):
             raise ValueError(f"LSC: the training traces have LSA >= {self.upper}; pass bounds=(lower, upper)")
         return float(lower), self.upper
 
-    def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        """LSA of class-c traces from ‖L⁻¹(x − xᵢ)‖² = xᵀΣ⁻¹x + xᵢᵀΣ⁻¹xᵢ − 2 xᵀΣ⁻¹xᵢ (float64).
+    def _grouped_surprise(self, x: torch.Tensor) -> torch.Tensor:
+        """LSA from ‖L⁻¹(x − xᵢ)‖² = xᵀΣ⁻¹x + xᵢᵀΣ⁻¹xᵢ − 2 xᵀΣ⁻¹xᵢ, every class at once (float64).
 
-        The training terms Σ⁻¹xᵢ and xᵢᵀΣ⁻¹xᵢ are precomputed, so a batch costs one triangular
-        solve and one matrix product against the class's training traces.
+        The training terms Σ⁻¹xᵢ and xᵢᵀΣ⁻¹xᵢ are precomputed, so a batch costs one batched
+        triangular solve and one batched matrix product against each class's training traces.
         """
-        chol, proj, norms, log_norm = self._cache["kde"][c]
-        x = x.to(proj.device, torch.float64)
-        quad = torch.linalg.solve_triangular(chol, x.T, upper=False).square().sum(0)
-        step = _rows_per_block(proj.shape[1])
-        out = []
-        for start in range(0, x.shape[0], step):
-            sl = slice(start, start + step)
-            d2 = (quad[sl, None] + norms[None, :] - 2 * (x[sl] @ proj)).clamp_(min=0)
-            out.append(-(torch.logsumexp(-0.5 * d2, dim=1) + log_norm))
-        return torch.cat(out)
+        chol, proj, norms, log_norm = self._cache["kde"]
+        quad = torch.linalg.solve_triangular(chol, x.mT, upper=False).square().sum(1)  # (classes, m)
+        d2 = (quad[:, :, None] + norms[:, None, :] - 2 * (x @ proj)).clamp_(min=0)
+        return -(torch.logsumexp(-0.5 * d2, dim=2) + log_norm[:, None])
 
 
 class DSC(_StoredTraces):
@@ -484,22 +511,22 @@ class DSC(_StoredTraces):
             d = torch.cdist(x[start:start + CHUNK], x, compute_mode=MM)
             d[cls[start:start + CHUNK, None] == cls[None, :]] = math.inf
             dist_b[start:start + CHUNK] = d.amin(1)
-        ends = torch.tensor([len(v) for v in data.values()]).cumsum(0).tolist()
-        slices = {c: (end - len(v), end) for (c, v), end in zip(data.items(), ends)}
-        self._cache.update(x=x, cls=cls, dist_b=dist_b, slices=slices,
-                           known=torch.tensor(sorted(data), device=x.device))
+        self._cache.update(x=x, cls=cls, dist_b=dist_b, known=torch.tensor(sorted(data), device=x.device))
+        if self.reference == "train":
+            self._cache["grouped"] = _pad_classes(x, dist_b, [len(v) for v in data.values()])
 
-    def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        """``reference="train"``: only the class's own training traces are needed (a contiguous block)."""
-        start, end = self._cache["slices"][c]
-        train, dist_b = self._cache["x"][start:end], self._cache["dist_b"][start:end]
-        x = x.to(train.device, train.dtype)
-        step = _rows_per_block(end - start)
-        out = []
-        for row in range(0, x.shape[0], step):
-            dist_a, nearest = torch.cdist(x[row:row + step], train, compute_mode=MM).min(1)
-            out.append(dist_a / dist_b[nearest])
-        return torch.cat(out)
+    def _group_width(self) -> int:
+        return self._cache["grouped"][0].shape[1]
+
+    def _grouped_surprise(self, x: torch.Tensor) -> torch.Tensor:
+        """``reference="train"``: dist_a and its nearest trace x_a among each class's own training traces.
+
+        The padding columns are at +inf, so the nearest trace is the first minimum in the class's
+        own order, as with the class's traces alone.
+        """
+        train, far, dist_b = self._cache["grouped"]
+        dist_a, nearest = (torch.cdist(x, train, compute_mode=MM) + far[:, None, :]).min(2)
+        return dist_a / dist_b.gather(1, nearest)
 
     def _batch_surprise(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """``reference="test"``: one distance block to every training trace, masked by class."""
@@ -608,11 +635,13 @@ class MDSC(_Surprise):
         return 2
 
     def _prepare_model(self) -> None:
+        """Stack the usable classes' Cholesky factors ``(classes, d, d)`` and means ``(classes, d)``."""
         if "chol" in self._cache:
             return
         keep = self.mask()
-        chol = {}
-        for c in self.usable_classes():
+        factors, means = [], []
+        usable = self.usable_classes()
+        for c in usable:
             n = float(self._sh["count"][c])
             ddof = 1 if self.covariance == "sample" else 0
             cov = self._sh["m2"][c][keep][:, keep] / (n - ddof)
@@ -621,13 +650,19 @@ class MDSC(_Surprise):
             if factor is None:
                 raise ValueError(f"MDSC: the covariance of class {c} is singular ({int(n)} training inputs, "
                                  f"{d} units); fit on more inputs, use fewer layers or pass ridge=1e-6")
-            chol[c] = (factor, self._sh["mean"][c][keep])
-        self._cache["chol"] = chol
+            factors.append(factor)
+            means.append(self._sh["mean"][c][keep])
+        self._cache.update(chol=(torch.stack(factors), torch.stack(means)),
+                           known=torch.tensor(usable, device=self._sh["mean"].device))
 
-    def _class_surprise(self, x: torch.Tensor, c: int) -> torch.Tensor:
-        factor, mean = self._cache["chol"][c]
-        delta = (x.to(mean.device) - mean).T
-        return torch.linalg.solve_triangular(factor, delta, upper=False).square().sum(0).sqrt().to(x.device)
+    def _group_width(self) -> int:
+        return self._cache["chol"][1].shape[1]
+
+    def _grouped_surprise(self, x: torch.Tensor) -> torch.Tensor:
+        """MDSA = ‖L_c⁻¹(x − μ_c)‖, one batched triangular solve for every class."""
+        factor, mean = self._cache["chol"]
+        delta = (x - mean[:, None, :]).mT
+        return torch.linalg.solve_triangular(factor, delta, upper=False).square().sum(1).sqrt()
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -645,6 +680,38 @@ def _cholesky(cov: torch.Tensor) -> torch.Tensor | None:
     if float(factor.diagonal().min()) ** 2 <= 1e-12 * float(cov.diagonal().max()):
         return None
     return factor
+
+
+def _group(x: torch.Tensor, k: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``x`` grouped by ``k``: a zero-padded ``(groups, m, d)`` block, m the largest group.
+
+    Returns the block and ``pos``, with row i of ``x`` at ``block[k[i], pos[i]]``; rows keep their
+    order within a group.
+    """
+    order = torch.argsort(k, stable=True)
+    counts = torch.bincount(k, minlength=groups)
+    first = counts.cumsum(0) - counts
+    pos = torch.empty_like(k)
+    pos[order] = torch.arange(len(k), device=k.device) - first[k[order]]
+    block = x.new_zeros(groups, int(counts.max()), x.shape[1])
+    block[k, pos] = x
+    return block, pos
+
+
+def _pad_classes(x: torch.Tensor, dist_b: torch.Tensor,
+                 sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DSC's training traces stored class by class (``sizes`` rows each), padded to the largest class.
+
+    Returns the traces ``(classes, most, d)`` (padding 0), the offset added to a distance
+    ``(classes, most)`` (0, +inf on padding) and dist_b ``(classes, most)`` (padding 1).
+    """
+    most = max(sizes)
+    train = x.new_zeros(len(sizes), most, x.shape[1])
+    far = x.new_full((len(sizes), most), math.inf)
+    padded_b = x.new_ones(len(sizes), most)
+    for i, (part, part_b) in enumerate(zip(x.split(sizes), dist_b.split(sizes))):
+        train[i, :len(part)], far[i, :len(part)], padded_b[i, :len(part)] = part, 0.0, part_b
+    return train, far, padded_b
 
 
 def _rows_per_block(columns: int) -> int:
