@@ -42,3 +42,27 @@ def test_model_device_reads_parameters_then_buffers():
     bn = torch.nn.BatchNorm1d(3, affine=False).to(torch.float64)  # buffers only
     assert model_device(bn) == bn.running_mean.device
     assert model_device(unitscope.load_model("digits-cnn")) == torch.device("cpu")
+
+
+def test_engine_and_model_passes_restore_every_module_flag(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from unitscope.analyses.evaluation import evaluate_classifier
+    from unitscope.analyses.occlusion import occlusion_maps
+    from unitscope.features import extract_features
+
+    model = unitscope.load_model("shapes-cnn").train()
+    model.bn2.eval()  # model.train(flag) would switch this one back to train
+    before = flags(model)
+    x = torch.rand(6, 3, 64, 64)
+    data = TensorDataset(x, torch.tensor([0, 1, 2, 3, 0, 1]))
+    unitscope.analyze(model, data, layers="relu2", analyses=[unitscope.Saturation()], progress=False)
+    assert flags(model) == before
+    evaluate_classifier(model, data)
+    assert flags(model) == before
+    extract_features(model, data, ["relu2"], 2, out=tmp_path / "f")
+    assert flags(model) == before
+    occlusion_maps(model, "relu2", x[:1], torch.tensor([0]), occluder=9, stride=16)
+    assert flags(model) == before
+    unitscope.visualize(model, ["relu2:0"], size=64, steps=2)
+    assert flags(model) == before

@@ -31,6 +31,7 @@ from .analyses.base import Analysis, Batch
 from .analyses.moments import Moments
 from .capture import Capture, LayerSpec, StopForward, resolve_layers
 from .data.arrays import dataset_fingerprint
+from .models.modes import preserved
 from .models.registry import model_fingerprint
 from .results import Run
 from .stats.base import load_states, save_states
@@ -164,14 +165,11 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
         a.start(keys_of[i])
         a.to(dev)
 
-    was_training = model.training
-    model.eval()
-    old_device = next((p.device for p in model.parameters()), None)
-    model.to(dev)
     t0 = time.perf_counter()
     nonfinite = {red: dict.fromkeys(names, 0) for red, names in plan.items()}
     samples = 0
-    try:
+    with preserved(model):
+        model.eval().to(dev)
         first = start + done * batch_size
         subset = Subset(data, range(first, stop))
         loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -201,10 +199,6 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
                     _checkpoint(analyses, state_file, run_key, batches)
                     last_ckpt = time.monotonic()
         bar.close()
-    finally:
-        model.train(was_training)
-        if old_device is not None:
-            model.to(old_device)
     pass_s = time.perf_counter() - t0
 
     if synced:

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .capture import Capture, LayerError, LayerSpec, StopForward, resolve_layers
 from .data.arrays import dataset_fingerprint
+from .models.modes import preserved
 from .models.registry import model_fingerprint
 
 log = logging.getLogger(__name__)
@@ -258,12 +259,10 @@ def _extract(model: nn.Module, data: Dataset, names: Sequence[str], ds_name: str
                 arr.resize((written, *arr.shape[1:]))
             arrays[name] = arr
         log.info("resuming the extraction into %s after %d of %d items", root, written, meta["n"])
-    was_training = model.training
-    old_device = next((p.device for p in model.parameters()), None)
-    model.eval().to(dev)
     loader = DataLoader(Subset(data, range(written, meta["n"])), batch_size=batch_size, shuffle=False)
     cap = Capture(model, list(names), {"f": _reduction(ds_name)}, calls="first", stop=True)
-    try:
+    with preserved(model):
+        model.eval().to(dev)
         with cap, torch.inference_mode():
             for item in loader:
                 x, y = _unpack(item)
@@ -287,7 +286,3 @@ def _extract(model: nn.Module, data: Dataset, names: Sequence[str], ds_name: str
                 written += len(x)
                 _write_progress(root, {**meta, "written": written, "complete": written >= meta["n"],
                                        "shapes": shapes})
-    finally:
-        model.train(was_training)
-        if old_device is not None:
-            model.to(old_device)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .capture import LayerError, StopForward, resolve_layers
+from .models.modes import preserved
 
 log = logging.getLogger(__name__)
 
@@ -356,35 +357,32 @@ def visualize(model: nn.Module, targets: Sequence[Any], size: int | None = None,
     optimizer = torch.optim.Adam(image.parameters(), lr=lr)
     trace = torch.zeros(thresholds[-1], len(parsed))
     snapshots: dict[int, torch.Tensor] = {}
-    was_training = model.training
-    old_device = next((p.device for p in model.parameters()), None)
-    model.eval().to(dev)
-    bar = _bar(thresholds[-1], progress)
-    try:
-        with _ObjectiveHooks(model, parsed, objective) as hooks:
-            for step in range(1, thresholds[-1] + 1):
-                x = transform(image(), gen)
-                if input_hw is not None and tuple(x.shape[-2:]) != input_hw:
-                    x = F.interpolate(x, size=input_hw, mode="bilinear", align_corners=False, antialias=True)
-                values = hooks.run(prep(x))
-                (grad,) = torch.autograd.grad(-values.sum(), [image.raw])
-                if not (torch.isfinite(values).all() and torch.isfinite(grad).all()):
-                    raise VisualizationError(
-                        f"the objective or its gradient is not finite at step {step} (values "
-                        f"{values.detach().cpu().tolist()}); lower lr (now {lr}), check the model for "
-                        "NaN-producing layers, or use param='pixel'")
-                image.raw.grad = grad
-                optimizer.step()
-                trace[step - 1] = values.detach().cpu()
-                if step in thresholds:
-                    with torch.no_grad():
-                        snapshots[step] = image().detach().cpu()
-                bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
-        if old_device is not None:
-            model.to(old_device)
+    with preserved(model):
+        model.eval().to(dev)
+        bar = _bar(thresholds[-1], progress)
+        try:
+            with _ObjectiveHooks(model, parsed, objective) as hooks:
+                for step in range(1, thresholds[-1] + 1):
+                    x = transform(image(), gen)
+                    if input_hw is not None and tuple(x.shape[-2:]) != input_hw:
+                        x = F.interpolate(x, size=input_hw, mode="bilinear", align_corners=False,
+                                          antialias=True)
+                    values = hooks.run(prep(x))
+                    (grad,) = torch.autograd.grad(-values.sum(), [image.raw])
+                    if not (torch.isfinite(values).all() and torch.isfinite(grad).all()):
+                        raise VisualizationError(
+                            f"the objective or its gradient is not finite at step {step} (values "
+                            f"{values.detach().cpu().tolist()}); lower lr (now {lr}), check the model for "
+                            "NaN-producing layers, or use param='pixel'")
+                    image.raw.grad = grad
+                    optimizer.step()
+                    trace[step - 1] = values.detach().cpu()
+                    if step in thresholds:
+                        with torch.no_grad():
+                            snapshots[step] = image().detach().cpu()
+                    bar.update(1)
+        finally:
+            bar.close()
     return Visualization(images=snapshots[thresholds[-1]], snapshots=snapshots, trace=trace,
                          targets=list(targets))
 

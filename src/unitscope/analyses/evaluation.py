@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..models.modes import preserved
 from ..stats.classification import accuracy, confusion_matrix, matthews_corrcoef
 
 COLUMNS = ["class", "name", "support", "predicted", "correct", "recall", "precision"]
@@ -62,11 +63,9 @@ def evaluate_classifier(model: nn.Module, data: Dataset, batch_size: int = 256,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    was_training = model.training
-    old_device = next((p.device for p in model.parameters()), None)
-    model.eval().to(dev)
     cm = None
-    try:
+    with preserved(model):
+        model.eval().to(dev)
         loader = DataLoader(data, batch_size=batch_size, shuffle=False)
         with torch.inference_mode():
             for item in loader:
@@ -86,10 +85,6 @@ def evaluate_classifier(model: nn.Module, data: Dataset, batch_size: int = 256,
                                      "num_classes= or the matching model")
                 part = confusion_matrix(out.argmax(1), y, n)
                 cm = part if cm is None else cm + part
-    finally:
-        model.train(was_training)
-        if old_device is not None:
-            model.to(old_device)
     cm = cm.cpu()
     names = list(getattr(data, "classes", None) or [])
     n = cm.shape[0]

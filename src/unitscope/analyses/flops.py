@@ -12,6 +12,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..models.modes import preserved
+
 __all__ = ["flops", "flops_total"]
 
 
@@ -32,13 +34,9 @@ def _count(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> t
     from torch.utils.flop_counter import FlopCounterMode
 
     x = _input(model, input_shape, batch_size)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    with preserved(model), torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
+        model.eval()
+        model(x)
     total = int(counter.get_total_flops())
     root = type(model).__name__
     per_module: dict[str, int] = {}

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..capture import StopForward, resolve_layers
+from ..models.modes import preserved
 
 log = logging.getLogger(__name__)
 
@@ -323,10 +324,8 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
         except ValueError as exc:  # reported; the sweep stays exact without the RF, only slower
             log.warning("occlusion: no analytic receptive field for %s (%s); every window is "
                         "evaluated on the whole image", layer, exc)
-    was_training = model.training
-    old_device = next((p.device for p in model.parameters()), None)
-    model.eval().to(dev)
-    try:
+    with preserved(model):
+        model.eval().to(dev)
         x = images.to(dev)
         units_d = units.to(dev)
         a0, loc, spatial = _baseline(model, layer, x, units_d, locations, batch_size)
@@ -344,10 +343,6 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
                 grid[sel] += _sweep(model, layer, x, sel, box, loc, jump, units_d, a0, reach, pos.to(dev),
                                     ids.to(dev), tuple(size), fill, discrepancy, occluder, batch_size,
                                     seed + draw) / draws
-    finally:
-        model.train(was_training)
-        if old_device is not None:
-            model.to(old_device)
     grid = grid.reshape(m, ny, nx).cpu()
     return OcclusionMaps(grid=grid, evaluated=reach.reshape(m, ny, nx).cpu(),
                          maps=pixel_maps(grid, occluder, stride, (h, w)), baseline=a0.cpu(),

@@ -24,6 +24,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..models.modes import preserved
+
 __all__ = ["plot_receptive_fields", "receptive_fields", "unproductive_layers"]
 
 _KERNEL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
@@ -248,9 +250,8 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
     image = _image_size(input_size)
     param = next(model.parameters(), None)
     x = torch.zeros(1, _in_channels(model), *image, device=param.device if param is not None else "cpu")
-    was_training = model.training
-    model.eval()
-    try:
+    with preserved(model):
+        model.eval()
         with torch.no_grad():
             try:
                 calls = _trace_fx(model, x, image)
@@ -266,8 +267,6 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
                     calls = _trace_hooks(model, x, image)
                 except Exception as run_exc:
                     raise ValueError(_run_message(model, x, run_exc)) from run_exc
-    finally:
-        model.train(was_training)
 
     modules = dict(model.named_modules())
     # best[name] = (rf, input rf, out hw, index of the call that finished the module)
