@@ -94,6 +94,25 @@ def test_pruning_important_units_hurt_more_than_random(setup):
         studies.pruning(model, tr, te, LAYERS, prune_m=[0])
 
 
+def test_pruning_accuracies_equal_weight_surgery(setup):
+    """Each row's accuracy, recomputed on a copy whose pruned channels have zero weights and bias."""
+    import copy
+
+    model, tr, te = setup
+    table = studies.pruning(model, tr, te, LAYERS, prune_m=[3], repeats=2)
+    x, y = studies.stack(te)
+    for row in table[table["selection"] != "none"].itertuples():
+        surgery = copy.deepcopy(model)
+        modules = dict(surgery.named_modules())
+        with torch.no_grad():
+            for item in row.units.split():
+                layer, unit = item.split(":")
+                modules[layer].weight[int(unit)] = 0.0
+                modules[layer].bias[int(unit)] = 0.0
+            acc = float((surgery(x).argmax(1) == y).double().mean())
+        assert row.accuracy == pytest.approx(acc, abs=1e-12), row.units
+
+
 def test_relevant_pixels_and_noise(setup):
     model, tr, te = setup
     x, _ = studies.stack(te)
