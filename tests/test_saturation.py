@@ -164,6 +164,33 @@ def test_tracker_ignores_forwards_between_training_batches(digits_model):
     assert samples == {"conv1": 1437 * 64, "fc": 1437}
 
 
+def test_tracker_skips_evaluation_forwards_even_with_large_batches(digits_model):
+    from unitscope.train import Callback, train
+
+    class Evaluate(Callback):  # an inference-mode evaluation larger than the tracker's block
+        def on_batch_end(self, state) -> None:
+            with torch.inference_mode():
+                digits_model(torch.cat([state.x] * 3))
+
+    train_data = unitscope.load_dataset("digits", "train")
+    tracker = unitscope.SaturationTracker(digits_model, ["conv1", "fc"], buffer_rows=300)
+    train(digits_model, train_data, epochs=2, batch_size=100, callbacks=[Evaluate(), tracker])
+    t = tracker.table
+    assert set(t[t["layer"] == "conv1"]["samples"]) == {1437 * 64}
+
+
+def test_folds_ignore_the_callers_autocast():
+    from unitscope.stats import Covariance
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5_000, 6, generator=g) * 2.0 + 1.0
+    plain, inside = Covariance("float32"), Covariance("float32")
+    plain.update_shifted(x - 1.0, torch.ones(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside.update_shifted(x - 1.0, torch.ones(6))
+    assert torch.equal(plain.compute().cov, inside.compute().cov)
+
+
 def test_tracker_buffering_does_not_change_the_result():
     from unitscope.train import train
 
@@ -212,7 +239,7 @@ def test_update_shifted_equals_update(products):
     x = (torch.randn(3_000, 5, generator=g, dtype=torch.float64) * 3.0 + 20.0).to(dtype)
     x[7, 2] = float("nan")  # a non-finite row is left out either way
     near = torch.tensor([19.0, 21.0, 17.0, 23.0, 20.5], dtype=dtype)  # the mean is 20, sd 3
-    # float64 takes any finite shift; float32 products need one near the mean
+    # products of xs lose eps · (offset / sd)² relative: a shift 7 sd away is still fine in float64
     far = torch.zeros(5, dtype=dtype) if products == "float64" else near - 2.0
     plain, shifted = Covariance(products), Covariance(products)
     for chunk, s in zip(x.split(1_000), (near, near + 1.0, far)):

@@ -182,3 +182,30 @@ def test_cuda_matches_cpu(make):
     got = gpu.surprise(test.cuda(), test_classes.cuda())
     assert got.device.type == "cuda"
     np.testing.assert_allclose(got.cpu().numpy(), cpu, rtol=1e-9)
+
+
+@pytest.mark.parametrize("make", CRITERIA[:3])
+def test_imbalanced_classes_are_stacked_in_parts_of_similar_size(make):
+    gen = torch.Generator().manual_seed(7)
+    sizes = [1500, 30, 25, 40, 35]  # one large class: padding all to 1500 would be 40x the work
+    centres = torch.randn(len(sizes), 5, generator=gen) * 3
+    train = torch.cat([centres[c] + torch.randn(s, 5, generator=gen) for c, s in enumerate(sizes)])
+    classes = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+    test_classes = torch.randint(0, len(sizes), (200,), generator=gen)
+    test = centres[test_classes] + 1.5 * torch.randn(200, 5, generator=gen)
+    crit = make().fit(train, classes)
+    got = crit.surprise(test, test_classes).numpy()
+    want = _per_class(crit, test, test_classes, REFERENCE[type(crit)])
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=0)
+    parts = crit._cache["parts"]
+    assert sorted(len(members) for members, _ in parts) == [1, 4]
+    for members, model in parts:  # the training side of a part is padded to at most 2x its smallest class
+        assert crit._group_width(model) <= max(2 * min(sizes[i] for i in members), 5)
+
+
+def test_size_parts():
+    from unitscope.coverage.surprise import _size_parts
+
+    assert _size_parts([10, 10, 10]) == [[0, 1, 2]]
+    assert _size_parts([100, 49, 50]) == [[0, 2], [1]]
+    assert _size_parts([1]) == [[0]]

@@ -55,7 +55,7 @@ class Saturation(Analysis):
             :func:`unitscope.stats.saturation.intrinsic_dimension`).
         products: ``"float64"`` (default) or ``"float32"``: the precision of each batch's
             cross-product matrix (the covariance state is float64 either way; see
-            :class:`unitscope.stats.Covariance`). ``"float32"`` is about 4x cheaper on a CPU.
+            :class:`unitscope.stats.Covariance`). ``"float32"`` is about 5x cheaper on a CPU.
 
     The table ``saturation`` has one row per layer: ``layer, width, intrinsic_dim, saturation,
     samples, dead, rank_deficient`` (fewer samples than width: the estimate is kept but flagged);
@@ -128,8 +128,9 @@ class _RowBuffer:
     costs one copy and no other arithmetic; a full block is folded into the covariance with
     :meth:`Covariance.update_shifted`, which then needs no centring pass. The shift is the first
     batch's mean, then the covariance's running mean, so the float32 products stay centred while
-    the network trains. :meth:`commit` keeps the latest forward's rows (a forward not followed by
-    a commit, such as an evaluation inside a callback, is overwritten by the next one). A block
+    the network trains. :meth:`commit` keeps the latest forward's rows: a forward without
+    gradients is not written at all, and any other forward not followed by a commit is
+    overwritten by the next one. A block
     holds at most ``rows`` rows and about 2**22 values, or one batch when a batch is larger.
     """
 
@@ -142,21 +143,33 @@ class _RowBuffer:
         self.used = self.pending = 0
 
     def write(self, t: torch.Tensor) -> None:
-        """The capture reduction: copy ``t``'s rows after the committed ones (nothing is returned)."""
+        """The capture reduction: copy ``t``'s rows after the committed ones (nothing is returned).
+
+        A forward without gradients (an evaluation inside a callback, the test set measured at the
+        end of an epoch) is not a training batch: it is skipped, so it costs no copy and leaves the
+        pending rows of the training forward as they are.
+        """
+        if not torch.is_grad_enabled():
+            return
+        if t.dim() < 2:
+            t = t[:, None]
         if t.dim() > 2:
             src = t.movedim(1, -1) if self.conv == "channelwise" else t.mean(dim=tuple(range(2, t.dim())))
         else:
             src = t
         width = t.shape[1]
         n = src.numel() // width
-        low = self.acc.products == "float32" and t.dtype == torch.float32
-        dtype = torch.float32 if low else torch.float64
+        if n == 0:
+            self.pending = 0
+            return
+        cheap = self.acc.products == "float32" and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        dtype = torch.float32 if cheap else torch.float64
         block = self.block
         if block is None or block.shape[1] != width or block.dtype != dtype or block.device != t.device:
             self.flush()
             block = self.block = None
-            self.shift = torch.nan_to_num(src.reshape(-1, width).mean(0), nan=0.0, posinf=0.0,
-                                          neginf=0.0).to(dtype)
+            self.shift = torch.nan_to_num(src.reshape(-1, width).to(dtype).mean(0), nan=0.0, posinf=0.0,
+                                          neginf=0.0)
         elif self.used + n > block.shape[0]:
             self.flush()
         if block is None or n > block.shape[0]:
@@ -191,8 +204,9 @@ class SaturationTracker(Callback):
     into the covariance once it holds ``buffer_rows`` rows (and at the end of the epoch): one
     update per block instead of one per batch, with the same result. ``products="float32"`` (the
     default here, unlike :class:`Saturation`) takes each block's sums and cross-products in
-    float32 before folding them into the float64 state: about 5x cheaper, with relative errors
-    near 1e-7 that leave the intrinsic dimensions unchanged (tested); pass ``"float64"`` for
+    float32 before folding them into the float64 state: about 5x cheaper, with errors of about
+    1e-5 of the largest covariance entry that leave the intrinsic dimensions unchanged (tested);
+    forwards without gradients (evaluations) are not tracked; pass ``"float64"`` for
     float64 products.
 
     Example:
@@ -231,6 +245,8 @@ class SaturationTracker(Callback):
         accs = self.analysis.accumulators
         self._blocks = {key: _RowBuffer(self.analysis.conv, self.buffer_rows, accs[key])
                         for key in self.layers}
+        if self._capture is not None:  # an epoch that ended in an exception left its hooks
+            self._capture.remove()
         self._capture = Capture(self.model, self.layers, {key: b.write for key, b in self._blocks.items()},
                                 targets={key: {key} for key in self.layers})
         self._capture.__enter__()

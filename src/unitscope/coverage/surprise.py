@@ -164,27 +164,50 @@ class _Surprise(Criterion):
     def _batch_surprise(self, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """SA of masked traces ``x`` (float64, on ``x``'s device); NaN for a class without a model.
 
-        Every usable class is computed at once: the inputs are grouped by class into a zero-padded
-        ``(classes, m, d)`` block (m the most inputs of one class) and :meth:`_grouped_surprise`
-        evaluates all class models with batched torch operations, so a batch costs the same number
-        of operations whatever the number of classes (with small batches, per-operation overhead,
-        not arithmetic, dominates). The arithmetic stays that of the class-by-class computation
-        for batches spread over the classes (up to ``classes``× for a batch of one class). Rows are
-        processed in blocks so the padded intermediates stay near 32 MB.
+        The usable classes are stacked in parts of classes with similar numbers of training traces
+        (within 2x, see :func:`_size_parts`): one part when the classes are balanced. The inputs of
+        a part are grouped by class into a zero-padded ``(classes, m, d)`` block (m the most inputs
+        of one class) and :meth:`_grouped_surprise` evaluates all the part's class models with
+        batched torch operations, so a batch costs the same number of operations whatever the
+        number of classes (with small batches, per-operation overhead, not arithmetic,
+        dominates). Padding the training side to the largest class of a part costs at most 2x the
+        class-by-class arithmetic; the test side costs up to ``classes``x for a batch of one class.
+        Rows are processed in blocks so the padded intermediates stay near 32 MB.
         """
         self._prepare_model()
         device = x.device
-        known = self._cache["known"]  # the usable classes, sorted; their models are stacked in this order
+        known = self._cache["known"]  # the usable classes, sorted
+        part_of, local = self._cache["part_of"], self._cache["local"]
         out = torch.full((x.shape[0],), math.nan, dtype=torch.float64, device=known.device)
         x, classes = x.to(known.device, torch.float64), classes.to(known.device, torch.long)
         k = torch.searchsorted(known, classes).clamp_(max=len(known) - 1)
-        rows = torch.nonzero(known[k] == classes).squeeze(1)
-        step = _rows_per_block(len(known) * self._group_width())
-        for start in range(0, len(rows), step):
-            block = rows[start:start + step]
-            grouped, pos = _group(x[block], k[block], len(known))
-            out[block] = self._grouped_surprise(grouped)[k[block], pos]
+        usable = known[k] == classes
+        for p, (members, model) in enumerate(self._cache["parts"]):
+            rows = torch.nonzero(usable & (part_of[k] == p)).squeeze(1)
+            step = _rows_per_block(len(members) * self._group_width(model))
+            for start in range(0, len(rows), step):
+                block = rows[start:start + step]
+                slot = local[k[block]]
+                grouped, pos = _group(x[block], slot, len(members))
+                out[block] = self._grouped_surprise(grouped, model)[slot, pos]
         return out.to(device)
+
+    def _set_parts(self, known: list[int], sizes: list[int], build: Any) -> None:
+        """Cache the class models: ``build(indices)`` stacks the models of those classes of ``known``.
+
+        Classes are put in parts by their number of training traces (``sizes``), so a part's
+        padding is at most 2x; ``part_of`` and ``local`` map a class's index in ``known`` to its
+        part and its place there.
+        """
+        parts, part_of, local = [], [0] * len(known), [0] * len(known)
+        for p, members in enumerate(_size_parts(sizes)):
+            for j, i in enumerate(members):
+                part_of[i], local[i] = p, j
+            parts.append((members, build(members)))
+        device = parts[0][1][0].device
+        self._cache.update(known=torch.tensor(known, device=device), parts=parts,
+                           part_of=torch.tensor(part_of, device=device),
+                           local=torch.tensor(local, device=device))
 
     def _update_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
         assert classes is not None
@@ -287,14 +310,15 @@ class _Surprise(Criterion):
         """Build the per-class models, stacked in the order of ``self._cache["known"]``."""
         raise NotImplementedError
 
-    def _group_width(self) -> int:
+    def _group_width(self, model: tuple[torch.Tensor, ...]) -> int:
         """Entries per input and class in the largest intermediate of :meth:`_grouped_surprise`."""
         raise NotImplementedError
 
-    def _grouped_surprise(self, x: torch.Tensor) -> torch.Tensor:
-        """SA ``(classes, m)`` of traces grouped by class, ``(classes, m, d)`` float64.
+    def _grouped_surprise(self, x: torch.Tensor, model: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """SA ``(classes, m)`` of traces grouped by class, ``(classes, m, d)`` float64, for one part.
 
-        Padding rows hold zeros; their values are discarded.
+        ``model`` holds the part's stacked class models; padding rows hold zeros and their values
+        are discarded.
         """
         raise NotImplementedError
 
@@ -409,21 +433,17 @@ class LSC(_StoredTraces):
         return 2 if self.bandwidth == "scott" else super()._min_class_size()
 
     def _prepare_model(self) -> None:
-        """Stack the class KDEs: Cholesky factors, Σ⁻¹xᵢ and xᵢᵀΣ⁻¹xᵢ padded to the largest class.
+        """The class KDEs: Cholesky factors, Σ⁻¹xᵢ and xᵢᵀΣ⁻¹xᵢ, stacked by part.
 
-        The padding columns of ``proj`` are 0 and their norms +inf, so they add exp(−inf) = 0 to
-        the density.
+        Within a part the training columns are padded to its largest class: the padding columns
+        of ``proj`` are 0 and their norms +inf, so they add exp(−inf) = 0 to the density.
         """
-        if "kde" in self._cache:
+        if "parts" in self._cache:
             return
         data = self._class_data()
-        first = next(iter(data.values()))
-        d, classes, most = first.shape[1], len(data), max(len(x) for x in data.values())
-        f64 = {"dtype": torch.float64, "device": first.device}
-        chols, proj = torch.empty(classes, d, d, **f64), torch.zeros(classes, d, most, **f64)
-        norms, log_norm = torch.full((classes, most), math.inf, **f64), torch.empty(classes, **f64)
-        for i, (c, x) in enumerate(data.items()):
-            n = x.shape[0]
+        kdes = []
+        for c, x in data.items():
+            n, d = x.shape
             if self.bandwidth == "scott":
                 cov = torch.atleast_2d(torch.cov(x.T)) * n ** (-2.0 / (d + 4))
             else:
@@ -434,15 +454,27 @@ class LSC(_StoredTraces):
                                  f"{d} units); fit on more inputs, use fewer layers, pass ridge=1e-6 or an "
                                  "isotropic bandwidth=<float>")
             z = torch.linalg.solve_triangular(chol, x.T, upper=False)  # whitened traces, (d, n)
-            chols[i] = chol
-            proj[i, :, :n] = torch.linalg.solve_triangular(chol.T, z, upper=True)  # Σ⁻¹ xᵢ, (d, n)
-            norms[i, :n] = z.square().sum(0)
-            log_norm[i] = -math.log(n) - 0.5 * d * math.log(2 * math.pi) - float(chol.diagonal().log().sum())
-        self._cache.update(kde=(chols, proj, norms, log_norm),
-                           known=torch.tensor(sorted(data), device=first.device))
+            proj = torch.linalg.solve_triangular(chol.T, z, upper=True)  # Σ⁻¹ xᵢ, (d, n)
+            log_norm = -math.log(n) - 0.5 * d * math.log(2 * math.pi) - float(chol.diagonal().log().sum())
+            kdes.append((chol, proj, z.square().sum(0), log_norm))
 
-    def _group_width(self) -> int:
-        return max(self._cache["kde"][1].shape[1:])
+        def build(members: list[int]) -> tuple[torch.Tensor, ...]:
+            chol0 = kdes[members[0]][0]
+            d, most = chol0.shape[0], max(kdes[i][1].shape[1] for i in members)
+            f64 = {"dtype": torch.float64, "device": chol0.device}
+            chols = torch.stack([kdes[i][0] for i in members])
+            proj = torch.zeros(len(members), d, most, **f64)
+            norms = torch.full((len(members), most), math.inf, **f64)
+            for j, i in enumerate(members):
+                n = kdes[i][1].shape[1]
+                proj[j, :, :n], norms[j, :n] = kdes[i][1], kdes[i][2]
+            log_norm = torch.tensor([kdes[i][3] for i in members], **f64)
+            return chols, proj, norms, log_norm
+
+        self._set_parts(sorted(data), [len(x) for x in data.values()], build)
+
+    def _group_width(self, model: tuple[torch.Tensor, ...]) -> int:
+        return max(model[1].shape[1:])
 
     def _auto_bounds(self) -> tuple[float, float]:
         x = self._sh["train"][:, self.mask()]
@@ -452,13 +484,14 @@ class LSC(_StoredTraces):
             raise ValueError(f"LSC: the training traces have LSA >= {self.upper}; pass bounds=(lower, upper)")
         return float(lower), self.upper
 
-    def _grouped_surprise(self, x: torch.Tensor) -> torch.Tensor:
-        """LSA from ‖L⁻¹(x − xᵢ)‖² = xᵀΣ⁻¹x + xᵢᵀΣ⁻¹xᵢ − 2 xᵀΣ⁻¹xᵢ, every class at once (float64).
+    def _grouped_surprise(self, x: torch.Tensor, model: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """LSA from ‖L⁻¹(x − xᵢ)‖² = xᵀΣ⁻¹x + xᵢᵀΣ⁻¹xᵢ − 2 xᵀΣ⁻¹xᵢ, every class of a part at once.
 
         The training terms Σ⁻¹xᵢ and xᵢᵀΣ⁻¹xᵢ are precomputed, so a batch costs one batched
-        triangular solve and one batched matrix product against each class's training traces.
+        triangular solve and one batched matrix product against each class's training traces
+        (float64).
         """
-        chol, proj, norms, log_norm = self._cache["kde"]
+        chol, proj, norms, log_norm = model
         quad = torch.linalg.solve_triangular(chol, x.mT, upper=False).square().sum(1)  # (classes, m)
         d2 = (quad[:, :, None] + norms[:, None, :] - 2 * (x @ proj)).clamp_(min=0)
         return -(torch.logsumexp(-0.5 * d2, dim=2) + log_norm[:, None])
@@ -513,18 +546,21 @@ class DSC(_StoredTraces):
             dist_b[start:start + CHUNK] = d.amin(1)
         self._cache.update(x=x, cls=cls, dist_b=dist_b, known=torch.tensor(sorted(data), device=x.device))
         if self.reference == "train":
-            self._cache["grouped"] = _pad_classes(x, dist_b, [len(v) for v in data.values()])
+            sizes = [len(v) for v in data.values()]
+            traces, dists = x.split(sizes), dist_b.split(sizes)
+            self._set_parts(sorted(data), sizes, lambda members: _pad_classes(
+                [traces[i] for i in members], [dists[i] for i in members]))
 
-    def _group_width(self) -> int:
-        return self._cache["grouped"][0].shape[1]
+    def _group_width(self, model: tuple[torch.Tensor, ...]) -> int:
+        return model[0].shape[1]
 
-    def _grouped_surprise(self, x: torch.Tensor) -> torch.Tensor:
+    def _grouped_surprise(self, x: torch.Tensor, model: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``reference="train"``: dist_a and its nearest trace x_a among each class's own training traces.
 
         The padding columns are at +inf, so the nearest trace is the first minimum in the class's
         own order, as with the class's traces alone.
         """
-        train, far, dist_b = self._cache["grouped"]
+        train, far, dist_b = model
         dist_a, nearest = (torch.cdist(x, train, compute_mode=MM) + far[:, None, :]).min(2)
         return dist_a / dist_b.gather(1, nearest)
 
@@ -636,7 +672,7 @@ class MDSC(_Surprise):
 
     def _prepare_model(self) -> None:
         """Stack the usable classes' Cholesky factors ``(classes, d, d)`` and means ``(classes, d)``."""
-        if "chol" in self._cache:
+        if "parts" in self._cache:
             return
         keep = self.mask()
         factors, means = [], []
@@ -652,15 +688,15 @@ class MDSC(_Surprise):
                                  f"{d} units); fit on more inputs, use fewer layers or pass ridge=1e-6")
             factors.append(factor)
             means.append(self._sh["mean"][c][keep])
-        self._cache.update(chol=(torch.stack(factors), torch.stack(means)),
-                           known=torch.tensor(usable, device=self._sh["mean"].device))
+        stacked = (torch.stack(factors), torch.stack(means))
+        self._set_parts(usable, [1] * len(usable), lambda members: stacked)  # no training-side padding
 
-    def _group_width(self) -> int:
-        return self._cache["chol"][1].shape[1]
+    def _group_width(self, model: tuple[torch.Tensor, ...]) -> int:
+        return model[1].shape[1]
 
-    def _grouped_surprise(self, x: torch.Tensor) -> torch.Tensor:
+    def _grouped_surprise(self, x: torch.Tensor, model: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """MDSA = ‖L_c⁻¹(x − μ_c)‖, one batched triangular solve for every class."""
-        factor, mean = self._cache["chol"]
+        factor, mean = model
         delta = (x - mean[:, None, :]).mT
         return torch.linalg.solve_triangular(factor, delta, upper=False).square().sum(1).sqrt()
 
@@ -698,20 +734,40 @@ def _group(x: torch.Tensor, k: torch.Tensor, groups: int) -> tuple[torch.Tensor,
     return block, pos
 
 
-def _pad_classes(x: torch.Tensor, dist_b: torch.Tensor,
-                 sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DSC's training traces stored class by class (``sizes`` rows each), padded to the largest class.
+def _pad_classes(traces: list[torch.Tensor],
+                 dist_b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DSC's training traces of some classes (one ``(n_c, d)`` tensor each), padded to the largest.
 
     Returns the traces ``(classes, most, d)`` (padding 0), the offset added to a distance
     ``(classes, most)`` (0, +inf on padding) and dist_b ``(classes, most)`` (padding 1).
     """
-    most = max(sizes)
-    train = x.new_zeros(len(sizes), most, x.shape[1])
-    far = x.new_full((len(sizes), most), math.inf)
-    padded_b = x.new_ones(len(sizes), most)
-    for i, (part, part_b) in enumerate(zip(x.split(sizes), dist_b.split(sizes))):
+    most, first = max(len(t) for t in traces), traces[0]
+    train = first.new_zeros(len(traces), most, first.shape[1])
+    far = first.new_full((len(traces), most), math.inf)
+    padded_b = first.new_ones(len(traces), most)
+    for i, (part, part_b) in enumerate(zip(traces, dist_b)):
         train[i, :len(part)], far[i, :len(part)], padded_b[i, :len(part)] = part, 0.0, part_b
     return train, far, padded_b
+
+
+def _size_parts(sizes: list[int]) -> list[list[int]]:
+    """Indices of ``sizes`` in parts whose largest size is at most twice the smallest.
+
+    Greedy from the largest: a part takes every remaining size of at least half its first.
+    Balanced classes make one part; one large class among small ones gets a part of its own.
+
+    Example:
+        >>> _size_parts([150, 140, 160, 8000, 40])
+        [[3], [2, 0, 1], [4]]
+    """
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    parts: list[list[int]] = []
+    for i in order:
+        if parts and 2 * sizes[i] >= sizes[parts[-1][0]]:
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    return parts
 
 
 def _rows_per_block(columns: int) -> int:
