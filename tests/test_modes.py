@@ -66,3 +66,14 @@ def test_engine_and_model_passes_restore_every_module_flag(tmp_path):
     assert flags(model) == before
     unitscope.visualize(model, ["relu2:0"], size=64, steps=2)
     assert flags(model) == before
+    unitscope.receptive_fields(model, 64)
+    assert flags(model) == before
+    unitscope.flops(model, (3, 64, 64))
+    assert flags(model) == before
+    from unitscope.models.info import layer_info
+    from unitscope.train import evaluate
+
+    evaluate(model, data)
+    assert flags(model) == before
+    layer_info(model)
+    assert flags(model) == before

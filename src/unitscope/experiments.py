@@ -49,9 +49,9 @@ KEYS: dict[str, dict[str, Any]] = {
     "analyze": {"split": "test", "layers": None, "batch_size": 256, "calls": "error", "analyses": None},
     "train": {"epochs": 10, "lr": 1e-3, "batch_size": 64, "optimizer": "adam", "momentum": 0.9,
               "weight_decay": 0.0, "scheduler": "none", "track_saturation": False, "layers": None,
-              "delta": 0.99},
+              "delta": 0.99, "products": "float32"},
     "saturation": {"split": "test", "layers": None, "batch_size": 256, "delta": 0.99,
-                   "conv": "channelwise", "rule": "textbook", "project_deltas": None},
+                   "conv": "channelwise", "rule": "textbook", "project_deltas": None, "products": "float64"},
 }
 KEYS["probes"] = {"layers": None, "downsample": 4, "C": 1.0, "dtype": "float32", "batch_size": 256}
 KEYS["receptive-field"] = {"input_size": None}
@@ -262,7 +262,8 @@ def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
         from .analyses.saturation import DEFAULT_LAYERS, SaturationTracker
 
         callbacks.append(SaturationTracker(model, config.get("layers") or DEFAULT_LAYERS,
-                                           delta=config["delta"], test_data=test_data))
+                                           delta=config["delta"], test_data=test_data,
+                                           products=config["products"]))
     history = train(model, train_data, test_data, epochs=config["epochs"], lr=config["lr"],
                     batch_size=config["batch_size"], optimizer=config["optimizer"],
                     momentum=config["momentum"], weight_decay=config["weight_decay"],
@@ -314,7 +315,8 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
     options = config.get("dataset_options", {})
     data = load_dataset(config["dataset"], split=config["split"], **options)
     layers = config.get("layers") or list(DEFAULT_LAYERS)
-    analysis = Saturation(delta=config["delta"], conv=config["conv"], rule=config["rule"])
+    analysis = Saturation(delta=config["delta"], conv=config["conv"], rule=config["rule"],
+                          products=config["products"])
     run = analyze(model, data, layers=layers, analyses=[analysis], batch_size=config["batch_size"],
                   device=config["device"], seed=config["seed"], progress=progress, config=config)
     if config.get("project_deltas"):

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .engine import resolve_device
+from .models.modes import preserved
 from .stats.classification import accuracy, confusion_matrix, matthews_corrcoef
 
 log = logging.getLogger(__name__)
@@ -86,22 +87,21 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int = 512,
         ['acc', 'confusion', 'loss', 'mcc', 'top5']
     """
     dev = resolve_device(device)
-    was_training = model.training
-    model.eval().to(dev)
     confusion, top5, loss, n = None, 0, 0.0, 0
-    with torch.inference_mode():
-        for item in _batches(data, batch_size):
-            x, y = _xy(item)
-            x, y = x.to(dev), y.to(dev)
-            logits = model(x)
-            k = num_classes or logits.shape[1]
-            cm = confusion_matrix(logits.argmax(1), y, k)
-            confusion = cm if confusion is None else confusion + cm
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top5 += int((top == y[:, None]).any(1).sum())
-            loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            n += len(y)
-    model.train(was_training)
+    with preserved(model):
+        model.eval().to(dev)  # outside inference mode: moved parameters stay normal tensors
+        with torch.inference_mode():
+            for item in _batches(data, batch_size):
+                x, y = _xy(item)
+                x, y = x.to(dev), y.to(dev)
+                logits = model(x)
+                k = num_classes or logits.shape[1]
+                cm = confusion_matrix(logits.argmax(1), y, k)
+                confusion = cm if confusion is None else confusion + cm
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                top5 += int((top == y[:, None]).any(1).sum())
+                loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+                n += len(y)
     if confusion is None:
         raise ValueError("cannot evaluate on an empty dataset")
     return {"loss": loss / n, "acc": accuracy(confusion), "top5": top5 / n,

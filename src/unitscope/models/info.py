@@ -6,6 +6,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .modes import preserved
+
 
 def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> pd.DataFrame:
     """A table of ``model``'s modules: name, type, input and output shape, channels, parameters.
@@ -38,11 +40,9 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
                     handles.append(module.register_forward_hook(make(name)))
             param = next(model.parameters(), None)
             x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
-            was_training = model.training
-            model.eval()
-            with torch.inference_mode():
+            with preserved(model), torch.inference_mode():
+                model.eval()
                 model(x)
-            model.train(was_training)
         finally:
             for h in handles:
                 h.remove()

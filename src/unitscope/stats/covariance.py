@@ -167,6 +167,8 @@ class Covariance(Accumulator):
             s_b = colsum.to(torch.float64)
             mean_b = shift.to(device=xs.device, dtype=torch.float64) + s_b / n_b
             comoment_b = (xs.T @ xs).to(torch.float64) - torch.outer(s_b, s_b) / n_b
+            if not bool(torch.isfinite(comoment_b).all()):  # a float32 product overflowed
+                return False
             self._fold(n_b, mean_b, comoment_b)
         return True
 
