@@ -77,3 +77,13 @@ def test_engine_and_model_passes_restore_every_module_flag(tmp_path):
     assert flags(model) == before
     layer_info(model)
     assert flags(model) == before
+
+
+def test_cka_restores_the_other_models_flags():
+    model = unitscope.load_model("digits-cnn").eval()
+    other = unitscope.load_model("digits-cnn").train()
+    other.conv2.eval()
+    before = flags(other)
+    data = unitscope.load_dataset("digits", "test")
+    unitscope.analyze(model, data, layers=["conv2"], analyses=[unitscope.CKA(other=other)], progress=False)
+    assert flags(other) == before

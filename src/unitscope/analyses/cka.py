@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..capture import Capture, LayerSpec, Reduction, make_reduction, resolve_layers
+from ..models.modes import preserved
 from ..stats.base import Accumulator
 from ..stats.cka import MIN_UNBIASED, LinearCKA, MinibatchCKA, centred_linear_gram, linear_cka, rbf_cka
 from .base import Analysis, Batch
@@ -155,17 +156,16 @@ class CKA(Analysis):
         param = next(other.parameters(), None)
         if param is not None and param.device != x.device:
             other.to(x.device)
-        was_training = other.training
-        other.eval()
         cap = Capture(other, self.resolved["y"], {"r": self.reduce}, stop=True)
-        try:
-            with cap:
-                other(x)
-        except RuntimeError as exc:
-            raise ValueError(f"the other model ({type(other).__name__}) failed on the batch of shape "
-                             f"{tuple(x.shape)}: {exc}. Both models must take the same inputs.") from exc
-        finally:
-            other.train(was_training)
+        # flags only: the other model stays on the batch's device for the next batches
+        with preserved(other, device=False):
+            other.eval()
+            try:
+                with cap:
+                    other(x)
+            except RuntimeError as exc:
+                raise ValueError(f"the other model ({type(other).__name__}) failed on the batch of shape "
+                                 f"{tuple(x.shape)}: {exc}. Both models must take the same inputs.") from exc
         out = cap.outputs["r"]
         missing = [k for k in self.resolved["y"] if k not in out]
         if missing:

@@ -34,8 +34,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def preserved(model: nn.Module) -> Iterator[nn.Module]:
-    """Restore every module's ``training`` flag and the model's device on exit.
+def preserved(model: nn.Module, device: bool = True) -> Iterator[nn.Module]:
+    """Restore every module's ``training`` flag and (with ``device=True``) the model's device on exit.
 
     Example:
         >>> from torch import nn
@@ -47,14 +47,14 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
         (True, True, False)
     """
     modes = {m: m.training for m in model.modules()}
-    device = _device(model)
+    where = _device(model) if device else None
     try:
         yield model
     finally:
         for m, flag in modes.items():
             m.training = flag
-        if device is not None and _device(model) != device:
-            model.to(device)
+        if where is not None and _device(model) != where:
+            model.to(where)
 
 
 def restores_model(fn: F) -> F:
