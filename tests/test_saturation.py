@@ -179,6 +179,30 @@ def test_tracker_skips_evaluation_forwards_even_with_large_batches(digits_model)
     assert set(t[t["layer"] == "conv1"]["samples"]) == {1437 * 64}
 
 
+class _NoGrad(torch.nn.Module):
+    """A frozen part of a network, run under no_grad while the rest trains."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.inner(x)
+
+
+def test_tracker_records_layers_that_run_under_no_grad():
+    from unitscope.train import train
+
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn")
+    model.conv1 = _NoGrad(model.conv1)
+    tracker = unitscope.SaturationTracker(model, ["conv1.inner", "fc"])
+    train(model, unitscope.load_dataset("digits", "train"), epochs=1, batch_size=100, callbacks=[tracker])
+    samples = dict(zip(tracker.table["layer"], tracker.table["samples"]))
+    assert samples == {"conv1.inner": 1437 * 64, "fc": 1437}
+
+
 def test_folds_ignore_the_callers_autocast():
     from unitscope.stats import Covariance
 

@@ -128,10 +128,10 @@ class _RowBuffer:
     costs one copy and no other arithmetic; a full block is folded into the covariance with
     :meth:`Covariance.update_shifted`, which then needs no centring pass. The shift is the first
     batch's mean, then the covariance's running mean, so the float32 products stay centred while
-    the network trains. :meth:`commit` keeps the latest forward's rows: a forward without
-    gradients is not written at all, and any other forward not followed by a commit is
-    overwritten by the next one. A block
-    holds at most ``rows`` rows and about 2**22 values, or one batch when a batch is larger.
+    the network trains. :meth:`commit` keeps the latest forward's rows: a forward in inference
+    mode is not written at all, and any other forward not followed by a commit is overwritten by
+    the next one. A block holds at most ``rows`` rows and about 2**22 values, or one batch when a
+    batch is larger.
     """
 
     max_values = 1 << 22
@@ -145,11 +145,12 @@ class _RowBuffer:
     def write(self, t: torch.Tensor) -> None:
         """The capture reduction: copy ``t``'s rows after the committed ones (nothing is returned).
 
-        A forward without gradients (an evaluation inside a callback, the test set measured at the
-        end of an epoch) is not a training batch: it is skipped, so it costs no copy and leaves the
-        pending rows of the training forward as they are.
+        A forward in inference mode (``unitscope.train.evaluate``, ``analyze``, an evaluation
+        inside a callback) is not a training batch: it is skipped, so it costs no copy and leaves
+        the pending rows of the training forward as they are. (Forwards under ``no_grad`` are
+        written, since a frozen part of a trained network may run under it.)
         """
-        if not torch.is_grad_enabled():
+        if torch.is_inference_mode_enabled():
             return
         if t.dim() < 2:
             t = t[:, None]
@@ -206,7 +207,7 @@ class SaturationTracker(Callback):
     default here, unlike :class:`Saturation`) takes each block's sums and cross-products in
     float32 before folding them into the float64 state: about 5x cheaper, with errors of about
     1e-5 of the largest covariance entry that leave the intrinsic dimensions unchanged (tested);
-    forwards without gradients (evaluations) are not tracked; pass ``"float64"`` for
+    forwards in inference mode (evaluations) are not tracked; pass ``"float64"`` for
     float64 products.
 
     Example:
