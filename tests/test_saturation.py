@@ -215,6 +215,18 @@ def test_folds_ignore_the_callers_autocast():
     assert torch.equal(plain.compute().cov, inside.compute().cov)
 
 
+
+def test_product_dtype_follows_the_products_option():
+    from unitscope.stats import Covariance
+
+    cheap, exact = Covariance("float32"), Covariance("float64")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert cheap.product_dtype(dtype) == torch.float32
+        assert exact.product_dtype(dtype) == torch.float64
+    assert cheap.product_dtype(torch.float64) == torch.float64  # never lowered
+    assert cheap.product_dtype(torch.int64) == torch.float64
+
+
 def test_tracker_buffering_does_not_change_the_result():
     from unitscope.train import train
 

@@ -163,8 +163,7 @@ class _RowBuffer:
         if n == 0:
             self.pending = 0
             return
-        cheap = self.acc.products == "float32" and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        dtype = torch.float32 if cheap else torch.float64
+        dtype = self.acc.product_dtype(t.dtype)
         block = self.block
         if block is None or block.shape[1] != width or block.dtype != dtype or block.device != t.device:
             self.flush()

@@ -544,9 +544,9 @@ class DSC(_StoredTraces):
             d = torch.cdist(x[start:start + CHUNK], x, compute_mode=MM)
             d[cls[start:start + CHUNK, None] == cls[None, :]] = math.inf
             dist_b[start:start + CHUNK] = d.amin(1)
-        self._cache.update(dist_b=dist_b, known=torch.tensor(sorted(data), device=x.device))
+        self._cache["dist_b"] = dist_b
         if self.reference == "test":  # the flat traces; "train" keeps only the padded parts
-            self._cache.update(x=x, cls=cls)
+            self._cache.update(x=x, cls=cls, known=torch.tensor(sorted(data), device=x.device))
         else:
             sizes = [len(v) for v in data.values()]
             traces, dists = x.split(sizes), dist_b.split(sizes)

@@ -138,13 +138,19 @@ class Covariance(Accumulator):
         if not self._fold_shifted(xs, shift):
             self._fold_masked(xs.to(torch.float64) + shift.to(torch.float64))
 
+    def product_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The precision a batch of ``dtype`` is summed and multiplied in.
+
+        float32 for float32, float16 and bfloat16 batches (autocast outputs) with
+        ``products="float32"``; float64 otherwise.
+        """
+        cheap = self.products == "float32" and dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return torch.float32 if cheap else torch.float64
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as a matrix in the precision of the products; checks (or sets) the unit count."""
         x = as_matrix(x)
-        if self.products == "float32" and x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # half-precision outputs (autocast) get float32 products, not float64
-        elif not (self.products == "float32" and x.dtype == torch.float32):
-            x = x.to(torch.float64)
+        x = x.to(self.product_dtype(x.dtype))
         if not self.initialized:
             self._init_states(x.shape[1], x.device)
         units = self._states["mean"].shape[0]
@@ -178,8 +184,7 @@ class Covariance(Accumulator):
         n_b = good.sum(dtype=torch.float64)
         mean_b = torch.where(good, x, 0.0).sum(0) / n_b.clamp(min=1)
         xc = torch.where(good, x - mean_b, 0.0)
-        with _full_precision(xc):
-            self._fold(n_b, mean_b, xc.T @ xc)
+        self._fold(n_b, mean_b, xc.T @ xc)  # float64: autocast leaves it alone
         self._states["nonfinite_rows"] = self._states["nonfinite_rows"] + (~good).sum()
 
     def _fold(self, n_b: torch.Tensor, mean_b: torch.Tensor, comoment_b: torch.Tensor) -> None:
