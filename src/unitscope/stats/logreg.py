@@ -72,6 +72,29 @@ def _as_xy(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
     return x.to(device=device, dtype=dtype), y.to(device=x.device if device is None else device).long()
 
 
+_CLASS_PAD = 16
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``x @ wᵀ + b`` for ``P`` problems: ``x (P, n, d)``, ``w (P, k, d)``, ``b (P, k)`` -> ``(P, n, k)``.
+
+    On the CPU the class count is padded with zero rows to a multiple of 16 for the product and
+    the padding is sliced off (a view): MKL's float32 kernel forms 10 output columns at about
+    half the speed of 16 (1437×1024 features: 1.63 ms against 0.81 ms for two probes, 2
+    threads), and this product is two thirds of each evaluation. The logits are the same sums,
+    only the kernel differs.
+    """
+    k = w.shape[1]
+    padded = -(-k // _CLASS_PAD) * _CLASS_PAD
+    if padded == k or x.device.type != "cpu":
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    wp = w.new_zeros(w.shape[0], padded, w.shape[2])
+    wp[:, :k] = w
+    bp = b.new_zeros(b.shape[0], 1, padded)
+    bp[:, 0, :k] = b
+    return torch.baddbmm(bp, x, wp.transpose(1, 2))[:, :, :k]
+
+
 def _loss_grad(x: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                lam: float, grad: bool = True, penalty: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -82,7 +105,7 @@ def _loss_grad(x: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor, b: torch.
     ``grad_w (P, k, d)`` and ``grad_b (P, k)``.
     """
     n = x.shape[1]
-    z = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+    z = _logits(x, w, b)
     lse = torch.logsumexp(z, dim=2, keepdim=True)
     wq = w if penalty is None else w * penalty
     loss = (lse.sum((1, 2)) - (z * onehot).sum((1, 2))) / n + 0.5 * lam * (w * wq).sum((1, 2))
