@@ -424,8 +424,13 @@ def criterion(spec: str | Criterion, **options: Any) -> Criterion:
 
 # ---------------------------------------------------------------------- small tensor helpers
 def nan_to(t: torch.Tensor, value: float) -> torch.Tensor:
-    """``t`` with NaN replaced by ``value`` (a copy)."""
+    """``t`` with NaN replaced by ``value`` (a copy); ``±inf`` is kept (for rankings)."""
     return t.masked_fill(torch.isnan(t), value)
+
+
+def nonfinite_to(t: torch.Tensor, value: float) -> torch.Tensor:
+    """``t`` with NaN and ``±inf`` replaced by ``value`` (a copy), so they stay out of a min or max."""
+    return t.masked_fill(~torch.isfinite(t), value)
 
 
 def topk_mask(v: torch.Tensor, k: int) -> torch.Tensor:

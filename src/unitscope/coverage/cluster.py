@@ -60,8 +60,9 @@ class CC(Criterion):
     compared with the stored representatives in one float64 matrix product (see
     :func:`squared_distances`), then its candidates are accepted in input order (one step per
     accepted candidate). Equal vectors are at distance 0, so ``threshold=0`` counts distinct
-    vectors (vectors equal to rounding error count as one). The representatives are stored, so
-    memory grows as O(representatives × units) per layer.
+    vectors (vectors equal to rounding error count as one). An input with a NaN or infinite value
+    in a layer is left out for that layer (it has no finite distance). The representatives are
+    stored, so memory grows as O(representatives × units) per layer.
 
     Args:
         threshold: τ. The anchor (NeuraL-Coverage) and SEED use 10 (default) on the squared L2
@@ -99,7 +100,7 @@ class CC(Criterion):
         # the first input fixes the dtype of the representatives
         reps = reps.to(x.device, x.dtype) if reps.shape[0] == 0 else reps.to(x.device)
         x = x.to(reps.dtype)
-        x = x[~torch.isnan(x).any(1)]  # NaN never covers anything
+        x = x[torch.isfinite(x).all(1)]  # a NaN or inf row is never a representative
         cand = x[min_distance(x, reps, self.squared) > self.threshold]
         if cand.shape[0]:
             d2 = squared_distances(cand, cand)

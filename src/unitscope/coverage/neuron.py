@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..stats.moments import chan_combine
-from .base import Criterion, nan_to, pack_rows, topk_mask, union_rows
+from .base import Criterion, nonfinite_to, pack_rows, topk_mask, union_rows
 
 __all__ = ["KMNC", "NBC", "NC", "SNAC", "TKNC", "TKNP"]
 
@@ -75,7 +75,8 @@ class NC(_CoveredUnits):
               unreduced maps ``(n, C, *spatial)`` (for ``(n, units)`` it equals ``layer_minmax``);
             * ``"none"``: the raw value.
 
-    NaN never covers a unit. ``NC(t1) >= NC(t2)`` whenever ``t1 <= t2``.
+    NaN never covers a unit; NaN and ``±inf`` are left out of the min and max of the min-max scales.
+    ``NC(t1) >= NC(t2)`` whenever ``t1 <= t2``.
     """
 
     key = "nc"
@@ -99,8 +100,8 @@ class NC(_CoveredUnits):
         if self.scale == "layer_minmax":
             t = super()._prepare(t)
         flat = t.reshape(t.shape[0], -1)
-        lo = nan_to(flat, math.inf).amin(1)
-        hi = nan_to(flat, -math.inf).amax(1)
+        lo = nonfinite_to(flat, math.inf).amin(1)  # NaN and inf stay out of the min and the max
+        hi = nonfinite_to(flat, -math.inf).amax(1)
         shape = (-1,) + (1,) * (t.dim() - 1)
         s = (t - lo.view(shape)) / (hi - lo).view(shape)  # 0/0 -> NaN -> never covered
         return super()._prepare(s)
@@ -210,8 +211,9 @@ class _RangeCriterion(Criterion):
     """Criteria built on each unit's [lo, hi] over the training set (KMNC, NBC, SNAC).
 
     The profile is a running min and max, and count, mean and centred second moment (Chan et al.
-    update, float64) for NBC's and SNAC's ``margin``; NaN is ignored. It streams over any number
-    of ``fit`` batches and merges exactly (min/max) or to float tolerance (moments).
+    update, float64) for NBC's and SNAC's ``margin``; NaN and ``±inf`` are left out of all of them.
+    It streams over any number of ``fit`` batches and merges exactly (min/max) or to float
+    tolerance (moments).
     """
 
     needs_fit = True
@@ -220,8 +222,8 @@ class _RangeCriterion(Criterion):
     def _fit_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
         for layer, t in layers.items():
             v = t.double()
-            lo, hi = nan_to(v, math.inf).amin(0), nan_to(v, -math.inf).amax(0)
-            finite = ~torch.isnan(v)
+            finite = torch.isfinite(v)
+            lo, hi = v.masked_fill(~finite, math.inf).amin(0), v.masked_fill(~finite, -math.inf).amax(0)
             n = finite.sum(0).double()
             mean = v.masked_fill(~finite, 0).sum(0) / n.clamp(min=1)
             m2 = (v - mean).masked_fill(~finite, 0).square().sum(0)
