@@ -24,6 +24,7 @@ and local torchvision data, ``n``/``size`` for shapes).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import itertools
 import json
@@ -72,12 +73,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         if path.suffix == ".json":
-            return json.loads(text)
-        from ._toml import loads
+            config = json.loads(text)
+        else:
+            from ._toml import loads
 
-        return loads(text)
+            config = loads(text)
     except Exception as exc:
         raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds a {type(config).__name__}, but a config is a table of keys: "
+                          'write a JSON object such as {"model": "digits-cnn", "dataset": "digits"}')
+    return config
 
 
 def known_keys(experiment: str) -> set[str]:
@@ -99,6 +105,43 @@ def validate(config: dict[str, Any]) -> None:
         if config.get(key) is None:
             raise ConfigError(f"config key {key!r} is required (e.g. {key} = "
                               f"\"{'digits-cnn' if key == 'model' else 'digits'}\")")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_types(config: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` where a key of one resolved experiment has a value of the wrong kind.
+
+    Checks the common keys (``model``, ``dataset``, ``seed``, ``num_workers``, ``batch_size``,
+    ``dataset_options``) and, for ``analyze``, ``analyses`` and the analysis option tables.
+    """
+    for key in ("model", "dataset"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise ConfigError(f"{key} = {config[key]!r}: give a name, e.g. {key} = "
+                              f"\"{'digits-cnn' if key == 'model' else 'digits'}\"")
+    for key, low in (("seed", None), ("num_workers", 0), ("batch_size", 1)):
+        if key not in config:
+            continue
+        value = config[key]
+        if not _is_int(value) or (low is not None and value < low):
+            least = f" >= {low}" if low is not None else ""
+            raise ConfigError(f"{key} = {value!r}: give an integer{least}, e.g. {key} = {max(low or 0, 1)}")
+    if config.get("dataset_options") is not None and not isinstance(config["dataset_options"], dict):
+        raise ConfigError(f"dataset_options = {config['dataset_options']!r}: give a table, e.g. "
+                          '[dataset_options] with root = "..."')
+    if config.get("experiment", COMMON["experiment"]) != "analyze":
+        return
+    names = config.get("analyses")
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        example = json.dumps([names] if isinstance(names, str) else ["moments"])
+        raise ConfigError(f"analyses = {names!r}: analyses must be a list of analysis names, e.g. "
+                          f"analyses = {example}")
+    for name in ANALYSES.names():
+        if name in config and not isinstance(config[name], dict):
+            raise ConfigError(f"{name} = {config[name]!r}: the options of an analysis are a table, e.g. "
+                              f"[{name}] with its keys")
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -144,17 +187,27 @@ def expand(config: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]
     experiments = []
     for combo in itertools.product(*swept.values()):
         chosen = dict(zip(swept, combo))
-        experiments.append((_unflatten({**fixed, **chosen}), chosen))
+        resolved = _unflatten({**fixed, **chosen})
+        check_types(resolved)
+        experiments.append((resolved, chosen))
     return experiments
 
 
 def run_name(config: dict[str, Any], swept: dict[str, Any]) -> str:
-    """A directory name from the model, the data and the swept parameters."""
+    """A directory name from the model, the data and the swept parameters.
+
+    Characters unsafe in a file name become ``-``; when that changed the name, a short hash of
+    the unchanged name is appended, so ``layers=["conv*"]`` and ``layers=["conv?"]`` stay apart.
+    """
     split = f"-{config['split']}" if "split" in config else ""
     data = f"_{config['dataset']}" if config.get("dataset") else ""
     parts = [f"{config['model']}{data}{split}"]
     parts += [f"{k}={_short(v)}" for k, v in swept.items() if k not in ("model", "dataset", "split")]
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "-", "_".join(parts))
+    raw = "_".join(parts)
+    name = re.sub(r"[^A-Za-z0-9_.=,+-]", "-", raw)
+    if name != raw:
+        name += "-" + hashlib.sha256(raw.encode()).hexdigest()[:8]
+    return name
 
 
 def _short(v: Any) -> str:
@@ -180,14 +233,25 @@ def run_config(path: str | Path, out: str | Path | None = None, run_id: str | No
         key, value = parse_override(item)
         table, _, sub = key.partition(".")
         if sub:
+            if table in config and not isinstance(config[table], dict):
+                raise ConfigError(f"--set {item}: {table!r} is a plain key ({table} = {config[table]!r}), "
+                                  f"not a table, so it takes no sub-keys; write --set {table}=...")
             config.setdefault(table, {})[sub] = value
         else:
             config[key] = value
     base = Path(out if out is not None else config.get("out", COMMON["out"]))
     run_id = run_id or Path(path).stem
-    results = []
-    for resolved, swept in expand(config):
+    planned: dict[Path, dict[str, Any]] = {}
+    experiments = expand(config)
+    for resolved, swept in experiments:
         target = base / run_id / run_name(resolved, swept)
+        if target in planned:
+            raise ConfigError(f"the grid points {planned[target]} and {swept} would share the run "
+                              f"directory {target}; make their values differ in more than "
+                              "punctuation, or split the config")
+        planned[target] = swept
+    results = []
+    for (resolved, _), target in zip(experiments, planned):
         results.append((target, run_experiment(resolved, target, force=force, progress=progress)))
     return results
 
