@@ -10,6 +10,7 @@ and the images are tiled into one picture per unit, saved as PNG and shown in th
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,20 @@ def _item_x(item: Any) -> torch.Tensor:
     return item if isinstance(item, torch.Tensor) else item[0]
 
 
+def check_k(k: int | None, default: str = "all ranked inputs") -> None:
+    """Refuse a ``k`` (top inputs per unit) that is not an integer >= 1; ``None`` means the default.
+
+    Raises:
+        ValueError: ``k`` is 0, negative or not an integer (``rows.head(-2)`` would silently drop
+            the last ranks and ``k=0`` would leave nothing to draw).
+    """
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k={k!r}: k must be >= 1 (the number of top inputs per unit); leave it out "
+                         f"for {default}")
+
+
 def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
                  units: Sequence[str | tuple[str, int]], k: int | None = None, mode: str = "mark",
                  nrow: int | None = None, maps: dict[str, torch.Tensor] | None = None
@@ -189,7 +204,7 @@ def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
         data: the dataset the table's ``index`` column refers to.
         topk: a table from :class:`unitscope.analyses.topk.TopK`.
         units: ``"layer:unit"`` strings or ``(layer, unit)`` pairs.
-        k: how many top inputs (default all in the table).
+        k: how many top inputs, >= 1 (default all in the table).
         mode: ``"mark"`` or ``"crop"`` (see :func:`mosaic`), or ``"segment"``: marked, with what lies
             outside Zhou's segmentation (:func:`unit_segments`, threshold 0.4) dimmed.
         nrow: see :func:`mosaic`.
@@ -210,6 +225,7 @@ def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,
 
     if mode not in UNIT_MODES:
         raise ValueError(f"mode={mode!r}: use 'mark' (outline the receptive field), 'crop' or 'segment'")
+    check_k(k)
     out: dict[str, torch.Tensor] = {}
     rfs: dict[str, LayerRF | None] = {}
     for spec in units:
@@ -278,6 +294,7 @@ def render_mosaics(run_dir: str | Path, units: Sequence[str], out: str | Path | 
     from ..models import load_model
     from ..results import load_run
 
+    check_k(k)  # before the model and the dataset are loaded
     run = load_run(run_dir)
     if "topk" not in run.tables:
         raise ValueError(f"{run_dir} has no topk table; run a 'topk' experiment (or analyze with TopK) first")

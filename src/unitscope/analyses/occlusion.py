@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -595,7 +596,7 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
         data: the dataset the ``topk`` table indexes (items ``x`` or ``(x, y, ...)``).
         units: channel numbers.
         topk: a ``topk`` table (:class:`unitscope.analyses.topk.TopK`) holding those units.
-        k: how many top images per unit (at most those in the table).
+        k: how many top images per unit, >= 1 (at most those in the table).
         threshold: fraction of the averaged map's maximum that bounds the RF.
         centre: ``"rf"`` centres each map on the analytic RF centre of the unit's location (Zhou's
             "spatial location of the unit"); ``"argmax"`` on the map's own maximum (as DNNBrain
@@ -612,6 +613,8 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
     """
     from .topk import unit_topk
 
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k={k!r}: k must be >= 1 (the number of top images per unit); Zhou et al. use 10")
     rows = []
     for u in units:
         sel = unit_topk(topk, layer, int(u)).head(k)
