@@ -158,9 +158,13 @@ def test_stop_skips_the_rest_of_the_network():
             raise AssertionError("ran past the last captured layer")
 
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), Boom())
-    with unitscope.capture(net, ["0", "1"], stop=True) as acts:
+    with unitscope.capture(net, ["0", "1"], stop=True, calls="first") as acts:
         net(torch.randn(2, 3))
     assert set(acts) == {"0", "1"}
+    assert hook_counts(net) == 0
+    # with calls="error" (or "last") a captured module may run again later: the forward goes on
+    with pytest.raises(AssertionError, match="ran past"), unitscope.capture(net, ["0", "1"], stop=True):
+        net(torch.randn(2, 3))
     assert hook_counts(net) == 0
 
 

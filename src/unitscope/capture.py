@@ -43,7 +43,14 @@ class LayerError(KeyError):
 
 
 class CaptureError(RuntimeError):
-    """A forward that capture cannot record faithfully (e.g. a module called twice)."""
+    """A forward that capture cannot record faithfully (e.g. a module called twice).
+
+    ``module`` names the module concerned, when there is one.
+    """
+
+    def __init__(self, message: str, module: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
 
 
 class StopForward(Exception):
@@ -177,7 +184,10 @@ class Capture:
         calls: ``"error"`` (a module called twice in one forward raises :class:`CaptureError`),
             ``"all"`` (each call is kept under its own key), ``"first"`` or ``"last"``.
         stop: raise :class:`StopForward` once every selected module has run (skips the rest of
-            the network; the caller catches it). Ignored when ``calls="all"``.
+            the network; the caller catches it). Only with ``calls="first"``: with ``"error"``,
+            ``"last"`` or ``"all"`` a selected module may still be called again later in the
+            forward (a ReLU module shared by the two convs of a ResNet block), so the forward
+            runs to its end to raise, keep the last call or keep every call.
         targets: reduction name -> the layers it applies to (default: every selected layer), so
             a full map is kept only for the layers that asked for it.
     """
@@ -191,7 +201,7 @@ class Capture:
         self.layers = resolve_layers(model, layers)
         self.reductions = {k: make_reduction(v) for k, v in (reductions or {"none": "none"}).items()}
         self.calls = calls
-        self.stop = stop and calls != "all"
+        self.stop = stop and calls == "first"
         self.outputs: dict[str, dict[str, torch.Tensor]] = {k: {} for k in self.reductions}
         self._per_layer = {
             name: [(red, fn) for red, fn in self.reductions.items()
@@ -235,7 +245,7 @@ class Capture:
                     raise CaptureError(
                         f"module {name!r} was called {calls + 1} times in one forward; pass "
                         f"calls='all' to keep each call ({name!r}, '{name}#1', ...), or "
-                        "calls='first'/'last'"
+                        "calls='first'/'last'", module=name
                     )
                 if self.calls == "first":
                     return
@@ -265,8 +275,10 @@ def capture(model: nn.Module, layers: LayerSpec | None, reduce: Reduction = "non
     """Record the (reduced) outputs of the selected layers during ``model``'s forwards.
 
     Yields a dict that, after each forward, holds every selected layer's output of that forward.
-    All hooks are removed on exit, also after an exception. With ``stop=True`` the forward is cut
-    short after the last selected layer and the ``with`` block ends there.
+    All hooks are removed on exit, also after an exception. With ``stop=True`` and
+    ``calls="first"`` the forward is cut short after the last selected layer and the ``with``
+    block ends there (with the other ``calls`` modes a selected module may run again later, so
+    the forward runs to its end).
 
     Example:
         >>> import torch, unitscope

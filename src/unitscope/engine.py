@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import __version__
 from .analyses.base import Analysis, Batch
 from .analyses.moments import Moments
-from .capture import Capture, LayerSpec, StopForward, resolve_layers
+from .capture import Capture, CaptureError, LayerSpec, StopForward, resolve_layers
 from .data.arrays import dataset_fingerprint
 from .models.modes import preserved
 from .models.registry import model_fingerprint
-from .results import Run
+from .results import Run, check_replaceable
 from .stats.base import load_states, save_states
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,11 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     _check_analyses(analyses)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1 batch (or None: every 30 seconds), "
+                         f"got {checkpoint_every}")
+    if out is not None:
+        check_replaceable(Path(out))  # before the pass, not after it
     n_total = len(data)
     if n_total == 0:
         raise EmptyDatasetError("the dataset is empty: there is nothing to analyse; check its root "
@@ -160,13 +165,14 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     run_key = _run_key(fingerprints, analyses, keys_of, batch_size, start, stop, seed)
     partial = Path(f"{out}.partial") if out is not None else None
     state_file = partial / f"rank{rank}-of{world}.safetensors" if partial else None
-    done = _resume(analyses, state_file, run_key) if state_file else 0
+    done, resumed_nonfinite = _resume(analyses, state_file, run_key) if state_file else (0, {})
     for i, a in enumerate(analyses):
         a.start(keys_of[i])
         a.to(dev)
 
     t0 = time.perf_counter()
-    nonfinite = {red: dict.fromkeys(names, 0) for red, names in plan.items()}
+    nonfinite = {red: {name: resumed_nonfinite.get(red, {}).get(name, 0) for name in names}
+                 for red, names in plan.items()}
     samples = 0
     with preserved(model):
         model.eval().to(dev)
@@ -196,7 +202,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
                 batches += 1
                 bar.update(1)
                 if state_file and _due(batches, last_ckpt, checkpoint_every):
-                    _checkpoint(analyses, state_file, run_key, batches)
+                    _checkpoint(analyses, state_file, run_key, batches, nonfinite)
                     last_ckpt = time.monotonic()
         bar.close()
     pass_s = time.perf_counter() - t0
@@ -255,6 +261,8 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         out = model(x)
     except StopForward:
         return None
+    except CaptureError:  # a RuntimeError too, but about the layers, not the input
+        raise
     except RuntimeError as exc:
         expected = getattr(model, "input_shape", None)
         hint = f"; the model expects (N, {', '.join(map(str, expected))})" if expected else ""
@@ -306,31 +314,38 @@ def _run_key(fingerprints: dict[str, str], analyses: list[Analysis], keys_of: di
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _checkpoint(analyses: list[Analysis], path: Path, run_key: str, batches: int) -> None:
+def _checkpoint(analyses: list[Analysis], path: Path, run_key: str, batches: int,
+                nonfinite: dict[str, dict[str, Any]]) -> None:
+    """Save the accumulators, the batches they cover and the non-finite counts so far."""
     path.parent.mkdir(parents=True, exist_ok=True)
     accs = {f"{a.name}:{k}": acc for a in analyses for k, acc in a.accumulators.items()}
+    counts = {red: {name: int(c) for name, c in per.items()} for red, per in nonfinite.items()}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_states(tmp, accs, meta={"run_key": run_key, "batches": batches})
+    save_states(tmp, accs, meta={"run_key": run_key, "batches": batches, "nonfinite": counts})
     os.replace(tmp, path)
 
 
-def _resume(analyses: list[Analysis], path: Path, run_key: str) -> int:
-    """Load a matching checkpoint into ``analyses``; return the number of batches it covers."""
+def _resume(analyses: list[Analysis], path: Path, run_key: str) -> tuple[int, dict[str, dict[str, int]]]:
+    """Load a matching checkpoint into ``analyses``.
+
+    Returns the number of batches it covers and the non-finite counts up to there (by reduction
+    and layer), so a resumed run reports the same counts as an uninterrupted one.
+    """
     if not path.is_file():
-        return 0
+        return 0, {}
     try:
         accs, meta = load_states(path)
     except ValueError as exc:
         log.warning("ignoring unreadable checkpoint %s (%s); starting the pass over", path, exc)
-        return 0
+        return 0, {}
     if meta.get("run_key") != run_key:
         log.warning("checkpoint %s belongs to another configuration; starting the pass over", path)
-        return 0
+        return 0, {}
     for a in analyses:
         prefix = f"{a.name}:"
         a.accumulators = {k[len(prefix):]: v for k, v in accs.items() if k.startswith(prefix)}
     log.info("resuming from %s after %d batches", path, meta["batches"])
-    return int(meta["batches"])
+    return int(meta["batches"]), meta.get("nonfinite", {})
 
 
 def _manifest(model: nn.Module, data: Dataset, analyses: list[Analysis], layers: list[str],

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .capture import Capture, LayerError, LayerSpec, StopForward, resolve_layers
+from .capture import Capture, CaptureError, LayerError, LayerSpec, StopForward, resolve_layers
 from .data.arrays import dataset_fingerprint
 from .models.modes import preserved
 from .models.registry import model_fingerprint
@@ -166,7 +166,7 @@ def _write_progress(root: Path, meta: dict[str, Any]) -> None:
 
 def extract_features(model: nn.Module, data: Dataset, layers: LayerSpec, downsample: int | str | None = 4, *,
                      out: str | Path, batch_size: int = 256, device: str | torch.device = "auto",
-                     split: str | None = None, overwrite: bool = False) -> FeatureStore:
+                     split: str | None = None, overwrite: bool = False, calls: str = "error") -> FeatureStore:
     """Write the features of ``layers`` on ``data`` to ``out/<split or 'data'>/`` and return the store.
 
     Args:
@@ -183,6 +183,10 @@ def extract_features(model: nn.Module, data: Dataset, layers: LayerSpec, downsam
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
         split: the sub-directory name (default ``"data"``).
         overwrite: recompute a store made from another model, dataset or option set instead of raising.
+        calls: a selected module called more than once in one forward (a ReLU module shared by
+            the two convs of a ResNet block): ``"error"`` (default) raises, ``"first"`` or
+            ``"last"`` stores that call. With ``"first"`` the forward stops once every selected
+            module has run; otherwise it runs to its end, since a later call may still come.
 
     Returns:
         The :class:`FeatureStore` (complete).
@@ -194,6 +198,8 @@ def extract_features(model: nn.Module, data: Dataset, layers: LayerSpec, downsam
     from .engine import resolve_device  # lazy: engine imports the analyses package, which imports us
 
     ds_name = downsample_name(downsample)
+    if calls not in ("error", "first", "last"):
+        raise ValueError(f"calls={calls!r}: use 'error', 'first' or 'last' (one stored output per layer)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(data)
@@ -205,7 +211,7 @@ def extract_features(model: nn.Module, data: Dataset, layers: LayerSpec, downsam
     root = Path(out) / (split or "data")
     meta: dict[str, Any] = {"format": _FORMAT, "model": model_fingerprint(model),
                             "data": dataset_fingerprint(data), "layers": names, "downsample": ds_name,
-                            "n": n, "batch_size": batch_size}
+                            "n": n, "batch_size": batch_size, "calls": calls}
     meta["key"] = _key(meta)
     written = _prepare(root, meta, overwrite)
     if written >= n:
@@ -260,7 +266,7 @@ def _extract(model: nn.Module, data: Dataset, names: Sequence[str], ds_name: str
             arrays[name] = arr
         log.info("resuming the extraction into %s after %d of %d items", root, written, meta["n"])
     loader = DataLoader(Subset(data, range(written, meta["n"])), batch_size=batch_size, shuffle=False)
-    cap = Capture(model, list(names), {"f": _reduction(ds_name)}, calls="first", stop=True)
+    cap = Capture(model, list(names), {"f": _reduction(ds_name)}, calls=meta["calls"], stop=True)
     with preserved(model):
         model.eval().to(dev)
         with cap, torch.inference_mode():
@@ -270,6 +276,12 @@ def _extract(model: nn.Module, data: Dataset, names: Sequence[str], ds_name: str
                     model(x.to(dev))
                 except StopForward:
                     pass
+                except CaptureError as exc:
+                    if exc.module is None:
+                        raise
+                    raise CaptureError(f"module {exc.module!r} is called more than once in one forward; "
+                                       "pass calls='first' or calls='last' to extract_features, or "
+                                       "select a module that runs once per forward", exc.module) from None
                 y = torch.full((len(x),), -1, dtype=torch.int64) if y is None else y.long().cpu()
                 batch = {name: _to_rows(cap.outputs["f"][name], ds_name).float().cpu().numpy()
                          for name in names}

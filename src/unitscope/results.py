@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,8 +81,14 @@ class Run:
         raise KeyError(f"this run has no analysis {name!r}; it has: {have}")
 
     def save(self, path: str | Path) -> Path:
-        """Write the run directory to ``path`` atomically (replacing a previous run there)."""
+        """Write the run directory to ``path`` atomically (replacing a previous run there).
+
+        Raises:
+            RunError: ``path`` exists and is neither empty nor a run directory (its files would
+                be deleted).
+        """
         path = Path(path)
+        check_replaceable(path)
         with atomic_directory(path) as tmp:
             (tmp / "tables").mkdir()
             for name, frame in self.tables.items():
@@ -107,9 +113,31 @@ class Run:
         return path
 
 
+def check_replaceable(path: Path, expected: Collection[str] = ()) -> None:
+    """Refuse to replace ``path`` unless it is missing, empty, a run directory or ours.
+
+    A run directory has a ``manifest.json`` (finished or not). ``expected`` names entries a
+    caller itself put there (the features of a probes run). Anything else is somebody's files:
+    replacing it would delete them, so this raises :class:`RunError` before any work is done.
+    """
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunError(f"{path} exists and is a file, not a run directory; choose another output path")
+    entries = {p.name for p in path.iterdir()}
+    if not entries or "manifest.json" in entries or entries <= set(expected):
+        return
+    shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+    raise RunError(f"{path} exists and is not a unitscope run (no manifest.json; it holds {shown}); "
+                   "choose another output path or delete that directory yourself")
+
+
 @contextmanager
 def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a fresh sibling directory; on success it replaces ``path``, on error it is removed."""
+    """Yield a fresh sibling directory; on success it replaces ``path``, on error it is removed.
+
+    Callers check first that ``path`` may be replaced (:func:`check_replaceable`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
@@ -186,8 +214,9 @@ def load_analysis_states(path: str | Path) -> Analysis:
 def merge_runs(paths: list[str | Path]) -> Run:
     """Combine the run directories of shards run separately (``analyze(shard=(i, k))``) into one run.
 
-    The shards must come from the same model, data and analyses and together cover the dataset
-    exactly once; their accumulators are merged, so the result equals one pass over everything.
+    The shards must come from the same model, data, analyses, layers and seed and together cover
+    the dataset exactly once; their accumulators are merged, so the result equals one pass over
+    everything.
     """
     if not paths:
         raise RunError("nothing to merge: name the shard run directories")
@@ -200,6 +229,12 @@ def merge_runs(paths: list[str | Path]) -> Run:
                 raise RunError(f"{p} analysed another {key} than {paths[0]} (fingerprints differ)")
         if m["analyses"] != first["analyses"]:
             raise RunError(f"{p} ran other analyses than {paths[0]}: {m['analyses']} vs {first['analyses']}")
+        if m.get("layers") != first.get("layers"):
+            raise RunError(f"{p} captured layers {m.get('layers')}, {paths[0]} {first.get('layers')}; "
+                           "rerun the shards with the same layers")
+        if m.get("seed") != first.get("seed"):
+            raise RunError(f"{p} ran with seed {m.get('seed')}, {paths[0]} with {first.get('seed')}; "
+                           "rerun the shards with the same seed")
     spans = sorted((tuple(r.manifest["data"]["range"]), str(p)) for p, r in zip(paths, runs))
     size, covered = first["data"]["size"], 0
     for (start, stop), p in spans:
