@@ -202,3 +202,57 @@ def test_padded_logits_equal_the_plain_product(k):
     zd = _logits(x.double(), w.double(), b.double())
     torch.testing.assert_close(zd, x.double() @ w.double().transpose(1, 2) + b.double().unsqueeze(1),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_corrupt_cached_probe_is_refitted_with_a_warning(digits_feats, tmp_path, caplog):
+    tr, te = digits_feats
+    cache = tmp_path / "probes"
+    first = fit_probes(tr, te, ["conv1"], cache=cache, model_acc=0.9)
+    (stored,) = cache.glob("*.safetensors")
+    stored.write_bytes(b"not a safetensors file" * 4)
+    with caplog.at_level(logging.WARNING, logger="unitscope.analyses.probes"):
+        again = fit_probes(tr, te, ["conv1"], cache=cache, model_acc=0.9)
+    assert "ignoring the unreadable cached probe" in caplog.text and "refitting" in caplog.text
+    assert not again.cached.any()
+    assert again.test_acc.tolist() == first.test_acc.tolist()
+    # the refit replaced the corrupt file: the next call reads it from the cache
+    assert fit_probes(tr, te, ["conv1"], cache=cache, model_acc=0.9).cached.all()
+
+
+def test_non_finite_features_name_the_layer_and_the_row_count(digits_feats, tmp_path):
+    import shutil
+
+    import zarr
+
+    tr, te = digits_feats
+    copy = tmp_path / "train"
+    shutil.copytree(tr.root, copy)
+    arr = zarr.open_array(str(copy / "relu2.zarr"), mode="r+")
+    arr[3, 0] = float("nan")
+    arr[7, 5] = float("inf")
+    arr[7, 6] = float("nan")
+    bad = type(tr)(copy)
+    with pytest.raises(ValueError, match=r"layer 'relu2': 2 of \d+ training feature rows .* NaN or infinite "
+                                         r"values.*clean the data .* check the model"):
+        fit_probes(bad, te, ["conv1", "relu2"], cache=None)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"C": 0.0}, "C=0.0: C is the inverse L2 strength and must be a positive finite number"),
+    ({"C": float("nan")}, "C=nan"),
+    ({"dtype": "float16"}, "use torch.float32 or torch.float64"),
+    ({"max_iter": 0}, "max_iter=0: give a positive integer"),
+])
+def test_bad_options_are_refused_before_any_extraction(digits_model, tmp_path, options, message):
+    tr, te = unitscope.load_dataset("digits", "train"), unitscope.load_dataset("digits", "test")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        probes(digits_model, tr, te, ["fc"], 2, out=tmp_path / "p", **options)
+    assert not (tmp_path / "p").exists()
+
+
+def test_unlabelled_data_is_refused_before_any_extraction(digits_model, tmp_path):
+    te = unitscope.load_dataset("digits", "test")
+    bare = [te[i][0] for i in range(20)]
+    with pytest.raises(ValueError, match="the train dataset's items carry no labels"):
+        probes(digits_model, bare, te, ["fc"], 2, out=tmp_path / "p")
+    assert not (tmp_path / "p").exists()

@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..capture import LayerError, LayerSpec
-from ..features import FeatureStore, extract_features
+from ..features import FeatureStore, downsample_name, extract_features
 from ..stats.logreg import LogRegResult, accuracy, fit_logreg_many
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COLUMNS", "fit_probes", "probes"]
+__all__ = ["COLUMNS", "check_options", "fit_probes", "probes"]
 
 #: the columns of the table :func:`probes` returns
 COLUMNS = ["layer", "position", "train_acc", "test_acc", "relative_test_acc", "objective", "converged",
@@ -54,6 +56,34 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     if name not in _DTYPES:
         raise ValueError(f"dtype={dtype!r}: use torch.float32 or torch.float64")
     return name
+
+
+def check_options(C: float, dtype: torch.dtype | str, max_iter: int, tol: float) -> None:
+    """Raise ``ValueError`` naming the option and its fix if a probe fit option is unusable.
+
+    :func:`probes` calls it before extracting any feature, so a bad option costs no pass.
+    """
+    _dtype_name(dtype)
+    if isinstance(C, bool) or not isinstance(C, numbers.Real) or not (math.isfinite(C) and C > 0):
+        raise ValueError(f"C={C!r}: C is the inverse L2 strength and must be a positive finite number, "
+                         "e.g. C=1.0 (smaller C, stronger regularisation)")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"max_iter={max_iter!r}: give a positive integer, e.g. max_iter=1000")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol={tol!r}: give a positive gradient tolerance, e.g. tol=1e-6")
+
+
+def _check_labelled(data: Dataset, split: str) -> None:
+    """Refuse a dataset whose items carry no label, judged by its first item, before any pass."""
+    if len(data) == 0:
+        raise ValueError(f"the {split} dataset is empty; check its root or split")
+    item = data[0]
+    unlabelled = (isinstance(item, torch.Tensor)
+                  or (isinstance(item, (tuple, list)) and len(item) < 2)
+                  or (isinstance(item, dict) and item.get("y") is None))
+    if unlabelled:
+        raise ValueError(f"probes need labelled data, but the {split} dataset's items carry no labels; "
+                         "use a dataset of (x, y) items")
 
 
 def probes(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: LayerSpec,
@@ -84,7 +114,15 @@ def probes(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: La
     Returns:
         One row per probe with columns :data:`COLUMNS`; ``relative_test_acc = test_acc / model_acc``.
         ``position`` is ``"(i,j)"`` for pixelwise probes of 4-D outputs, else ``None``.
+
+    Raises:
+        ValueError: a bad fit option or downsampling, unlabelled data (both checked before any
+            extraction), or non-finite features (see :func:`fit_probes`).
     """
+    check_options(C, dtype, max_iter, tol)
+    downsample_name(downsample)
+    _check_labelled(train_data, "train")
+    _check_labelled(test_data, "test")
     train = extract_features(model, train_data, layers, downsample, out=out, batch_size=batch_size,
                              device=device, split="train", overwrite=overwrite)
     test = extract_features(model, test_data, layers, downsample, out=out, batch_size=batch_size,
@@ -113,10 +151,13 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
 
     Raises:
         LayerError: a layer is missing from one of the stores.
-        ValueError: the stores differ in downsampling, or labels are missing.
+        ValueError: a bad fit option, the stores differ in downsampling, labels are missing, or a
+            layer's features hold NaN or infinite values (the message names the layer and the
+            number of rows).
     """
     from ..engine import resolve_device  # lazy: the engine imports this package
 
+    check_options(C, dtype, max_iter, tol)
     dname = _dtype_name(dtype)
     if train.downsample != test.downsample:
         raise ValueError(f"the train store uses downsample={train.downsample!r} but the test store "
@@ -146,6 +187,8 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
             raise ValueError(f"layer {layer!r}: train features {tuple(x_train.shape[1:])} and test features "
                              f"{tuple(x_test.shape[1:])} differ in shape; re-extract both with the same "
                              "model")
+        for x, store, what in ((x_train, train, "training"), (x_test, test, "test")):
+            _check_finite(x, layer, what, store.root)
         for pos, xtr, xte in _positions(x_train, x_test, train.downsample):
             key = _cache_key(train.fingerprint, layer, pos, C, dname, train.downsample, max_iter, tol)
             res, cached = _load(cache, key) if cache is not None else (None, False)
@@ -196,6 +239,15 @@ def _fit_together(todo: list[dict[str, Any]], y: torch.Tensor, k: int, C: float,
                 _save(cache, p["key"], res, {"layer": p["layer"], "position": p["position"], **about})
 
 
+def _check_finite(x: torch.Tensor, layer: str, what: str, root: Path) -> None:
+    """Raise ``ValueError`` naming the layer and the count of rows holding NaN or infinite values."""
+    bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).sum())
+    if bad:
+        raise ValueError(f"layer {layer!r}: {bad} of {len(x)} {what} feature rows in {root} hold NaN or "
+                         "infinite values, which no probe can be fitted on; clean the data (non-finite "
+                         "inputs) or check the model (a layer that overflows or divides by zero)")
+
+
 def _positions(x_train: torch.Tensor, x_test: torch.Tensor, downsample: str) -> Any:
     """(position, train rows, test rows) per probe: one per spatial position for pixelwise maps."""
     if downsample != "pixelwise" or x_train.dim() == 2:
@@ -215,6 +267,7 @@ def _cache_key(features: str, layer: str, pos: str | None, C: float, dtype: str,
 
 
 def _load(cache: str | Path, key: str) -> tuple[LogRegResult | None, bool]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(cache) / f"{key}.safetensors"
@@ -228,7 +281,7 @@ def _load(cache: str | Path, key: str) -> tuple[LogRegResult | None, bool]:
                             objective=float(meta["objective"]), converged=bool(meta["converged"]),
                             n_iter=int(meta["n_iter"]),
                             grad_max=float(meta["grad_max"])), True
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         log.warning("ignoring the unreadable cached probe %s (%s); refitting", path, exc)
         return None, False
 
