@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+import unitscope
 from unitscope.coverage.cluster import CC
 from unitscope.coverage.neuron import KMNC, NBC, NC, SNAC
+from unitscope.models import WeightsError
 
 INF = math.inf
 TRAIN = torch.linspace(0, 1, 101)[:, None] * torch.tensor([[1.0, 2.0, -3.0]])
@@ -69,3 +72,49 @@ def test_cc_inf_row_is_not_a_representative():
     dirty.update(points)
     assert dirty.value() == clean.value() == 3.0
     assert torch.equal(dirty.representatives()["layer"], clean.representatives()["layer"])
+
+
+# ---------------------------------------------------------------------- set_weights: all or nothing
+def _bits(model: nn.Module) -> dict[str, bytes]:
+    return {k: v.detach().cpu().contiguous().numpy().tobytes() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("target", "value", "hint"), [
+    ("conv1", torch.zeros(16, 1, 3, 3), "mode='weight'"),
+    ("conv1:0", torch.zeros(1, 3, 3), "mode='weight'"),
+    ("conv1", torch.zeros(16), "mode='bias'"),
+    ("fc", torch.zeros(10, 5), "nothing was changed"),
+])
+def test_set_weights_tensor_that_fits_one_parameter_changes_nothing(target, value, hint):
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn")
+    before = _bits(model)
+    with pytest.raises(WeightsError, match=hint):
+        unitscope.set_weights(model, target, value)
+    assert _bits(model) == before
+
+
+def test_set_weights_source_model_with_a_bad_bias_changes_nothing():
+    torch.manual_seed(0)
+    model, donor = unitscope.load_model("digits-cnn"), unitscope.load_model("digits-cnn")
+    donor.conv1.bias = nn.Parameter(torch.zeros(8))
+    before = _bits(model)
+    with pytest.raises(WeightsError, match=r"conv1'.bias has shape \(8,\)"):
+        unitscope.set_weights(model, "conv1", donor)
+    assert _bits(model) == before
+
+
+def test_set_weights_bad_source_type_changes_nothing():
+    model = unitscope.load_model("digits-cnn")
+    before = _bits(model)
+    with pytest.raises(TypeError, match="a model, a number or a tensor, got list"):
+        unitscope.set_weights(model, "conv1", [1.0, 2.0])
+    assert _bits(model) == before
+
+
+def test_set_weights_one_element_tensor_of_any_rank_sets_weight_and_bias():
+    model = unitscope.load_model("digits-cnn")
+    unitscope.set_weights(model, "conv1", torch.full((1, 1, 1, 1), 0.25))
+    assert (model.conv1.weight == 0.25).all() and (model.conv1.bias == 0.25).all()
+    unitscope.set_weights(model, "conv1", torch.zeros(16, 1, 3, 3), mode="weight")
+    assert (model.conv1.weight == 0).all() and (model.conv1.bias == 0.25).all()

@@ -127,7 +127,13 @@ def set_weights(model: nn.Module, target: str, source: nn.Module | float | torch
             weight and bias).
         source: a model of the same architecture (the same layer is copied from it), a number
             (every addressed value is set to it) or a tensor of the addressed shape.
-        mode: ``"both"``, ``"weight"`` or ``"bias"``.
+        mode: ``"both"``, ``"weight"`` or ``"bias"``. With ``"both"``, a tensor ``source`` must fit
+            the weight and the bias (a one-element tensor always does); a weight-shaped tensor
+            needs ``mode="weight"``.
+
+    Raises:
+        WeightsError: a source does not fit; every shape is checked before anything is written,
+            so the model is unchanged after any error.
 
     Example:
         >>> import unitscope
@@ -152,24 +158,54 @@ def set_weights(model: nn.Module, target: str, source: nn.Module | float | torch
             src_module = source.get_submodule(layer)
         except AttributeError:
             raise LayerError(f"the source model has no layer {layer!r}") from None
+    elif not isinstance(source, torch.Tensor):
+        try:
+            source = torch.tensor(float(source))
+        except (TypeError, ValueError):
+            raise TypeError(f"set_weights source must be a model, a number or a tensor, got "
+                            f"{type(source).__name__}") from None
+    # every value is checked and converted first, so an error leaves the model unchanged
     with torch.no_grad():
-        for name, param in params.items():
-            dest = param if unit is None else _unit_slice(param, unit, layer)
-            if src_module is not None:
-                value = getattr(src_module, name, None)
-                if not isinstance(value, torch.Tensor) or value.shape != param.shape:
-                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-                    raise WeightsError(f"source layer {layer!r}.{name} has shape {got}, "
-                                       f"the model's is {tuple(param.shape)}")
-                value = value if unit is None else value[unit]
-            elif isinstance(source, torch.Tensor):
-                value = source
-                if value.shape != dest.shape and value.numel() != 1:
-                    raise WeightsError(f"{target} {name} has shape {tuple(dest.shape)}, "
-                                       f"the value has {tuple(value.shape)}")
-            else:
-                value = torch.tensor(float(source))
-            dest.copy_(value.to(dest.device, dest.dtype).expand_as(dest))
+        writes = [_planned_write(target, layer, name, params, unit, mode, source, src_module)
+                  for name in params]
+        for dest, value in writes:
+            dest.copy_(value)
+
+
+def _planned_write(target: str, layer: str, name: str, params: dict[str, torch.Tensor], unit: int | None,
+                   mode: str, source: torch.Tensor | nn.Module, src_module: nn.Module | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(destination, value)`` of one parameter, the value already cast and expanded to fit."""
+    param = params[name]
+    dest = param if unit is None else _unit_slice(param, unit, layer)
+    if src_module is not None:
+        value = getattr(src_module, name, None)
+        if not isinstance(value, torch.Tensor) or value.shape != param.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            raise WeightsError(f"source layer {layer!r}.{name} has shape {got}, "
+                               f"the model's is {tuple(param.shape)}; nothing was changed")
+        value = value if unit is None else value[unit]
+    else:
+        assert isinstance(source, torch.Tensor)
+        value = source
+        if value.numel() == 1:
+            value = value.reshape(())
+        elif value.shape != dest.shape:
+            raise WeightsError(_shape_message(target, name, dest, value, params, unit, mode))
+    return dest, value.detach().to(dest.device, dest.dtype).expand_as(dest)
+
+
+def _shape_message(target: str, name: str, dest: torch.Tensor, value: torch.Tensor,
+                   params: dict[str, torch.Tensor], unit: int | None, mode: str) -> str:
+    """Why a tensor source does not fit, with the ``mode`` that would take it when there is one."""
+    msg = (f"{target} {name} has shape {tuple(dest.shape)}, the value has {tuple(value.shape)}; "
+           "nothing was changed")
+    if mode == "both":
+        fits = [n for n, p in params.items() if (p.shape if unit is None else p.shape[1:]) == value.shape]
+        if fits:
+            msg += (f". A tensor with mode='both' must fit the weight and the bias; to set only the "
+                    f"{fits[0]}, pass mode={fits[0]!r}")
+    return msg
 
 
 def _unit_slice(param: torch.Tensor, unit: int, layer: str) -> torch.Tensor:
