@@ -71,3 +71,77 @@ def test_json_config_must_be_an_object(tmp_path):
     cfg = write(tmp_path / "c.json", json.dumps([{"model": "digits-cnn", "dataset": "digits"}]))
     with pytest.raises(ConfigError, match=r"holds a list, but a config is a table of keys"):
         run_config(cfg, out=tmp_path / "runs", progress=False)
+
+
+PROBES = 'experiment = "probes"\nmodel = "digits-cnn"\ndataset = "digits"\nlayers = ["fc"]\ndownsample = 1\n'
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("C = 0.0\n", "C=0.0: C is the inverse L2 strength and must be a positive finite number"),
+    ('dtype = "float16"\n', "dtype='float16': use float32 or float64"),
+    ("downsample = 0\n", "downsample=0: use a positive int"),
+])
+def test_bad_probe_options_fail_before_any_work(tmp_path, monkeypatch, extra, message):
+    import unitscope.features
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted before the options were checked")
+
+    monkeypatch.setattr(unitscope.features, "extract_features", no_extraction)
+    cfg = write(tmp_path / "pr.toml", PROBES.replace("downsample = 1\n", "") + extra)
+    with pytest.raises(ConfigError) as info:
+        run_config(cfg, out=tmp_path / "runs", progress=False)
+    assert message in str(info.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def with_weights(tmp_path):
+    """The probes config with a fixed weights file, so reruns see the same model."""
+    import torch
+
+    import unitscope
+
+    torch.save(unitscope.load_model("digits-cnn").state_dict(), tmp_path / "w.pt")
+    return write(tmp_path / "pr.toml", PROBES + f'weights = "{tmp_path / "w.pt"}"\n')
+
+
+def test_failed_probes_run_leaves_no_run_directory_and_resumes(tmp_path, monkeypatch):
+    import unitscope
+    from unitscope.analyses import probes as probes_mod
+
+    cfg = with_weights(tmp_path)
+    target = tmp_path / "runs" / "pr" / "digits-cnn_digits"
+    partial = tmp_path / "runs" / "pr" / "digits-cnn_digits.partial"
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("fit failed")
+
+    monkeypatch.setattr(probes_mod, "fit_logreg_many", broken_fit)
+    with pytest.raises(RuntimeError, match="fit failed"):
+        run_config(cfg, out=tmp_path / "runs", progress=False)
+    assert not target.exists()
+    assert sorted(p.name for p in (tmp_path / "runs" / "pr").iterdir()) == ["digits-cnn_digits.partial"]
+    stamp = (partial / "features" / "train" / "progress.json").stat().st_mtime_ns
+    monkeypatch.undo()
+    assert run_config(cfg, out=tmp_path / "runs", progress=False) == [(target, "done")]
+    assert not partial.exists()
+    # the features of the failed attempt were reused, not extracted again
+    assert (target / "features" / "train" / "progress.json").stat().st_mtime_ns == stamp
+    assert unitscope.load_run(target).table("probes")["layer"].tolist() == ["fc"]
+
+
+def test_features_left_in_the_run_directory_by_older_versions_are_moved_out(tmp_path):
+    import unitscope
+    from unitscope.features import extract_features
+
+    cfg = with_weights(tmp_path)
+    target = tmp_path / "runs" / "pr" / "digits-cnn_digits"
+    model = unitscope.load_model("digits-cnn", weights=tmp_path / "w.pt")
+    extract_features(model, unitscope.load_dataset("digits", "train"), ["fc"], 1, out=target / "features",
+                     split="train")
+    stamp = (target / "features" / "train" / "progress.json").stat().st_mtime_ns
+    assert run_config(cfg, out=tmp_path / "runs", progress=False) == [(target, "done")]
+    assert unitscope.load_run(target).manifest["status"] == "complete"
+    assert (target / "features" / "train" / "progress.json").stat().st_mtime_ns == stamp
+    assert (target / "features" / "test" / "progress.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs" / "pr").iterdir()) == ["digits-cnn_digits"]

@@ -394,25 +394,49 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
 
 @EXPERIMENTS.register("probes")
 def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
-    """Logistic-regression probes per layer on extracted features (stored under ``target``)."""
+    """Logistic-regression probes per layer on extracted features (kept in the run as ``features/``).
+
+    The options are checked before anything is loaded or written. Features are extracted into
+    ``TARGET.partial/features`` (an interrupted extraction resumes from there, as an analysis pass
+    resumes from ``TARGET.partial``; features of another model, such as another random
+    initialisation, are recomputed) and moved into the run directory when it is written whole.
+    """
+    import shutil
+
     import torch
 
-    from .analyses.probes import probes
+    from .analyses.probes import check_options, probes
     from .analyses.saturation import DEFAULT_LAYERS
     from .data import load_dataset
+    from .features import downsample_name
     from .models import load_model
+    from .results import is_complete
 
-    model = load_model(config["model"], weights=config.get("weights"))
-    options = config.get("dataset_options", {})
     dtypes = {"float32": torch.float32, "float64": torch.float64}
     if config["dtype"] not in dtypes:
         raise ConfigError(f"dtype={config['dtype']!r}: use float32 or float64")
+    try:
+        check_options(config["C"], config["dtype"], 1000, 1e-6)
+        downsample_name(config["downsample"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    partial = Path(f"{target}.partial")
+    features = partial / "features"
+    legacy = target / "features"  # left by versions that extracted into the run directory itself
+    if legacy.is_dir() and not is_complete(target) and not features.exists():
+        partial.mkdir(parents=True, exist_ok=True)
+        legacy.rename(features)
+        if not any(target.iterdir()):
+            target.rmdir()
+    model = load_model(config["model"], weights=config.get("weights"))
+    options = config.get("dataset_options", {})
     table = probes(model, load_dataset(config["dataset"], "train", **options),
                    load_dataset(config["dataset"], "test", **options),
                    config.get("layers") or list(DEFAULT_LAYERS), downsample=config["downsample"],
-                   out=target / "features", C=config["C"], dtype=dtypes[config["dtype"]],
-                   batch_size=config["batch_size"], device=config["device"])
-    write_table_run(target, "probes", table, config)
+                   out=features, C=config["C"], dtype=dtypes[config["dtype"]],
+                   batch_size=config["batch_size"], device=config["device"], overwrite=True)
+    write_table_run(target, "probes", table, config, features=features)
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 @EXPERIMENTS.register("receptive-field")
@@ -436,8 +460,14 @@ def _receptive_field(config: dict[str, Any], target: Path, progress: bool) -> No
 
 
 def write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
-                     extra: dict[str, Any] | None = None) -> None:
-    """Save tables that come from no streaming pass as a run directory (manifest written last)."""
+                     extra: dict[str, Any] | None = None, features: Path | None = None) -> None:
+    """Save tables that come from no streaming pass as a run directory, atomically.
+
+    The directory is built beside ``target`` and renamed into place (see
+    :func:`unitscope.results.atomic_directory`), so a failure leaves the previous run or nothing.
+    ``extra`` holds further tables by name; ``features``, a directory, is moved into the run as
+    ``features/``.
+    """
     import platform
     import time
 
@@ -446,14 +476,13 @@ def write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
     from . import __version__
     from .results import atomic_directory
 
-    keep = target / "features" if (target / "features").is_dir() else None
     with atomic_directory(target) as tmp:
         (tmp / "tables").mkdir()
         table.to_parquet(tmp / "tables" / f"{name}.parquet", index=False)
         for key, frame in (extra or {}).items():
             frame.to_parquet(tmp / "tables" / f"{key}.parquet", index=False)
-        if keep is not None:
-            keep.rename(tmp / "features")
+        if features is not None:
+            features.rename(tmp / "features")
         from ._toml import dumps
 
         (tmp / "config.toml").write_text(dumps(config))
