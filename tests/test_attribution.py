@@ -178,3 +178,12 @@ def test_lrp_with_inplace_relu_equals_a_copy_without(digits_model):
         assert torch.equal(ours[k], ref[k]), k
     assert torch.equal(attribute(digits_model, x, 2), attribute(plain, x, 2))
     assert all(m.inplace for m in digits_model.modules() if hasattr(m, "inplace"))
+
+
+@pytest.mark.parametrize("method", ["lrp", "saliency"])
+def test_wrong_input_shape_names_the_expected_and_the_given_shape(digits_model, method):
+    with pytest.raises(unitscope.InputError, match=r"expects one sample of shape \(1, 8, 8\).*\(3, 8, 8\)"):
+        attribute(digits_model, torch.randn(4, 3, 8, 8), method=method)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(unitscope.InputError, match=r"cannot run on samples of shape \(3, 9, 9\)"):
+        attribute(net, torch.randn(2, 3, 9, 9), method=method)

@@ -145,3 +145,19 @@ def test_features_left_in_the_run_directory_by_older_versions_are_moved_out(tmp_
     assert (target / "features" / "train" / "progress.json").stat().st_mtime_ns == stamp
     assert (target / "features" / "test" / "progress.json").is_file()
     assert sorted(p.name for p in (tmp_path / "runs" / "pr").iterdir()) == ["digits-cnn_digits"]
+
+
+def test_layer_info_and_layers_command_name_the_expected_shape(capsys):
+    import unitscope
+    from unitscope.cli import main
+    from unitscope.models.info import layer_info
+
+    model = unitscope.load_model("digits-cnn")
+    with pytest.raises(unitscope.InputError, match=r"expects one sample of shape \(1, 8, 8\).*is \(3, 8\)"):
+        layer_info(model, (3, 8))
+    with pytest.raises(ValueError, match="positive sizes"):
+        layer_info(model, (1, 0, 8))
+    assert layer_info(model, (1, 16, 16)).set_index("name").loc["conv1", "output_shape"] == "(16, 16, 16)"
+    assert main(["layers", "digits-cnn", "--input-shape", "3,8"]) == 1
+    err = capsys.readouterr().err
+    assert "expects one sample of shape (1, 8, 8)" in err and "(3, 8)" in err and "Traceback" not in err

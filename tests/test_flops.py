@@ -68,3 +68,16 @@ def test_resnet18_total():
 def test_bad_input_shape():
     with pytest.raises(ValueError, match="shape of one sample"):
         flops(nn.Linear(3, 2), 3)
+
+
+def test_wrong_input_shape_names_the_expected_and_the_given_shape():
+    model = unitscope.load_model("digits-cnn")
+    with pytest.raises(unitscope.InputError, match=r"expects one sample of shape \(1, 8, 8\).*\(3, 8, 8\)"):
+        flops(model, (3, 8, 8))
+    with pytest.raises(ValueError, match="positive sizes"):
+        flops(model, (1, -8, 8))
+    # a model without a declared shape: torch's failure becomes one naming the shape given
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    with pytest.raises(unitscope.InputError, match=r"cannot run on samples of shape \(3, 9, 9\)"):
+        flops(net, (3, 9, 9))
+    assert flops(model, (1, 16, 16)).flops.sum() > flops(model, (1, 8, 8)).flops.sum()  # other sizes run

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .capture import resolve_layers
+from .models.info import check_input_shape, forward_checked
 
 METHODS = ("lrp", "integrated_gradients", "saliency", "deeplift", "gradient_shap")
 
@@ -183,7 +184,7 @@ def lrp(model: nn.Module, inputs: torch.Tensor, target: Any = None, layers: Sequ
             for name, module in modules.items():
                 handles.append(module.register_forward_hook(hook_for(name)))
             with torch.enable_grad():
-                output = model(x)
+                output = forward_checked(model, x)
                 t = check_target(target, output)
                 start = torch.zeros_like(output)
                 start.scatter_(1, t[:, None], output.detach().gather(1, t[:, None]))
@@ -256,11 +257,14 @@ def attribute(model: nn.Module, inputs: torch.Tensor, target: Any = None, method
 
     Raises:
         AttributionError: unknown method or rule set, or a target out of range.
+        unitscope.InputError: the inputs do not fit the model (the message names the sample shape
+            it declares, if any, and the one given).
     """
     if method not in METHODS:
         raise AttributionError(f"unknown attribution method {method!r}; use one of {', '.join(METHODS)}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise AttributionError("inputs must be a batch tensor of shape (N, ...)")
+    check_input_shape(model, tuple(inputs.shape[1:]), what="the shape of one input")
     names = _layer_list(model, layer)
     single = isinstance(layer, str) and len(names) == 1
     if method == "lrp":
@@ -272,7 +276,7 @@ def attribute(model: nn.Module, inputs: torch.Tensor, target: Any = None, method
         raise AttributionError("abs= is an option of saliency only")
     with _neutral(model):
         with torch.no_grad():
-            t = check_target(target, model(inputs))
+            t = check_target(target, forward_checked(model, inputs))
         x = inputs.detach().clone().requires_grad_(True)
         modules = _module_map(model, names)
         if layer is None:

@@ -12,15 +12,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..models.info import check_input_shape, forward_checked
 from ..models.modes import preserved
 
 __all__ = ["flops", "flops_total"]
 
 
 def _input(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> torch.Tensor:
-    if isinstance(input_shape, int) or len(input_shape) < 1:
-        raise ValueError(f"input_shape must be the shape of one sample, e.g. (3, 224, 224), "
-                         f"got {input_shape!r}")
+    input_shape = check_input_shape(model, input_shape)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     param = next(model.parameters(), None)
@@ -36,7 +35,7 @@ def _count(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> t
     x = _input(model, input_shape, batch_size)
     with preserved(model), torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
         model.eval()
-        model(x)
+        forward_checked(model, x)
     total = int(counter.get_total_flops())
     root = type(model).__name__
     per_module: dict[str, int] = {}
@@ -57,6 +56,11 @@ def flops(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1) -
         input_shape: the shape of one sample without the batch dimension, e.g. (3, 224, 224);
             ``unitscope.models.registry.default_input_shape(name)`` gives a registered model's.
         batch_size: samples in the forward; FLOPs scale linearly with it.
+
+    Raises:
+        ValueError: ``input_shape`` is not a shape of positive sizes, or ``batch_size`` < 1.
+        unitscope.InputError: the model cannot run on ``input_shape`` (the message names the shape
+            it declares, if any).
 
     Returns:
         A DataFrame with columns ``layer`` (``named_modules()`` name), ``type``, ``flops`` (a

@@ -1,6 +1,15 @@
-"""What a model is made of: one row per module with its type, output shape and parameters."""
+"""What a model is made of: one row per module with its type, output shape and parameters.
+
+Also the input-shape checks that :func:`layer_info`, :func:`unitscope.analyses.flops.flops` and
+:func:`unitscope.attribution.attribute` share: :func:`check_input_shape` compares the shape of one
+sample with the model's declared ``input_shape`` and :func:`forward_checked` turns a forward that
+fails on a wrong shape into an error naming the expected and the given shape.
+"""
 
 from __future__ import annotations
+
+import numbers
+from typing import Any
 
 import pandas as pd
 import torch
@@ -9,11 +18,78 @@ from torch import nn
 from .modes import preserved
 
 
+def _input_error(message: str) -> ValueError:
+    from ..engine import InputError  # lazy: the engine imports this package
+
+    return InputError(message)
+
+
+def _expects(model: nn.Module) -> str:
+    expected = getattr(model, "input_shape", None)
+    return f"{tuple(expected)} (channels, height, width)" if expected is not None else ""
+
+
+def check_input_shape(model: nn.Module, shape: Any, what: str = "input_shape") -> tuple[int, ...]:
+    """The shape of one sample as a tuple of positive ints, checked against ``model.input_shape``.
+
+    Args:
+        model: the network; when it declares ``input_shape``, a sample must have as many
+            dimensions and the same channel count (the spatial size may differ: models with
+            global pooling take any size, and a forward of the wrong size fails in
+            :func:`forward_checked`).
+        shape: the shape of one sample, without the batch dimension.
+        what: the argument's name, for the message.
+
+    Raises:
+        ValueError: ``shape`` is not a sequence of positive ints.
+        unitscope.InputError: ``shape`` does not fit the model's declared input shape.
+    """
+    if isinstance(shape, (int, str)) or not hasattr(shape, "__len__") or len(shape) < 1 or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in shape):
+        raise ValueError(f"{what}={shape!r}: give the shape of one sample as positive sizes, "
+                         "e.g. (3, 224, 224) (channels, height, width)")
+    shape = tuple(int(v) for v in shape)
+    expected = getattr(model, "input_shape", None)
+    if expected is not None and (len(shape) != len(expected) or shape[0] != expected[0]):
+        raise _input_error(f"{type(model).__name__} expects one sample of shape {_expects(model)}, but "
+                           f"{what} is {shape}; pass {tuple(expected)} or pick the matching model")
+    return shape
+
+
+def forward_checked(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)``; a forward that fails on the shape of ``x`` raises an error naming both shapes.
+
+    A ``RuntimeError`` of the forward (torch's conv / matmul shape errors) becomes
+    :class:`unitscope.InputError` naming the given sample shape, the declared one if the model
+    has it, and torch's own message. Out-of-memory errors and failures on a sample of exactly
+    the declared shape (not a shape problem) are raised unchanged.
+    """
+    try:
+        return model(x)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        given = tuple(x.shape[1:])
+        expected = getattr(model, "input_shape", None)
+        if expected is not None and given == tuple(expected):
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        hint = (f"it expects {_expects(model)}" if expected is not None
+                else "give the shape one sample of its data has, (channels, height, width)")
+        raise _input_error(f"{type(model).__name__} cannot run on samples of shape {given} ({first}); "
+                           f"{hint}") from exc
+
+
 def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> pd.DataFrame:
     """A table of ``model``'s modules: name, type, input and output shape, channels, parameters.
 
     Output shapes come from one forward of a zero batch of ``input_shape`` (channels, height,
     width), or of ``model.input_shape`` when the model declares it; without either they are empty.
+
+    Raises:
+        ValueError: ``input_shape`` is not a shape of positive sizes.
+        unitscope.InputError: the model cannot run on ``input_shape`` (the message names the shape it
+            declares, if any).
 
     Example:
         >>> import unitscope
@@ -22,7 +98,10 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
         >>> info.set_index("name").loc["conv2", "output_shape"]
         '(32, 8, 8)'
     """
-    input_shape = input_shape or getattr(model, "input_shape", None)
+    if input_shape is not None:
+        input_shape = check_input_shape(model, input_shape)
+    else:
+        input_shape = getattr(model, "input_shape", None)
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
     if input_shape is not None:
         handles = []
@@ -42,7 +121,7 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
             x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
             with preserved(model), torch.inference_mode():
                 model.eval()
-                model(x)
+                forward_checked(model, x)
         finally:
             for h in handles:
                 h.remove()
