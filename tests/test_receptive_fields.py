@@ -176,3 +176,9 @@ def test_plot_is_agg_safe():
         fig = plot_receptive_fields(table)
     assert type(fig).__name__ == "Figure"
     assert table.border.tolist() == [False, False, False, False, True, True]
+
+
+@pytest.mark.parametrize("size", [-5, 0, (0, 8), (1, -3, 3)])
+def test_non_positive_input_size_is_refused(size):
+    with pytest.raises(ValueError, match="must be a positive size"):
+        receptive_fields(convs(1), size)

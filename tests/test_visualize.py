@@ -243,3 +243,10 @@ def test_demo_part_adds_visualisations_of_shapes_cnn():
     similarity.demo(ctx)
     assert run.arrays["visualize"]["images"].shape == (8, 3, 64, 64)
     assert len(similarity.SECTIONS["visualize"](run)) == 2
+
+
+@pytest.mark.parametrize(("option", "value"), [("size", -3), ("size", 0), ("size", 2.5), ("channels", 0)])
+def test_non_positive_size_is_refused_not_replaced_by_the_default(option, value):
+    model = unitscope.load_model("digits-cnn")
+    with pytest.raises(ValueError, match=f"{option} must be a positive size"):
+        visualize(model, ["conv1:0"], steps=1, **{option: value})

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -337,6 +338,7 @@ def visualize(model: nn.Module, targets: Sequence[Any], size: int | None = None,
 
     Raises:
         IndexError: a target channel is out of range for its layer.
+        ValueError: ``size`` or ``channels`` is not a positive int, or ``steps`` not positive.
         VisualizationError: the objective or its gradient became NaN or infinite.
     """
     from .engine import resolve_device
@@ -346,8 +348,8 @@ def visualize(model: nn.Module, targets: Sequence[Any], size: int | None = None,
     if not thresholds or thresholds[0] < 1:
         raise ValueError(f"steps={steps!r}: give a positive number of steps or a list of them")
     shape = getattr(model, "input_shape", None)
-    channels = channels or (shape[0] if shape else 3)
-    size = size or (shape[-1] if shape else 224)
+    channels = _positive("channels", channels, shape[0] if shape else 3)
+    size = _positive("size", size, shape[-1] if shape else 224)
     input_hw = tuple(shape[1:]) if shape else None
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -385,6 +387,16 @@ def visualize(model: nn.Module, targets: Sequence[Any], size: int | None = None,
             bar.close()
     return Visualization(images=snapshots[thresholds[-1]], snapshots=snapshots, trace=trace,
                          targets=list(targets))
+
+
+def _positive(name: str, value: Any, default: int) -> int:
+    """``value`` checked to be a positive int; ``default`` when it is None (never for 0)."""
+    if value is None:
+        return int(default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r}: {name} must be a positive size, e.g. {name}={default} "
+                         f"(or leave it out for {default})")
+    return int(value)
 
 
 def _bar(total: int, enabled: bool) -> Any:

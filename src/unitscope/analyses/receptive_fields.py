@@ -131,13 +131,20 @@ def _run_message(model: nn.Module, x: torch.Tensor, exc: BaseException | None) -
 
 
 def _image_size(input_size: int | tuple[int, int] | tuple[int, int, int]) -> tuple[int, int]:
-    if isinstance(input_size, int):
-        return input_size, input_size
-    size = tuple(int(v) for v in input_size)
-    if len(size) == 3:  # (C, H, W)
-        size = size[1:]
-    if len(size) != 2:
-        raise ValueError(f"input_size must be an int or (H, W) (or (C, H, W)), got {input_size!r}")
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        size: tuple[int, ...] = (input_size, input_size)
+    else:
+        try:
+            size = tuple(int(v) for v in input_size)
+        except (TypeError, ValueError):
+            size = ()
+        if len(size) == 3:  # (C, H, W)
+            size = size[1:]
+        if len(size) != 2:
+            raise ValueError(f"input_size must be an int or (H, W) (or (C, H, W)), got {input_size!r}")
+    if min(size) < 1:
+        raise ValueError(f"input_size={input_size!r}: the image side must be a positive size, e.g. "
+                         "input_size=224 or (224, 224)")
     return size  # type: ignore[return-value]
 
 
@@ -239,6 +246,9 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
         ``output_size`` (map height), ``input_rf_size`` (the RF of the layer's input) and
         ``border`` (the RF covers the whole input on both axes). ``table.attrs["input_size"]``
         holds (H, W). A module called several times (a shared ReLU) reports its largest RF.
+
+    Raises:
+        ValueError: ``input_size`` is not a positive size, or the model cannot run on it.
 
     Example:
         >>> from torch import nn
