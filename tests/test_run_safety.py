@@ -129,3 +129,20 @@ def test_extract_features_reports_a_module_called_twice(tmp_path, shared):
     torch.testing.assert_close(store.features("relu", as_tensor=True), second)
     with pytest.raises(ValueError, match="calls='all'"):
         extract_features(model, data, ["relu"], None, out=tmp_path / "h", calls="all")
+
+
+def test_unitscope_run_refuses_a_target_that_is_not_a_run(tmp_path):
+    import shutil
+
+    from unitscope.experiments import run_config
+
+    cfg = tmp_path / "rf.toml"
+    cfg.write_text('experiment = "receptive-field"\nmodel = "digits-cnn"\n')
+    [(target, status)] = run_config(cfg, out=tmp_path / "runs", progress=False)
+    assert status == "done"
+    shutil.rmtree(target)
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="not a unitscope run"):
+        run_config(cfg, out=tmp_path / "runs", progress=False, force=True)
+    assert (target / "notes.txt").read_text() == "mine"

@@ -272,9 +272,14 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def run_experiment(config: dict[str, Any], target: Path, force: bool = False,
                    progress: bool = True) -> str:
-    """Run one resolved experiment into ``target``; return ``"done"`` or ``"skipped"``."""
-    from .results import is_complete
+    """Run one resolved experiment into ``target``; return ``"done"`` or ``"skipped"``.
 
+    A ``target`` that exists and is neither empty nor a run directory is refused before any work
+    (:func:`unitscope.results.check_replaceable`): its files would be replaced.
+    """
+    from .results import check_replaceable, is_complete
+
+    check_replaceable(target)
     if is_complete(target) and not force:
         recorded = json.loads((target / "manifest.json").read_text()).get("config", {})
         if recorded == json.loads(json.dumps(config)):
@@ -474,8 +479,9 @@ def write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
     import torch
 
     from . import __version__
-    from .results import atomic_directory
+    from .results import atomic_directory, check_replaceable
 
+    check_replaceable(target)
     with atomic_directory(target) as tmp:
         (tmp / "tables").mkdir()
         table.to_parquet(tmp / "tables" / f"{name}.parquet", index=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,19 +113,20 @@ class Run:
         return path
 
 
-def check_replaceable(path: Path, expected: Collection[str] = ()) -> None:
-    """Refuse to replace ``path`` unless it is missing, empty, a run directory or ours.
+def check_replaceable(path: Path) -> None:
+    """Refuse to replace ``path`` unless it is missing, empty or a run directory.
 
-    A run directory has a ``manifest.json`` (finished or not). ``expected`` names entries a
-    caller itself put there (the features of a probes run). Anything else is somebody's files:
-    replacing it would delete them, so this raises :class:`RunError` before any work is done.
+    A run directory has a ``manifest.json`` (finished or not), or holds only ``features/`` (an
+    unfinished probes run of an earlier version, whose features the probes experiment moves out
+    and reuses). Anything else is somebody's files: replacing it would delete them, so this
+    raises :class:`RunError` (call it before any work).
     """
     if not path.exists():
         return
     if not path.is_dir():
         raise RunError(f"{path} exists and is a file, not a run directory; choose another output path")
     entries = {p.name for p in path.iterdir()}
-    if not entries or "manifest.json" in entries or entries <= set(expected):
+    if not entries or "manifest.json" in entries or entries == {"features"}:
         return
     shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
     raise RunError(f"{path} exists and is not a unitscope run (no manifest.json; it holds {shown}); "

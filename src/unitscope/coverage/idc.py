@@ -443,7 +443,7 @@ class IDC(Accumulator):
             self._seen.append(0)
 
     def _ids(self, g: int, layers: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mixed-radix combination id of every input for group ``g`` (-1 where a value is NaN)."""
+        """Mixed-radix combination id of every input for group ``g`` (-1 where a value is NaN or inf)."""
         group = self.groups[g]
         n = next(iter(layers.values())).shape[0]
         ids = torch.zeros(n, dtype=torch.int64)
@@ -453,7 +453,7 @@ class IDC(Accumulator):
             v = layers[layer][:, unit].cpu()
             c = self.centroids[(layer, unit)]
             ids += assign(v, c) * radix
-            bad |= torch.isnan(v)
+            bad |= ~torch.isfinite(v)
             radix *= len(c)
         ids[bad] = -1
         return ids

@@ -341,7 +341,7 @@ class _StoredTraces(_Surprise):
     def _fit_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
         assert classes is not None
         at = self._trace(layers).float()
-        ok = ~torch.isnan(at).any(1)
+        ok = torch.isfinite(at).all(1)  # NaN or inf rows stay out of the profile
         at, classes = at[ok], classes[ok]
         train = self._sh.get("train")
         total = at.shape[0] + (0 if train is None else train.shape[0])
@@ -634,7 +634,7 @@ class MDSC(_Surprise):
     def _fit_layers(self, layers: dict[str, torch.Tensor], classes: torch.Tensor | None) -> None:
         assert classes is not None
         at = self._trace(layers).double()
-        ok = ~torch.isnan(at).any(1)
+        ok = torch.isfinite(at).all(1)  # NaN or inf rows stay out of the profile
         at, classes = at[ok], classes[ok]
         if not len(at):
             return
