@@ -301,6 +301,9 @@ def _analyze(config: dict[str, Any], target: Path, progress: bool) -> None:
     names = config.get("analyses") or ["moments"]
     analyses = []
     for name in names:
+        if name in ("sensitivity", "coverage"):
+            raise ConfigError(f"analyses = [{name!r}]: {name} needs its own design or a training "
+                              f"profile; use experiment = \"{name}\" instead of experiment = \"analyze\"")
         options = config.get(name, {})
         known = [p for p in inspect.signature(ANALYSES[name]).parameters if p != "self"]
         unknown = sorted(set(options) - set(known))

@@ -191,7 +191,12 @@ def load_run(path: str | Path) -> Run:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError as exc:
         raise RunError(f"{manifest_file} is corrupt ({exc}); rerun the analysis") from exc
-    tables = {p.stem: pd.read_parquet(p) for p in sorted((path / "tables").glob("*.parquet"))}
+    tables = {}
+    for p in sorted((path / "tables").glob("*.parquet")):
+        try:
+            tables[p.stem] = pd.read_parquet(p)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise RunError(f"{p} is corrupt ({type(exc).__name__}: {exc}); rerun the analysis") from exc
     arrays: dict[str, dict[str, torch.Tensor]] = {}
     if (path / "arrays").is_dir():
         from safetensors.torch import load_file
@@ -222,6 +227,11 @@ def merge_runs(paths: list[str | Path]) -> Run:
     if not paths:
         raise RunError("nothing to merge: name the shard run directories")
     runs = [load_run(p) for p in paths]
+    for p, r in zip(paths, runs):
+        if "model" not in r.manifest or "data" not in r.manifest or not r.analyses:
+            kind = r.manifest.get("kind", "unknown")
+            raise RunError(f"{p} is not an analysis pass (its kind is {kind!r}); only runs of "
+                           "analyze(shard=...) or `unitscope run` analyze experiments can be merged")
     first = runs[0].manifest
     for p, r in zip(paths, runs):
         m = r.manifest

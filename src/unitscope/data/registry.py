@@ -7,6 +7,7 @@ images) and ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100`` (torchvision
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,13 @@ def load_dataset(name: str, split: str = "test", **kwargs: Any) -> Dataset:
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    return DATASETS[name](split=split, **kwargs)
+    build = DATASETS[name]
+    known = [p for p in inspect.signature(build).parameters if p != "split"]
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ValueError(f"dataset {name!r} has no option {unknown[0]!r}; its options: "
+                         f"{', '.join(known) or 'none'}")
+    return build(split=split, **kwargs)
 
 
 @DATASETS.register("digits")
