@@ -44,3 +44,13 @@ def test_a_damaged_table_file_names_the_file(table_run):
     damaged.write_bytes(b"garbage")
     with pytest.raises(RunError, match=f"{damaged.name} is corrupt"):
         unitscope.load_run(table_run)
+
+
+def test_a_model_without_weights_gets_the_same_random_weights_on_every_run(tmp_path):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('experiment = "analyze"\nmodel = "digits-cnn"\ndataset = "digits"\nlayers = ["fc"]\n')
+    [(first, _)] = run_config(cfg, out=tmp_path / "one", progress=False)
+    [(second, _)] = run_config(cfg, out=tmp_path / "two", progress=False)
+    a, b = unitscope.load_run(first), unitscope.load_run(second)
+    assert a.manifest["model"]["fingerprint"] == b.manifest["model"]["fingerprint"]
+    assert a.table("moments").equals(b.table("moments"))

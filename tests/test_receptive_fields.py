@@ -182,3 +182,11 @@ def test_plot_is_agg_safe():
 def test_non_positive_input_size_is_refused(size):
     with pytest.raises(ValueError, match="must be a positive size"):
         receptive_fields(convs(1), size)
+
+
+def test_fractional_input_size_is_refused_not_rounded():
+    with pytest.raises(ValueError, match="whole pixels"):
+        receptive_fields(convs(1), (8.5, 8))
+    with pytest.raises(ValueError, match="an int or"):
+        receptive_fields(convs(1), 8.5)
+    assert receptive_fields(convs(1), (8.0, 8)).attrs["input_size"] == (8, 8)

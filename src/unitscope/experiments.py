@@ -275,8 +275,12 @@ def run_experiment(config: dict[str, Any], target: Path, force: bool = False,
     """Run one resolved experiment into ``target``; return ``"done"`` or ``"skipped"``.
 
     A ``target`` that exists and is neither empty nor a run directory is refused before any work
-    (:func:`unitscope.results.check_replaceable`): its files would be replaced.
+    (:func:`unitscope.results.check_replaceable`): its files would be replaced. The experiment
+    starts from ``torch.manual_seed(seed)`` (the config's ``seed``, default 0), so a model
+    without a weights file gets the same random weights on every run.
     """
+    import torch
+
     from .results import check_replaceable, is_complete
 
     check_replaceable(target)
@@ -287,6 +291,7 @@ def run_experiment(config: dict[str, Any], target: Path, force: bool = False,
         diff = sorted(k for k in set(recorded) | set(config) if recorded.get(k) != config.get(k))
         raise ConfigError(f"{target} holds a finished run with another config (differs in "
                           f"{', '.join(diff)}); use another --run-id, or --force to overwrite it")
+    torch.manual_seed(int(config.get("seed", 0)))
     EXPERIMENTS[config["experiment"]](config, target, progress)
     return "done"
 

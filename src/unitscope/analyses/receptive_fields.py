@@ -135,9 +135,12 @@ def _image_size(input_size: int | tuple[int, int] | tuple[int, int, int]) -> tup
         size: tuple[int, ...] = (input_size, input_size)
     else:
         try:
-            size = tuple(int(v) for v in input_size)
+            values = tuple(input_size)
+            size = tuple(int(v) for v in values)
         except (TypeError, ValueError):
-            size = ()
+            values = size = ()
+        if any(float(v) != int(v) for v in values):  # 8.5 must not silently become 8
+            raise ValueError(f"input_size={input_size!r}: the sizes must be whole pixels")
         if len(size) == 3:  # (C, H, W)
             size = size[1:]
         if len(size) != 2:
