@@ -161,3 +161,28 @@ def test_layer_info_and_layers_command_name_the_expected_shape(capsys):
     assert main(["layers", "digits-cnn", "--input-shape", "3,8"]) == 1
     err = capsys.readouterr().err
     assert "expects one sample of shape (1, 8, 8)" in err and "(3, 8)" in err and "Traceback" not in err
+
+
+def test_write_table_run_hands_the_features_back_when_it_fails(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from unitscope.experiments import write_table_run
+
+    features = tmp_path / "t.partial" / "features"
+    (features / "train").mkdir(parents=True)
+    (features / "train" / "progress.json").write_text("{}")
+    write_text = Path.write_text
+
+    def fail_on_the_manifest(self, *args, **kwargs):
+        if self.name == "manifest.json":
+            assert (self.parent / "features").is_dir()  # the features were moved in
+            raise OSError("disk full")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", fail_on_the_manifest)
+    with pytest.raises(OSError, match="disk full"):
+        write_table_run(tmp_path / "t", "probes", pd.DataFrame({"a": [1]}), {}, features=features)
+    assert (features / "train" / "progress.json").is_file()
+    assert not (tmp_path / "t").exists()

@@ -487,6 +487,7 @@ def write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
     import torch
 
     from . import __version__
+    from ._toml import dumps
     from .results import atomic_directory, check_replaceable
 
     check_replaceable(target)
@@ -495,17 +496,22 @@ def write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
         table.to_parquet(tmp / "tables" / f"{name}.parquet", index=False)
         for key, frame in (extra or {}).items():
             frame.to_parquet(tmp / "tables" / f"{key}.parquet", index=False)
-        if features is not None:
-            features.rename(tmp / "features")
-        from ._toml import dumps
-
         (tmp / "config.toml").write_text(dumps(config))
         manifest = {"status": "complete", "kind": name, "schema_version": 1,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "versions": {"unitscope": __version__, "torch": torch.__version__,
                                  "python": platform.python_version()},
                     "config": config}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        moved = False
+        try:
+            if features is not None:  # last but the manifest: a failure hands them back
+                features.rename(tmp / "features")
+                moved = True
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        except BaseException:
+            if moved:
+                (tmp / "features").rename(features)
+            raise
 
 
 def _load_families() -> None:
