@@ -29,7 +29,9 @@ import inspect
 import itertools
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -325,11 +327,29 @@ def _analyze(config: dict[str, Any], target: Path, progress: bool) -> None:
 
 @EXPERIMENTS.register("train")
 def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
-    """Train a model; checkpoints per epoch in ``target/checkpoints``, final weights, metrics table."""
+    """Train a model: epoch checkpoints in ``TARGET.partial/checkpoints`` while it runs, then the run.
+
+    The finished run (checkpoints, final weights, metrics, saturation per epoch) is written
+    atomically (:func:`_finish_training`), so an interrupted training leaves no run directory,
+    and rerunning the command resumes from the last checkpoint. ``--force`` over a finished run
+    starts from that run's checkpoints (linked, not moved), so a longer training continues it.
+    """
     from .data import load_dataset
     from .models import load_model
+    from .results import is_complete
     from .train import train
 
+    partial = Path(f"{target}.partial")
+    ckpt_dir = partial / "checkpoints"
+    earlier = target / "checkpoints"  # a finished run's, or an older version's unfinished ones
+    if earlier.is_dir() and not ckpt_dir.exists():
+        if is_complete(target):
+            _link_tree(earlier, ckpt_dir)
+        else:
+            partial.mkdir(parents=True, exist_ok=True)
+            earlier.rename(ckpt_dir)
+            if not any(target.iterdir()):
+                target.rmdir()
     model = load_model(config["model"], weights=config.get("weights"))
     options = config.get("dataset_options", {})
     train_data = load_dataset(config["dataset"], split="train", **options)
@@ -345,16 +365,31 @@ def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
                     batch_size=config["batch_size"], optimizer=config["optimizer"],
                     momentum=config["momentum"], weight_decay=config["weight_decay"],
                     scheduler=config["scheduler"], seed=config["seed"], device=config["device"],
-                    num_workers=config["num_workers"], checkpoint_dir=target / "checkpoints",
+                    num_workers=config["num_workers"], checkpoint_dir=ckpt_dir,
                     progress=progress, callbacks=callbacks)
-    if callbacks and not callbacks[0].table.empty:
-        callbacks[0].table.to_parquet(target / "saturation_epochs.parquet", index=False)
-    _finish_training(target, model, history, config)
+    saturation = callbacks[0].table if callbacks and not callbacks[0].table.empty else None
+    _finish_training(target, model, history, config, ckpt_dir, saturation)
+    shutil.rmtree(partial, ignore_errors=True)
 
 
-def _finish_training(target: Path, model: Any, history: list[dict[str, Any]],
-                     config: dict[str, Any]) -> None:
-    """Write weights, metrics and the manifest beside the checkpoints (the manifest last)."""
+def _link_tree(source: Path, dest: Path) -> None:
+    """``dest`` as a copy of the files of ``source``: hard links where possible (checkpoints are
+    replaced, never rewritten in place), copies otherwise."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in source.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
+
+
+def _finish_training(target: Path, model: Any, history: list[dict[str, Any]], config: dict[str, Any],
+                     ckpt_dir: Path, saturation: Any = None) -> None:
+    """Write the training run atomically: weights, metrics, saturation, checkpoints, manifest last.
+
+    The checkpoints are moved in just before the manifest and handed back if that fails.
+    """
     import platform
     import time
 
@@ -364,20 +399,31 @@ def _finish_training(target: Path, model: Any, history: list[dict[str, Any]],
     from . import __version__
     from ._toml import dumps
     from .models import model_fingerprint
+    from .results import atomic_directory, check_replaceable
 
-    target.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), target / ".weights.pt.tmp")
-    (target / ".weights.pt.tmp").replace(target / "weights.pt")
-    pd.DataFrame(history).to_parquet(target / "metrics.parquet", index=False)
-    (target / "config.toml").write_text(dumps(config))
-    manifest = {"status": "complete", "kind": "training", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "versions": {"unitscope": __version__, "torch": torch.__version__,
-                             "python": platform.python_version()},
-                "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
-                "final": history[-1] if history else {}, "config": config}
-    tmp = target / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(target / "manifest.json")
+    check_replaceable(target)
+    with atomic_directory(target) as tmp:
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        pd.DataFrame(history).to_parquet(tmp / "metrics.parquet", index=False)
+        if saturation is not None:
+            saturation.to_parquet(tmp / "saturation_epochs.parquet", index=False)
+        (tmp / "config.toml").write_text(dumps(config))
+        manifest = {"status": "complete", "kind": "training",
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": {"unitscope": __version__, "torch": torch.__version__,
+                                 "python": platform.python_version()},
+                    "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
+                    "final": history[-1] if history else {}, "config": config}
+        moved = False
+        try:
+            if ckpt_dir.is_dir():
+                ckpt_dir.rename(tmp / "checkpoints")
+                moved = True
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        except BaseException:
+            if moved:
+                (tmp / "checkpoints").rename(ckpt_dir)
+            raise
 
 
 @EXPERIMENTS.register("saturation")

@@ -116,17 +116,17 @@ class Run:
 def check_replaceable(path: Path) -> None:
     """Refuse to replace ``path`` unless it is missing, empty or a run directory.
 
-    A run directory has a ``manifest.json`` (finished or not), or holds only ``features/`` (an
-    unfinished probes run of an earlier version, whose features the probes experiment moves out
-    and reuses). Anything else is somebody's files: replacing it would delete them, so this
-    raises :class:`RunError` (call it before any work).
+    A run directory has a ``manifest.json`` (finished or not), or holds only ``features/`` or
+    only ``checkpoints/`` (an unfinished probes run or training of an earlier version, which
+    the experiment moves out and resumes from). Anything else is somebody's files: replacing it
+    would delete them, so this raises :class:`RunError` (call it before any work).
     """
     if not path.exists():
         return
     if not path.is_dir():
         raise RunError(f"{path} exists and is a file, not a run directory; choose another output path")
     entries = {p.name for p in path.iterdir()}
-    if not entries or "manifest.json" in entries or entries == {"features"}:
+    if not entries or "manifest.json" in entries or entries in ({"features"}, {"checkpoints"}):
         return
     shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
     raise RunError(f"{path} exists and is not a unitscope run (no manifest.json; it holds {shown}); "

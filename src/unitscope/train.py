@@ -62,6 +62,18 @@ class Callback:
     def on_epoch_end(self, state: TrainState, metrics: dict[str, Any]) -> None:
         """After the epoch's evaluation; ``metrics`` is that epoch's row of the history."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """What this callback has gathered so far, saved in every epoch checkpoint.
+
+        Plain Python values (dicts, lists, numbers, strings) or tensors; ``None`` (the default)
+        saves nothing. A resumed training gives it back through :meth:`load_state_dict`, so a
+        callback that records every epoch keeps the epochs before the interruption.
+        """
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned, when training resumes from a checkpoint."""
+
 
 def _batches(data: Dataset, batch_size: int, num_workers: int = 0,
              generator: torch.Generator | None = None) -> DataLoader:
@@ -159,7 +171,7 @@ def train(model: nn.Module, train_data: Dataset, test_data: Dataset | None = Non
     start = 1
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
-        start, history = _resume(ckpt_dir, model, opt, sched, identity)
+        start, history = _resume(ckpt_dir, model, opt, sched, identity, callbacks)
         if start > epochs:
             log.info("training in %s finished %d epochs already; not repeated", ckpt_dir, start - 1)
             model.eval()
@@ -203,7 +215,8 @@ def train(model: nn.Module, train_data: Dataset, test_data: Dataset | None = Non
         for cb in callbacks:
             cb.on_epoch_end(state, row)
         if ckpt_dir is not None:
-            _save_checkpoint(ckpt_dir, epoch, model, opt, sched, history, identity)
+            _save_checkpoint(ckpt_dir, epoch, model, opt, sched, history, identity,
+                             [cb.state_dict() for cb in callbacks])
     model.eval()
     return history
 
@@ -232,19 +245,21 @@ def checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def _save_checkpoint(directory: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
-                     sched: Any, history: list[dict[str, Any]], identity: dict[str, Any]) -> Path:
+                     sched: Any, history: list[dict[str, Any]], identity: dict[str, Any],
+                     callback_states: list[dict[str, Any] | None] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"epoch-{epoch:03d}.pt"
     tmp = directory / f".epoch-{epoch:03d}.pt.tmp{os.getpid()}"
     torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict() if sched is not None else None,
-                "history": history, "identity": identity, "rng": torch.get_rng_state()}, tmp)
+                "history": history, "identity": identity, "rng": torch.get_rng_state(),
+                "callbacks": callback_states or []}, tmp)
     os.replace(tmp, path)
     return path
 
 
 def _resume(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
-            identity: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+            identity: dict[str, Any], callbacks: Sequence[Callback] = ()) -> tuple[int, list[dict[str, Any]]]:
     found = checkpoints(directory)
     if not found:
         return 1, []
@@ -265,5 +280,14 @@ def _resume(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched
         diff = sorted(k for k in identity if ckpt.get("identity", {}).get(k) != identity[k])
         raise CheckpointError(f"the checkpoints in {directory} belong to a training with other "
                               f"settings ({', '.join(diff)} differ); use another output directory")
+    states = ckpt.get("callbacks") or []
+    if len(states) == len(callbacks):  # the same callbacks, in order, as when it was saved
+        for cb, cb_state in zip(callbacks, states):
+            if cb_state is not None:
+                cb.load_state_dict(cb_state)
+    elif any(s is not None for s in states):
+        log.warning("the checkpoint %s saved %d callback states but this training has %d callbacks; "
+                    "their records of the epochs before %d are not restored", path, len(states),
+                    len(callbacks), epoch + 1)
     log.info("resuming from %s (epoch %d)", path, epoch)
     return epoch + 1, list(ckpt["history"])

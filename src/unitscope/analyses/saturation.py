@@ -279,6 +279,15 @@ class SaturationTracker(Callback):
         for row in table.to_dict("records"):
             self._rows.append({"epoch": epoch, "split": split, **row})
 
+    def state_dict(self) -> dict[str, Any]:
+        """The rows recorded so far (plain Python values), saved in every training checkpoint."""
+        return {"rows": [{k: v.item() if isinstance(v, np.generic) else v for k, v in row.items()}
+                         for row in self._rows]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back the rows of the epochs before a resumed training's checkpoint."""
+        self._rows = [dict(row) for row in state.get("rows", [])]
+
 
 def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: LayerSpec,
                        deltas: Sequence[float] = (0.9, 0.95, 0.99, 0.995, 0.999),

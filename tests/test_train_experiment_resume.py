@@ -1,0 +1,76 @@
+"""The train experiment: an interruption leaves no run directory, the rerun resumes (saturation
+rows of the earlier epochs included), and --force over a finished run never mixes two runs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import unitscope
+import unitscope.train as train_module
+from unitscope.experiments import run_config
+
+
+def _config(tmp_path, epochs: int = 3):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'experiment = "train"\nmodel = "digits-cnn"\ndataset = "digits"\nepochs = {epochs}\n'
+                   'track_saturation = true\nlayers = ["conv1", "conv2"]\n')
+    return cfg
+
+
+def _interrupt_after_epoch(monkeypatch, epoch: int):
+    save = train_module._save_checkpoint
+
+    def save_then_stop(directory, e, *args, **kwargs):
+        path = save(directory, e, *args, **kwargs)
+        if e == epoch:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
+
+
+def test_interrupted_training_leaves_no_run_and_resumes_with_every_epoch(tmp_path, monkeypatch):
+    cfg, out = _config(tmp_path), tmp_path / "runs"
+    _interrupt_after_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, out=out, progress=False)
+    [partial] = list((out / "t").iterdir())  # no run directory beside it
+    assert partial.name.endswith(".partial")
+    target = partial.with_name(partial.name.removesuffix(".partial"))
+    assert sorted(p.name for p in (partial / "checkpoints").iterdir()) == ["epoch-001.pt", "epoch-002.pt"]
+    monkeypatch.undo()
+    assert run_config(cfg, out=out, progress=False) == [(target, "done")]
+    assert not partial.exists()
+    metrics = pd.read_parquet(target / "metrics.parquet")
+    sat = pd.read_parquet(target / "saturation_epochs.parquet")
+    assert list(metrics["epoch"]) == [1, 2, 3]
+    assert sorted(sat["epoch"].unique()) == [1, 2, 3]
+    assert sorted(p.name for p in (target / "checkpoints").iterdir()) == [
+        "epoch-001.pt", "epoch-002.pt", "epoch-003.pt"]
+    whole = run_config(_config(tmp_path / "w"), out=tmp_path / "whole", progress=False)[0][0]
+    torch.testing.assert_close(torch.load(target / "weights.pt"), torch.load(whole / "weights.pt"))
+    pd.testing.assert_frame_equal(sat, pd.read_parquet(whole / "saturation_epochs.parquet"))
+
+
+def test_forced_longer_training_continues_and_a_failed_one_keeps_the_old_run(tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    [(target, _)] = run_config(_config(tmp_path, epochs=2), out=out, progress=False)
+    before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    cfg = _config(tmp_path, epochs=3)
+    _interrupt_after_epoch(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, out=out, progress=False, force=True)
+    after = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    assert after == before, "a failed --force run must leave the finished run as it was"
+    monkeypatch.undo()
+    assert run_config(cfg, out=out, progress=False, force=True) == [(target, "done")]
+    manifest = json.loads((target / "manifest.json").read_text())
+    assert manifest["config"]["epochs"] == 3
+    assert list(pd.read_parquet(target / "metrics.parquet")["epoch"]) == [1, 2, 3]
+    model = unitscope.load_model("digits-cnn", weights=target / "weights.pt")
+    assert unitscope.models.model_fingerprint(model) == manifest["model"]["fingerprint"]
