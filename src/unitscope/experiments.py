@@ -414,16 +414,7 @@ def _finish_training(target: Path, model: Any, history: list[dict[str, Any]], co
                                  "python": platform.python_version()},
                     "model": {"class": type(model).__name__, "fingerprint": model_fingerprint(model)},
                     "final": history[-1] if history else {}, "config": config}
-        moved = False
-        try:
-            if ckpt_dir.is_dir():
-                ckpt_dir.rename(tmp / "checkpoints")
-                moved = True
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        except BaseException:
-            if moved:
-                (tmp / "checkpoints").rename(ckpt_dir)
-            raise
+        _move_in_and_seal(tmp, ckpt_dir if ckpt_dir.is_dir() else None, "checkpoints", manifest)
 
 
 @EXPERIMENTS.register("saturation")
@@ -548,16 +539,25 @@ def write_table_run(target: Path, name: str, table: Any, config: dict[str, Any],
                     "versions": {"unitscope": __version__, "torch": torch.__version__,
                                  "python": platform.python_version()},
                     "config": config}
-        moved = False
-        try:
-            if features is not None:  # last but the manifest: a failure hands them back
-                features.rename(tmp / "features")
-                moved = True
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        except BaseException:
-            if moved:
-                (tmp / "features").rename(features)
-            raise
+        _move_in_and_seal(tmp, features, "features", manifest)
+
+
+def _move_in_and_seal(tmp: Path, source: Path | None, name: str, manifest: dict[str, Any]) -> None:
+    """Move ``source`` (kept work: checkpoints, features) into ``tmp/name``, then write the manifest.
+
+    The move comes last but the manifest, and a failure of either hands ``source`` back, so the
+    temporary directory's removal never takes work that a rerun would resume from.
+    """
+    moved = False
+    try:
+        if source is not None:
+            source.rename(tmp / name)
+            moved = True
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    except BaseException:
+        if moved:
+            (tmp / name).rename(source)
+        raise
 
 
 def _load_families() -> None:
