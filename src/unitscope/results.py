@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,8 +80,15 @@ class Run:
         have = ", ".join(a.name for a in self.analyses) or "none"
         raise KeyError(f"this run has no analysis {name!r}; it has: {have}")
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
         """Write the run directory to ``path`` atomically (replacing a previous run there).
+
+        Args:
+            path: the run directory to write.
+            extra: called with the temporary directory after the tables, arrays and states are
+                written and before the manifest, to add files of its own (e.g. PNG mosaics). If it
+                raises, nothing replaces ``path`` and the error propagates, so the run is either
+                complete with those files or not there.
 
         Raises:
             RunError: ``path`` exists and is neither empty nor a run directory (its files would
@@ -108,6 +115,8 @@ class Run:
                 from ._toml import dumps
 
                 (tmp / "config.toml").write_text(dumps(self.manifest["config"]))
+            if extra is not None:
+                extra(tmp)
             manifest = {**self.manifest, "schema_version": SCHEMA_VERSION}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         return path

@@ -8,6 +8,7 @@ empirical receptive fields of a few units of ``shapes-cnn``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,20 @@ def _check_named_layers(spec: Any, layers: list[str], key: str) -> None:
                               f"({', '.join(layers)}); add it to layers")
 
 
+def _mosaic_writer(mosaics: dict[str, Any]) -> Callable[[Path], None]:
+    """A :meth:`Run.save` ``extra`` hook writing ``mosaics`` as PNGs into the run's ``mosaics/``.
+
+    The PNGs are written inside the atomic save, before the manifest, so a failure among them
+    leaves no run that looks complete (a rerun then draws them all).
+    """
+    from ..analyses.mosaics import save_mosaics
+
+    def write(run_dir: Path) -> None:
+        save_mosaics(mosaics, run_dir / "mosaics", scale=2)
+
+    return write
+
+
 def _layers(model: Any, config: dict[str, Any]) -> list[str]:
     from ..capture import resolve_layers
 
@@ -101,7 +116,7 @@ def _layers(model: Any, config: dict[str, Any]) -> list[str]:
 @EXPERIMENTS.register("topk")
 def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
     """Top-k inputs of every unit of the layers (default all ReLU layers), mosaics of a few units."""
-    from ..analyses.mosaics import UNIT_MODES, save_mosaics, unit_mosaics
+    from ..analyses.mosaics import UNIT_MODES, unit_mosaics
     from ..analyses.topk import TopK
     from ..engine import analyze
 
@@ -126,15 +141,12 @@ def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
     mosaics = unit_mosaics(model, data, table, units, mode=config["mosaic_mode"]) if units else {}
     if mosaics:
         run.arrays["topk_mosaics"] = mosaics
-    run.save(target)
-    if mosaics:
-        save_mosaics(mosaics, target / "mosaics", scale=2)
+    run.save(target, extra=_mosaic_writer(mosaics) if mosaics else None)
 
 
 @EXPERIMENTS.register("receptive-field-empirical")
 def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: bool) -> None:
     """Empirical receptive fields of a few units per layer from their top-k images (Zhou et al.)."""
-    from ..analyses.mosaics import save_mosaics
     from ..analyses.occlusion import empirical_receptive_fields
     from ..analyses.receptive_fields import receptive_fields
     from ..analyses.topk import TopK
@@ -177,8 +189,7 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
     if not tables:
         raise ConfigError(f"units = {config['units']!r} names no unit of the layers {', '.join(mapped)}")
     _store_erf(run, model, data, topk, tables, arrays, config["k"])
-    run.save(target)
-    save_mosaics(run.arrays["receptive_field_empirical_mosaics"], target / "mosaics", scale=2)
+    run.save(target, extra=_mosaic_writer(run.arrays["receptive_field_empirical_mosaics"]))
 
 
 def _store_erf(run: Any, model: Any, data: Any, topk: pd.DataFrame, tables: list[pd.DataFrame],

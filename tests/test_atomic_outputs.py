@@ -1,0 +1,86 @@
+"""Outputs written beside a run (mosaic PNGs) are part of its atomic save; stale siblings go."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torchvision.utils
+
+import unitscope
+from unitscope.experiments import run_config
+
+TOPK = ('experiment = "topk"\nmodel = "digits-cnn"\ndataset = "digits"\nk = 2\nlayers = ["relu2"]\n'
+        'mosaics = [0, 1, 2]\n')
+ERF = ('experiment = "receptive-field-empirical"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+       'layers = ["relu1"]\nunits = [0, 1, 2]\nk = 2\noccluder = 3\nstride = 2\n')
+
+
+def _fail_on_second_png(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``torchvision.utils.save_image`` write the first PNG, then raise."""
+    real = torchvision.utils.save_image
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.utils, "save_image", flaky)
+
+
+def _manifest(path: Path) -> str:
+    return (path / "manifest.json").read_text()
+
+
+@pytest.mark.parametrize("text", [TOPK, ERF], ids=["topk", "receptive-field-empirical"])
+def test_a_png_failure_leaves_no_complete_run_and_a_rerun_draws_every_mosaic(tmp_path, monkeypatch, text):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with monkeypatch.context() as patch:
+        _fail_on_second_png(patch)
+        with pytest.raises(OSError, match="disk full"):
+            run_config(config, out=tmp_path / "runs", progress=False)
+    grid = tmp_path / "runs" / "c"
+    assert list(grid.iterdir()) == [], "no run directory may remain, not even a hidden one"
+    [(target, status)] = run_config(config, out=tmp_path / "runs", progress=False)
+    assert status == "done"
+    assert len(list((target / "mosaics").glob("*.png"))) == 3
+    assert json.loads(_manifest(target))["status"] == "complete"
+
+
+def test_a_png_failure_over_a_finished_run_keeps_it_whole(tmp_path, monkeypatch):
+    config = tmp_path / "c.toml"
+    config.write_text(TOPK)
+    [(target, _)] = run_config(config, out=tmp_path / "runs", progress=False)
+    before = _manifest(target)
+    pngs = sorted(p.name for p in (target / "mosaics").iterdir())
+    assert len(pngs) == 3
+    _fail_on_second_png(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        run_config(config, out=tmp_path / "runs", progress=False, force=True)
+    assert _manifest(target) == before
+    assert sorted(p.name for p in (target / "mosaics").iterdir()) == pngs
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_save_extra_hook_writes_into_the_run_before_the_manifest(tmp_path, digits_model, digits_test):
+    run = unitscope.analyze(digits_model, digits_test, layers="fc", progress=False)
+    seen = []
+
+    def extra(tmp: Path) -> None:
+        seen.append(tmp.exists() and not (tmp / "manifest.json").exists())
+        (tmp / "note.txt").write_text("hello")
+
+    path = run.save(tmp_path / "r", extra=extra)
+    assert seen == [True]
+    assert (path / "note.txt").read_text() == "hello"
+
+    def broken(tmp: Path) -> None:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError, match="no"):
+        run.save(tmp_path / "s", extra=broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
