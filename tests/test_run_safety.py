@@ -146,3 +146,23 @@ def test_unitscope_run_refuses_a_target_that_is_not_a_run(tmp_path):
     with pytest.raises(RunError, match="not a unitscope run"):
         run_config(cfg, out=tmp_path / "runs", progress=False, force=True)
     assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_extraction_cut_short_in_its_first_batch_resumes(tmp_path, digits_model, digits_test, monkeypatch):
+    import unitscope.features as features_module
+
+    write = features_module._write_progress
+
+    def fail_after_the_arrays(root, meta):
+        if meta["written"] > 0:  # the record of the first batch, written after its arrays
+            raise KeyboardInterrupt
+        write(root, meta)
+
+    monkeypatch.setattr(features_module, "_write_progress", fail_after_the_arrays)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(digits_model, digits_test, ["fc"], None, out=tmp_path / "f", split="test")
+    monkeypatch.undo()
+    store = extract_features(digits_model, digits_test, ["fc"], None, out=tmp_path / "f", split="test")
+    whole = extract_features(digits_model, digits_test, ["fc"], None, out=tmp_path / "g", split="test")
+    assert store.complete and len(store) == 360
+    torch.testing.assert_close(store.features("fc", as_tensor=True), whole.features("fc", as_tensor=True))

@@ -256,6 +256,8 @@ def _extract(model: nn.Module, data: Dataset, names: Sequence[str], ds_name: str
     root.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {}
     shapes: dict[str, list[int]] = dict(meta.get("shapes", {}))
+    if not written:  # claim the directory first: a store cut short in its first batch resumes
+        _write_progress(root, {**meta, "written": 0, "complete": False, "shapes": shapes})
     if written:
         prog = json.loads((root / _PROGRESS).read_text())
         shapes = prog["shapes"]
