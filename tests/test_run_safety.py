@@ -14,7 +14,7 @@ from unitscope.capture import CaptureError
 from unitscope.features import extract_features
 from unitscope.results import RunError, merge_runs
 
-from .test_engine import Interrupting, WithNaN
+from .test_engine import Interrupting, WithNaN, assert_tables_close
 
 
 def test_save_refuses_a_directory_that_is_not_a_run(tmp_path, digits_model, digits_test):
@@ -166,3 +166,15 @@ def test_extraction_cut_short_in_its_first_batch_resumes(tmp_path, digits_model,
     whole = extract_features(digits_model, digits_test, ["fc"], None, out=tmp_path / "g", split="test")
     assert store.complete and len(store) == 360
     torch.testing.assert_close(store.features("fc", as_tensor=True), whole.features("fc", as_tensor=True))
+
+
+def test_ctrl_c_between_batches_keeps_the_batches_since_the_last_checkpoint(tmp_path, digits_model,
+                                                                            digits_test):
+    out = tmp_path / "run"
+    kwargs = {"layers": "relu*", "batch_size": 50, "progress": False, "out": out}  # checkpoints every 30 s
+    with pytest.raises(KeyboardInterrupt):
+        unitscope.analyze(digits_model, Interrupting(digits_test, stop_at=210), **kwargs)
+    resumed = unitscope.analyze(digits_model, Interrupting(digits_test), **kwargs)
+    assert resumed.manifest["timings"]["resumed_batches"] == 4
+    whole = unitscope.analyze(digits_model, digits_test, layers="relu*", batch_size=50, progress=False)
+    assert_tables_close(resumed.table("moments"), whole.table("moments"))

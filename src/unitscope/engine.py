@@ -183,27 +183,38 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
         bar = _progress(len(loader), done, progress and rank == 0)
         cap = Capture(model, all_layers, specs, calls=calls, stop=not needs_output, targets=plan)
         offset, last_ckpt, batches = first, time.monotonic(), done
+        saved, consistent = done, True  # consistent: the states hold exactly `batches` batches
         with cap, torch.inference_mode():
-            for item in loader:
-                x, y = _unpack(item)
-                if batches == done:
-                    _check_input(model, x)
-                x = x.to(dev, non_blocking=True)
-                y = y.to(dev, non_blocking=True) if y is not None else None
-                index = torch.arange(offset, offset + len(x), device=dev)
-                output = _forward(model, x)
-                batch = Batch(x=x, y=y, index=index, output=output)
-                for red, store in cap.outputs.items():
-                    _count_nonfinite(store, nonfinite[red])
-                for a, red in zip(analyses, reds):
-                    a.update(cap.outputs[red], batch)
-                offset += len(x)
-                samples += len(x)
-                batches += 1
-                bar.update(1)
-                if state_file and _due(batches, last_ckpt, checkpoint_every):
+            try:
+                for item in loader:
+                    x, y = _unpack(item)
+                    if batches == done:
+                        _check_input(model, x)
+                    x = x.to(dev, non_blocking=True)
+                    y = y.to(dev, non_blocking=True) if y is not None else None
+                    index = torch.arange(offset, offset + len(x), device=dev)
+                    output = _forward(model, x)
+                    batch = Batch(x=x, y=y, index=index, output=output)
+                    consistent = False
+                    for red, store in cap.outputs.items():
+                        _count_nonfinite(store, nonfinite[red])
+                    for a, red in zip(analyses, reds):
+                        a.update(cap.outputs[red], batch)
+                    offset += len(x)
+                    samples += len(x)
+                    batches += 1
+                    consistent = True
+                    bar.update(1)
+                    if state_file and _due(batches, last_ckpt, checkpoint_every):
+                        _checkpoint(analyses, state_file, run_key, batches, nonfinite)
+                        saved, last_ckpt = batches, time.monotonic()
+            except KeyboardInterrupt:
+                # Ctrl-C outside the updates: keep what the pass did since the last checkpoint
+                if state_file and consistent and batches > saved:
                     _checkpoint(analyses, state_file, run_key, batches, nonfinite)
-                    last_ckpt = time.monotonic()
+                    log.warning("interrupted after %d batches; saved in %s, rerun to resume", batches,
+                                state_file.parent)
+                raise
         bar.close()
     pass_s = time.perf_counter() - t0
 
