@@ -84,3 +84,58 @@ def test_save_extra_hook_writes_into_the_run_before_the_manifest(tmp_path, digit
     with pytest.raises(RuntimeError, match="no"):
         run.save(tmp_path / "s", extra=broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+# ----------------------------------------------------------------------------- stale siblings
+@pytest.fixture
+def small_run(digits_model, digits_test):
+    return unitscope.analyze(digits_model, digits_test, layers="fc", progress=False)
+
+
+def test_a_save_over_a_run_removes_its_stale_hidden_siblings(tmp_path, small_run):
+    import shutil
+
+    path = small_run.save(tmp_path / "r")
+    shutil.copytree(path, tmp_path / ".r.old-deadbeef")  # an old copy whose removal was cut short
+    (tmp_path / ".r.tmp-0123abcd").mkdir()  # a save killed before its rename
+    kept = [".other.old-deadbeef", ".r.old-x.tmp-12345678"]  # another target's leftovers
+    for name in kept:
+        (tmp_path / name).mkdir()
+    small_run.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*kept, "r"]
+
+
+def test_a_missing_run_keeps_its_old_copy_for_recovery(tmp_path, small_run):
+    path = small_run.save(tmp_path / "r")
+    path.rename(tmp_path / ".r.old-deadbeef")  # cut between the two renames of a replacement
+
+    def broken(tmp: Path) -> None:
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError, match="no"):
+        small_run.save(path, extra=broken)
+    assert [p.name for p in tmp_path.iterdir()] == [".r.old-deadbeef"]
+    assert unitscope.load_run(path).table("moments").shape[0] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_grid_report_skips_hidden_and_partial_directories(tmp_path, small_run):
+    import shutil
+
+    from unitscope.report import is_grid, write_report
+
+    grid = tmp_path / "grid"
+    for name in ("a", "b"):
+        small_run.save(grid / name)
+    for name in (".a.old-deadbeef", ".b.tmp-0123abcd", "c.partial"):
+        shutil.copytree(grid / "a", grid / name)
+    page = write_report(grid).read_text()
+    assert "runs (2)" in page and "a/report.html" in page and "b/report.html" in page
+    assert "old-deadbeef" not in page and "tmp-0123abcd" not in page and "c.partial" not in page
+    for name in (".a.old-deadbeef", ".b.tmp-0123abcd", "c.partial"):
+        assert not (grid / name / "report.html").exists()
+    only_hidden = tmp_path / "hidden"
+    shutil.copytree(grid / "a", only_hidden / ".a.old-deadbeef")
+    assert not is_grid(only_hidden)
+    with pytest.raises(unitscope.RunError, match="not a unitscope run directory"):
+        write_report(only_hidden)

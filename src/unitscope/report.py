@@ -143,11 +143,21 @@ def _img(fig: Any, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{_png(fig)}'>"
 
 
+def grid_runs(path: str | Path) -> list[Path]:
+    """The run directories one level below ``path``, sorted by name.
+
+    Hidden directories (a save's ``.NAME.tmp-*`` or an interrupted replacement's ``.NAME.old-*``)
+    and ``NAME.partial`` work directories are no runs of the grid, even with a manifest.
+    """
+    return sorted(p for p in Path(path).iterdir()
+                  if not p.name.startswith(".") and not p.name.endswith(".partial")
+                  and (p / "manifest.json").is_file())
+
+
 def is_grid(path: str | Path) -> bool:
     """Whether ``path`` is a grid directory: no run of its own, finished runs one level down."""
     path = Path(path)
-    return not (path / "manifest.json").is_file() and any(
-        (p / "manifest.json").is_file() for p in path.iterdir() if p.is_dir())
+    return not (path / "manifest.json").is_file() and bool(grid_runs(path))
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -265,7 +275,7 @@ def write_grid_report(grid: str | Path, run_reports: bool = True) -> Path:
 
     grid = Path(grid)
     runs: dict[str, Run] = {}
-    for sub in sorted(p for p in grid.iterdir() if (p / "manifest.json").is_file()):
+    for sub in grid_runs(grid):
         run = load_run(sub)
         runs[sub.name] = run
         if run_reports or not (sub / "report.html").is_file():

@@ -16,6 +16,7 @@ leaves the previous run or nothing, never a half-written directory.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -146,9 +147,15 @@ def check_replaceable(path: Path) -> None:
 def atomic_directory(path: Path) -> Iterator[Path]:
     """Yield a fresh sibling directory; on success it replaces ``path``, on error it is removed.
 
-    Callers check first that ``path`` may be replaced (:func:`check_replaceable`).
+    Callers check first that ``path`` may be replaced (:func:`check_replaceable`). When ``path``
+    exists, leftovers of earlier replacements of it that were cut short (hidden
+    ``.NAME.old-*`` / ``.NAME.tmp-*`` siblings) are removed first; when it is missing they are
+    kept, so :func:`_recover` can still put the previous run back.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        for stale in _siblings(path):
+            shutil.rmtree(stale, ignore_errors=True)
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     tmp.mkdir()
@@ -162,6 +169,12 @@ def atomic_directory(path: Path) -> Iterator[Path]:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _siblings(path: Path) -> list[Path]:
+    """The hidden ``.NAME.old-TAG`` and ``.NAME.tmp-TAG`` directories that saves to ``path`` make."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(old|tmp)-[0-9a-f]{{8}}")
+    return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
 
 
 def _recover(path: Path) -> None:
