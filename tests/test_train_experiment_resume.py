@@ -74,3 +74,39 @@ def test_forced_longer_training_continues_and_a_failed_one_keeps_the_old_run(tmp
     assert list(pd.read_parquet(target / "metrics.parquet")["epoch"]) == [1, 2, 3]
     model = unitscope.load_model("digits-cnn", weights=target / "weights.pt")
     assert unitscope.models.model_fingerprint(model) == manifest["model"]["fingerprint"]
+
+
+def test_saturation_experiment_cut_short_after_its_pass_reuses_the_pass(tmp_path, monkeypatch):
+    import unitscope.analyses.saturation as saturation_module
+    import unitscope.engine as engine_module
+
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('experiment = "saturation"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+                   'layers = ["conv1", "conv2"]\nproject_deltas = [0.9]\n')
+    out = tmp_path / "runs"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saturation_module, "projected_accuracy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, out=out, progress=False)
+    [partial] = list((out / "s").iterdir())
+    assert partial.name.endswith(".partial") and (partial / "pass" / "manifest.json").is_file()
+    monkeypatch.undo()
+
+    analyze, outs = engine_module.analyze, []
+
+    def recording(*args, **kwargs):  # projected_accuracy runs passes of its own, without out=
+        outs.append(kwargs.get("out"))
+        return analyze(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "analyze", recording)
+    [(target, status)] = run_config(cfg, out=out, progress=False)
+    assert outs and not any(outs), "the finished pass must be reused, not run again"
+    assert status == "done" and not partial.exists()
+    monkeypatch.undo()
+    run = unitscope.load_run(target)
+    assert {"saturation", "saturation_projection"} <= set(run.tables)
+    [(whole, _)] = run_config(cfg, out=tmp_path / "whole", progress=False)
+    pd.testing.assert_frame_equal(run.table("saturation"), unitscope.load_run(whole).table("saturation"))

@@ -422,7 +422,6 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
     """Saturation of every layer on a split; with ``project_deltas``, PCA-projected test accuracy."""
     from .analyses.saturation import DEFAULT_LAYERS, Saturation, projected_accuracy
     from .data import load_dataset
-    from .engine import analyze
     from .models import load_model
 
     model = load_model(config["model"], weights=config.get("weights"))
@@ -431,8 +430,9 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
     layers = config.get("layers") or list(DEFAULT_LAYERS)
     analysis = Saturation(delta=config["delta"], conv=config["conv"], rule=config["rule"],
                           products=config["products"])
-    run = analyze(model, data, layers=layers, analyses=[analysis], batch_size=config["batch_size"],
-                  device=config["device"], seed=config["seed"], progress=progress, config=config)
+    run = checkpointed_pass(target, config, model, data, layers=layers, analyses=[analysis],
+                            batch_size=config["batch_size"], device=config["device"], seed=config["seed"],
+                            progress=progress)
     if config.get("project_deltas"):
         run.tables["saturation_projection"] = projected_accuracy(
             model, load_dataset(config["dataset"], split="train", **options),
@@ -440,6 +440,27 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
             deltas=config["project_deltas"], conv=config["conv"], batch_size=config["batch_size"],
             device=config["device"])
     run.save(target)
+    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
+
+
+def checkpointed_pass(target: Path, config: dict[str, Any], model: Any, data: Any, **options: Any) -> Any:
+    """``unitscope.analyze`` for an experiment that does more after its pass, resumable.
+
+    The pass checkpoints into ``TARGET.partial/pass.partial`` and its finished run is kept in
+    ``TARGET.partial/pass``, so an experiment interrupted during or after its pass resumes the
+    pass or reuses it (when it was made with the same config) on the next run; the caller
+    removes ``TARGET.partial`` once the experiment's own run is written.
+    """
+    from .engine import analyze
+    from .results import is_complete, load_run
+
+    done = Path(f"{target}.partial") / "pass"
+    if is_complete(done):
+        run = load_run(done)
+        if run.manifest.get("config") == json.loads(json.dumps(config, default=str)):
+            log.info("reusing the finished pass in %s", done)
+            return run
+    return analyze(model, data, out=done, config=config, **options)
 
 
 @EXPERIMENTS.register("probes")
