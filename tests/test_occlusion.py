@@ -424,3 +424,36 @@ def test_pixel_maps_are_the_mean_over_covering_windows(h, w, k, s, seed):
                 assert float(got[yy, xx]) == pytest.approx(float(flat[cover].mean()), abs=1e-12)
             else:
                 assert torch.isnan(got[yy, xx])
+
+
+def test_float64_model_local_sweep_is_exact_without_fallback(caplog):
+    model = tiny_cnn().double()
+    images = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    units, locs = torch.tensor([0, 5, 2]), torch.tensor([[0, 0], [4, 3], [7, 7]])
+    kw = {"occluder": 3, "stride": 1, "fill": "uniform", "device": "cpu", "discrepancy": "signed"}
+    with caplog.at_level("WARNING", logger="unitscope.analyses.occlusion"):
+        local = occlusion_maps(model, "conv2", images, units, locs, local=True, **kw)
+    assert not caplog.records  # the analytic RF was found: no fallback to the full sweep
+    assert local.evaluated[1].sum() < local.evaluated[1].numel()  # and it pruned
+    full = occlusion_maps(model, "conv2", images, units, locs, local=False, **kw)
+    torch.testing.assert_close(local.grid, full.grid, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(local.maps, full.maps, rtol=1e-12, atol=1e-12, equal_nan=True)
+    # float32 images are cast to the model's dtype instead of failing in its first convolution
+    rounded = images.float()
+    cast = occlusion_maps(model, "conv2", rounded, units, locs, local=True, **kw)
+    same = occlusion_maps(model, "conv2", rounded.double(), units, locs, local=True, **kw)
+    torch.testing.assert_close(cast.grid, same.grid, rtol=0, atol=0)
+
+
+def test_float64_model_empirical_rf_centres_on_the_analytic_rf():
+    data = _bright_windows()
+    data64 = ArrayDataset(torch.stack([data[i][0] for i in range(len(data))]).double(),
+                          torch.zeros(len(data), dtype=torch.int64))
+    model, k = window_sum_model().double(), 3
+    run = unitscope.analyze(model, data64, layers="conv", analyses=[TopK(k=4)], progress=False)
+    table, _ = empirical_receptive_fields(model, data64, "conv", [0], run.table("topk"), k=4,
+                                          occluder=k, stride=1, fill=0.0, threshold=1e-12, centre="rf",
+                                          device="cpu")
+    side = B + 2 * (k - 1)
+    assert table["rf_size"][0] == B and table["rf_size_empirical"][0] == side
+    assert bool(table["centred"][0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import matplotlib
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -190,3 +191,13 @@ def test_fractional_input_size_is_refused_not_rounded():
     with pytest.raises(ValueError, match="an int or"):
         receptive_fields(convs(1), 8.5)
     assert receptive_fields(convs(1), (8.0, 8)).attrs["input_size"] == (8, 8)
+
+
+def test_float64_model_gives_the_float32_table():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(2, 2, 3))
+    single = receptive_fields(net, 16)
+    double = receptive_fields(net.double(), 16)  # the trace input is built in float64
+    pd.testing.assert_frame_equal(double, single)
+    assert double.rf_size.tolist() == [3, 3, 5, 13] and next(net.parameters()).dtype == torch.float64

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..capture import StopForward, resolve_layers
 from ..models.modes import preserved
+from .receptive_fields import probe_dtype_device
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,9 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
     Args:
         model: the network (put in eval mode for the sweep, restored afterwards).
         layer: the name of the layer whose units are read.
-        images: ``(M, C, H, W)``, exactly the tensors the network sees, one per pair (an image may
-            repeat for several units).
+        images: ``(M, C, H, W)``, exactly the tensors the network sees (cast to the dtype of
+            its parameters: float32 images for a float64 model run in float64), one per pair (an
+            image may repeat for several units).
         units: ``(M,)`` channel (conv) or feature (linear) index of every pair.
         locations: ``(M, 2)`` map cell ``(i*, j*)`` read for every pair; default the argmax of the
             unit's map on the unoccluded image (the first in row-major order, as in TopK).
@@ -327,7 +329,7 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
                         "evaluated on the whole image", layer, exc)
     with preserved(model):
         model.eval().to(dev)
-        x = images.to(dev)
+        x = images.to(dev, probe_dtype_device(model)[0] or images.dtype)  # in the model's dtype
         units_d = units.to(dev)
         a0, loc, spatial = _baseline(model, layer, x, units_d, locations, batch_size)
         if rf is not None and spatial:

@@ -158,6 +158,23 @@ def _in_channels(model: nn.Module) -> int:
     return 3
 
 
+def probe_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device]:
+    """The dtype and device a probe input for ``model`` needs: those of its first floating-point
+    parameter (or buffer); the dtype is None (any) for a model without one, on the CPU if it has
+    no tensors at all.
+
+    Example:
+        >>> from torch import nn
+        >>> probe_dtype_device(nn.Conv2d(1, 1, 3).double())
+        (torch.float64, device(type='cpu'))
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    for t in tensors:
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return None, tensors[0].device if tensors else torch.device("cpu")
+
+
 def _trace_fx(model: nn.Module, x: torch.Tensor, image: tuple[int, int]
               ) -> list[tuple[str, nn.Module, _RF, _RF, tuple[int, int] | None, int, tuple[str, ...]]]:
     """Per call_module node: (name, module, rf, input rf, output hw, node index, enclosing modules)."""
@@ -238,7 +255,8 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
 
     Args:
         model: a PyTorch model taking (N, C, H, W) images; the number of input channels is read
-            from its first convolution.
+            from its first convolution, and the trace input has the dtype and device of its
+            parameters (a float64 model is traced in float64).
         input_size: the image size, an int for square images or (H, W) (a (C, H, W) shape is also
             accepted).
 
@@ -261,8 +279,8 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
         ([3, 3, 5], [6, 6, 4])
     """
     image = _image_size(input_size)
-    param = next(model.parameters(), None)
-    x = torch.zeros(1, _in_channels(model), *image, device=param.device if param is not None else "cpu")
+    dtype, device = probe_dtype_device(model)
+    x = torch.zeros(1, _in_channels(model), *image, dtype=dtype or torch.get_default_dtype(), device=device)
     with preserved(model):
         model.eval()
         with torch.no_grad():
