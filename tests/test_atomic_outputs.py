@@ -44,9 +44,10 @@ def test_a_png_failure_leaves_no_complete_run_and_a_rerun_draws_every_mosaic(tmp
         with pytest.raises(OSError, match="disk full"):
             run_config(config, out=tmp_path / "runs", progress=False)
     grid = tmp_path / "runs" / "c"
-    assert list(grid.iterdir()) == [], "no run directory may remain, not even a hidden one"
+    left = [p.name for p in grid.iterdir()]
+    assert left == ["digits-cnn_digits-test.partial"], "only the kept pass may remain, no run directory"
     [(target, status)] = run_config(config, out=tmp_path / "runs", progress=False)
-    assert status == "done"
+    assert status == "done" and [p.name for p in grid.iterdir()] == [target.name]
     assert len(list((target / "mosaics").glob("*.png"))) == 3
     assert json.loads(_manifest(target))["status"] == "complete"
 
@@ -63,7 +64,7 @@ def test_a_png_failure_over_a_finished_run_keeps_it_whole(tmp_path, monkeypatch)
         run_config(config, out=tmp_path / "runs", progress=False, force=True)
     assert _manifest(target) == before
     assert sorted(p.name for p in (target / "mosaics").iterdir()) == pngs
-    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".partial"]
 
 
 def test_save_extra_hook_writes_into_the_run_before_the_manifest(tmp_path, digits_model, digits_test):

@@ -8,13 +8,14 @@ empirical receptive fields of a few units of ``shapes-cnn``).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from ..experiments import EXPERIMENTS, KEYS, LIST_KEYS, ConfigError, write_table_run
+from ..experiments import EXPERIMENTS, KEYS, LIST_KEYS, ConfigError, checkpointed_pass, write_table_run
 from ..report import SECTIONS, TABLE_SECTIONS
 
 KEYS["topk"] = {"split": "test", "layers": None, "k": 10, "reduce": "max", "batch_size": 256,
@@ -118,17 +119,17 @@ def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
     """Top-k inputs of every unit of the layers (default all ReLU layers), mosaics of a few units."""
     from ..analyses.mosaics import UNIT_MODES, unit_mosaics
     from ..analyses.topk import TopK
-    from ..engine import analyze
 
     if config["mosaic_mode"] not in UNIT_MODES:
         raise ConfigError(f"mosaic_mode = {config['mosaic_mode']!r}: use one of {', '.join(UNIT_MODES)}")
     model, data = _model_and_data(config)
     _check_k(config["k"], data)
     layers = _layers(model, config)
-    run = analyze(model, data, layers=layers, analyses=[TopK(k=config["k"], reduce=config["reduce"])],
-                  batch_size=config["batch_size"], device=config["device"],
-                  num_workers=config["num_workers"], seed=config["seed"], calls=config["calls"],
-                  progress=progress, config=config)
+    run = checkpointed_pass(target, config, model, data, layers=layers,
+                            analyses=[TopK(k=config["k"], reduce=config["reduce"])],
+                            batch_size=config["batch_size"], device=config["device"],
+                            num_workers=config["num_workers"], seed=config["seed"], calls=config["calls"],
+                            progress=progress)
     table = run.table("topk")
     spec = config["mosaics"]
     _check_named_layers(spec, layers, "mosaics")
@@ -142,6 +143,7 @@ def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
     if mosaics:
         run.arrays["topk_mosaics"] = mosaics
     run.save(target, extra=_mosaic_writer(mosaics) if mosaics else None)
+    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
 
 
 @EXPERIMENTS.register("receptive-field-empirical")
@@ -150,7 +152,6 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
     from ..analyses.occlusion import empirical_receptive_fields
     from ..analyses.receptive_fields import receptive_fields
     from ..analyses.topk import TopK
-    from ..engine import analyze
 
     model, data = _model_and_data(config)
     _check_k(config["k"], data)
@@ -167,10 +168,9 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
         raise ConfigError(f"layers {', '.join(flat)} have no 2-D map, so their units have no location "
                           "to centre on; choose conv, pool or activation layers before flattening, or "
                           "set centre = \"argmax\"")
-    run = analyze(model, data, layers=mapped, analyses=[TopK(k=config["k"])],
-                  batch_size=config["batch_size"], device=config["device"],
-                  num_workers=config["num_workers"], seed=config["seed"], progress=progress,
-                  config=config)
+    run = checkpointed_pass(target, config, model, data, layers=mapped, analyses=[TopK(k=config["k"])],
+                            batch_size=config["batch_size"], device=config["device"],
+                            num_workers=config["num_workers"], seed=config["seed"], progress=progress)
     topk = run.table("topk")
     _check_named_layers(config["units"], mapped, "units")
     tables, arrays = [], {}
@@ -190,6 +190,7 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
         raise ConfigError(f"units = {config['units']!r} names no unit of the layers {', '.join(mapped)}")
     _store_erf(run, model, data, topk, tables, arrays, config["k"])
     run.save(target, extra=_mosaic_writer(run.arrays["receptive_field_empirical_mosaics"]))
+    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
 
 
 def _store_erf(run: Any, model: Any, data: Any, topk: pd.DataFrame, tables: list[pd.DataFrame],
