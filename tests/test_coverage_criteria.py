@@ -528,3 +528,10 @@ def test_class_wise_profiles_refuse_inputs_without_classes():
     assert mdsc.update(train[:3], classes[:3]) >= 0
     one_class = MDSC().fit(train[:20])  # fitted without classes: every input is class 0
     assert one_class.update(train[:3]) >= 0
+
+
+def test_cc_batch_of_only_non_finite_rows_adds_nothing():
+    cc = CC(threshold=1.0)
+    assert cc.update({"a": torch.zeros(2, 2)}) == 1.0
+    assert cc.update({"a": torch.tensor([[math.inf, 0.0], [math.nan, 1.0]])}) == 0.0  # it raised
+    assert cc.value() == 1.0 and len(cc.representatives()["a"]) == 1

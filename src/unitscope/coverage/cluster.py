@@ -42,7 +42,7 @@ def squared_distances(x: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
 
 def min_distance(x: torch.Tensor, reps: torch.Tensor, squared: bool = False) -> torch.Tensor:
     """Distance (float64) from every row of ``x`` to its nearest row of ``reps``; ``inf`` when none."""
-    if reps.shape[0] == 0:
+    if reps.shape[0] == 0 or x.shape[0] == 0:
         return torch.full((x.shape[0],), math.inf, dtype=torch.float64, device=x.device)
     step = max(1, BLOCK // reps.shape[0])
     d2 = torch.cat([squared_distances(x[i:i + step], reps).amin(1) for i in range(0, x.shape[0], step)])
