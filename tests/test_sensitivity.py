@@ -442,3 +442,32 @@ def test_normalised_data_is_refused_with_the_fix():
     net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 2, 3), relu=nn.ReLU()))
     with pytest.raises(AugmentError, match="put the normalisation inside the model"):
         sensitivity(net, data, ["brightness"], n=4, layers=["relu"], bootstrap=0)
+
+
+def test_an_interrupted_sensitivity_pass_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import unitscope.analyses.sensitivity as sensitivity_module
+
+    model = unitscope.load_model("digits-cnn")
+    data = unitscope.load_dataset("digits", "test")
+    ckpt = tmp_path / "s.safetensors"
+    kwargs = {"n": 16, "layers": "conv3", "bootstrap": 0, "batch_size": 16, "checkpoint": ckpt}
+    augmented, calls = sensitivity_module._augmented, {"n": 0}
+
+    def stop_at_the_fourth_chunk(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return augmented(*args, **kw)
+
+    monkeypatch.setattr(sensitivity_module, "_augmented", stop_at_the_fourth_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        sensitivity_module.sensitivity(model, data, ["brightness", "hflip"], **kwargs)
+    assert ckpt.is_file()
+    calls["n"] = -1000  # no more interruptions; count the chunks of the rerun
+    resumed = sensitivity_module.sensitivity(model, data, ["brightness", "hflip"], **kwargs)
+    # 3 variables -> 5 design rows per base sample, 16 rows per forward -> chunks of 3 base samples:
+    # 6 chunks for 16, the first 3 were kept, so the rerun evaluates 3
+    assert calls["n"] == -1000 + 3
+    whole = sensitivity_module.sensitivity(model, data, ["brightness", "hflip"],
+                                           **{**kwargs, "checkpoint": None})
+    pd.testing.assert_frame_equal(resumed.table("sensitivity"), whole.table("sensitivity"))

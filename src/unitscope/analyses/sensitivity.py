@@ -27,6 +27,7 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -278,7 +279,7 @@ def sensitivity(model: nn.Module, data: Any,
                 reduce: str = "mean", second_order: bool = False, bootstrap: int = 100, seed: int = 0,
                 batch_size: int = 256, device: str | torch.device = "auto",
                 progress: bool = False, shard: tuple[int, int] | None = None,
-                config: dict[str, Any] | None = None) -> Any:
+                config: dict[str, Any] | None = None, checkpoint: str | Path | None = None) -> Any:
     """Sobol' indices of every unit of ``layers`` to augmentation ``variables`` and the image.
 
     Streams the Saltelli design in chunks of base samples: for each chunk, the images of its A and
@@ -302,6 +303,9 @@ def sensitivity(model: nn.Module, data: Any,
             one-pass result. Under ``torchrun`` (an initialised process group) each rank takes its
             own range and the accumulators are synced, so every rank holds the full result.
         config: recorded in the manifest.
+        checkpoint: a file to keep the accumulators in, every 30 seconds, when Ctrl-C stops the
+            pass between chunks, and at its end. A call with the same model, data, design, layers,
+            chunking and range resumes from it (another configuration starts over, with a warning).
 
     Returns:
         A :class:`unitscope.Run` with the tables of :meth:`Sensitivity.tables`.
@@ -316,7 +320,9 @@ def sensitivity(model: nn.Module, data: Any,
         >>> sorted(run.table("sensitivity").variable.unique())
         ['brightness', 'hflip', 'image']
     """
-    from ..engine import resolve_device, shard_range
+    from ..data.arrays import dataset_fingerprint
+    from ..engine import _checkpoint, _resume, _run_key, resolve_device, shard_range
+    from ..models.registry import model_fingerprint
     from ..results import Run
 
     if analysis is None:
@@ -343,6 +349,12 @@ def sensitivity(model: nn.Module, data: Any,
     a.augmenter.check_channels(first.shape[0])
     dev = resolve_device(device)
     a.start(names)
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    done, run_key = 0, ""
+    if ckpt is not None:
+        fingerprints = {"model": model_fingerprint(model), "data": dataset_fingerprint(data)}
+        run_key = _run_key(fingerprints, [a], {0: names}, chunk, start, stop, a.seed)
+        done, _ = _resume([a], ckpt, run_key)  # base samples already folded in
     a.to(dev)
     with preserved(model):  # every module's train/eval flag and the device come back
         model.eval()
@@ -351,24 +363,35 @@ def sensitivity(model: nn.Module, data: Any,
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=stop - start, desc="sensitivity", unit="base sample")
+            bar = tqdm(total=stop - start, initial=done, desc="sensitivity", unit="base sample")
         t0 = time.perf_counter()
+        saved, last, consistent = done, time.monotonic(), True
         try:
             with Capture(model, names, {"r": a.reduce}, stop=True) as cap, torch.inference_mode():
-                for lo in range(start, stop, chunk):
+                for lo in range(start + done, stop, chunk):
                     hi = min(lo + chunk, stop)
                     x = _augmented(a.augmenter, data, design.rows(a.groups, lo, hi), dev)
-                    with contextlib.suppress(StopForward):  # hooks stop the forward after the last layer
+                    with contextlib.suppress(StopForward):  # raised only with calls='first'
                         model(x)
                     c = hi - lo
+                    consistent = False
                     for key in names:
                         y = cap.outputs["r"][key]
                         y = y.reshape(c, per_base, *y.shape[1:])
                         y_ba = y[:, 1 + d:1 + 2 * d].movedim(1, 0) if a.second_order else None
                         a.accumulators[key].update(y[:, 0], y[:, -1], y[:, 1:1 + d].movedim(1, 0), y_ba,
                                                    index=torch.arange(lo, hi))
+                    done, consistent = hi - start, True
                     if bar is not None:
                         bar.update(c)
+                    if ckpt is not None and (time.monotonic() - last > 30.0 or hi == stop):
+                        _checkpoint([a], ckpt, run_key, done, {})
+                        saved, last = done, time.monotonic()
+        except KeyboardInterrupt:
+            if ckpt is not None and consistent and done > saved:  # never a half-folded chunk
+                _checkpoint([a], ckpt, run_key, done, {})
+                log.warning("interrupted after %d base samples; saved in %s, rerun to resume", done, ckpt)
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,8 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
     except (AugmentError, ValueError) as exc:
         raise ConfigError(str(exc)) from exc
     run = sensitivity(model, data, analysis=analysis, batch_size=config["batch_size"],
-                      device=config["device"], progress=progress, config=config)
+                      device=config["device"], progress=progress, config=config,
+                      checkpoint=Path(f"{target}.partial") / "sensitivity.safetensors")
     if config["reduce"] == "map" and config["lda"]:
         run.tables["sensitivity_lda"] = lda_table(run, repeats=config["lda_repeats"])
     if config["masking"]:
@@ -136,6 +138,7 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
             model, data, variables, config["hsv_segment"], n=config["n"], reduce=reduce, seed=config["seed"],
             batch_size=config["batch_size"], device=config["device"])
     run.save(target)
+    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
 
 
 def _add_single_class(run: Run, model: torch.nn.Module, data: Any, seed: int, device: str = "cpu",
