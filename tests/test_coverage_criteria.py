@@ -535,3 +535,24 @@ def test_cc_batch_of_only_non_finite_rows_adds_nothing():
     assert cc.update({"a": torch.zeros(2, 2)}) == 1.0
     assert cc.update({"a": torch.tensor([[math.inf, 0.0], [math.nan, 1.0]])}) == 0.0  # it raised
     assert cc.value() == 1.0 and len(cc.representatives()["a"]) == 1
+
+
+def test_cc_infinite_threshold_keeps_one_representative_per_layer():
+    # spec §2.7: τ = ∞ gives 1 per layer (the anchor, which does not count the first: 0)
+    x = torch.tensor([[0.0, 0.0], [1e200, -1e200], [5.0, 5.0]], dtype=torch.float64)  # an infinite distance
+    cc = CC(threshold=math.inf)
+    assert cc.update({"a": x, "b": x[[2, 0, 1]]}) == 2.0
+    assert cc.update({"a": x.flip(0), "b": -x}) == 0.0
+    torch.testing.assert_close(cc.representatives()["a"], x[:1])
+    torch.testing.assert_close(cc.representatives()["b"], x[2:])
+    assert CC(threshold=math.inf, squared=True, count_first=False).update(x) == 0.0
+    one_by_one = CC(threshold=math.inf)
+    for row in x:
+        one_by_one.update(row[None])
+    assert one_by_one.value() == 1.0
+    other = CC(threshold=math.inf)
+    other.update(x.flip(0))
+    assert one_by_one.merge(other).value() == 1.0
+    for bad in (math.nan, -1.0, -math.inf):
+        with pytest.raises(ValueError, match=r"threshold must be >= 0"):
+            CC(threshold=bad)

@@ -65,8 +65,9 @@ class CC(Criterion):
     stored, so memory grows as O(representatives × units) per layer.
 
     Args:
-        threshold: τ. The anchor (NeuraL-Coverage) and SEED use 10 (default) on the squared L2
-            distance at CIFAR-10 scale; here it applies to the distance chosen by ``squared``.
+        threshold: τ >= 0. The anchor (NeuraL-Coverage) and SEED use 10 (default) on the squared
+            L2 distance at CIFAR-10 scale; here it applies to the distance chosen by ``squared``.
+            ``math.inf`` keeps only the first input of each layer: CC = 1 per layer.
         squared: compare τ with the squared L2 distance (anchor) instead of the L2 distance
             (default, recommended).
         count_first: count the first representative of each layer (default, recommended); the
@@ -82,8 +83,9 @@ class CC(Criterion):
 
     def __init__(self, threshold: float = 10.0, squared: bool = False, count_first: bool = True) -> None:
         super().__init__()
-        if not (threshold >= 0) or math.isinf(threshold):
-            raise ValueError(f"CC(threshold={threshold}): the threshold must be finite and >= 0")
+        if not (threshold >= 0):
+            raise ValueError(f"CC(threshold={threshold}): the threshold must be >= 0 (math.inf keeps "
+                             "one representative per layer)")
         self.threshold, self.squared, self.count_first = float(threshold), bool(squared), bool(count_first)
 
     def config(self) -> dict[str, Any]:
@@ -101,10 +103,12 @@ class CC(Criterion):
         reps = reps.to(x.device, x.dtype) if reps.shape[0] == 0 else reps.to(x.device)
         x = x.to(reps.dtype)
         x = x[torch.isfinite(x).all(1)]  # a NaN or inf row is never a representative
-        cand = x[min_distance(x, reps, self.squared) > self.threshold]
+        # an empty layer takes its first input whatever τ (a distance is never > ∞)
+        cand = x if reps.shape[0] == 0 else x[min_distance(x, reps, self.squared) > self.threshold]
         if cand.shape[0]:
             d2 = squared_distances(cand, cand)
-            close = ((d2 if self.squared else d2.sqrt()) <= self.threshold).cpu().numpy()
+            close = ((d2 if self.squared else d2.sqrt()) <= self.threshold) | math.isinf(self.threshold)
+            close = close.cpu().numpy()
             keep = np.ones(cand.shape[0], dtype=bool)
             for i in range(cand.shape[0]):  # greedy, in input order; steps only over candidates
                 if keep[i]:
