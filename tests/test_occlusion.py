@@ -13,12 +13,14 @@ from torch import nn
 
 import unitscope
 from unitscope.analyses.occlusion import (
+    LayerRF,
     UnreachableLayerError,
     _fill_values,
     _image_stats,
     average_centred,
     centre_maps,
     empirical_receptive_fields,
+    layer_rf,
     occluder_positions,
     occlusion_maps,
     pixel_maps,
@@ -457,3 +459,23 @@ def test_float64_model_empirical_rf_centres_on_the_analytic_rf():
     side = B + 2 * (k - 1)
     assert table["rf_size"][0] == B and table["rf_size_empirical"][0] == side
     assert bool(table["centred"][0])
+
+
+def test_a_layer_after_upsampling_is_swept_whole(caplog):
+    # its analytic RF is an average over unit positions (a unit's field can be half a unit off), so
+    # local=True must not prune with it
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(down=nn.Conv2d(1, 2, 3, stride=2, padding=1),
+                                      up=nn.Upsample(scale_factor=2), conv=nn.Conv2d(2, 2, 3, padding=1)))
+    model = model.double()
+    assert layer_rf(model, "conv", (16, 16)) == LayerRF(5.0, 1.0, 0.0, upsampled=True)
+    assert not layer_rf(model, "down", (16, 16)).upsampled
+    images = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    kw = {"occluder": 3, "stride": 1, "fill": 0.0, "device": "cpu", "discrepancy": "signed"}
+    with caplog.at_level("WARNING", logger="unitscope.analyses.occlusion"):
+        local = occlusion_maps(model, "conv", images, torch.tensor([0, 1]), torch.tensor([[5, 6], [8, 3]]),
+                               local=True, **kw)
+    assert "an upsampling step lies before conv" in caplog.text
+    full = occlusion_maps(model, "conv", images, torch.tensor([0, 1]), torch.tensor([[5, 6], [8, 3]]),
+                          local=False, **kw)
+    assert torch.equal(local.grid, full.grid) and bool(local.evaluated.all())

@@ -201,3 +201,148 @@ def test_float64_model_gives_the_float32_table():
     double = receptive_fields(net.double(), 16)  # the trace input is built in float64
     pd.testing.assert_frame_equal(double, single)
     assert double.rf_size.tolist() == [3, 3, 5, 13] and next(net.parameters()).dtype == torch.float64
+
+
+def measured_rf(net: nn.Module, size: int, rows: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spec §3.4: positive weights, one backward pass per unit (rows of a middle column of
+    channel 0); the rows of input pixels with a non-zero gradient give each unit's RF size and
+    centre (pixel index), returned with the rows measured: units that no input reaches are left out."""
+    net = net.double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.rand_like(p) + 0.5 if p.dim() > 1 else torch.zeros_like(p))
+    x = torch.ones(1, net[0].in_channels, size, size, dtype=torch.float64, requires_grad=True)
+    out = net(x)
+    column = next(c for c in range(out.shape[3] // 2, out.shape[3])  # one that some input reaches
+                  if torch.autograd.grad(out[0, 0, :, c].sum(), x, retain_graph=True)[0].any())
+    kept, sizes, centres = [], [], []
+    for i in rows:
+        (grad,) = torch.autograd.grad(out[0, 0, i, column], x, retain_graph=True)
+        hit = torch.nonzero(grad[0].abs().sum((0, 2)) > 0).flatten()
+        if not len(hit):  # a unit that reads no input (a transposed conv with gaps): no RF
+            continue
+        assert 0 < hit.min() and hit.max() < size - 1, "pick units away from the border"
+        kept.append(float(i))
+        sizes.append(float(hit.max() - hit.min() + 1))
+        centres.append((hit.max() + hit.min()).item() / 2)
+    return tuple(torch.tensor(v, dtype=torch.float64) for v in (kept, sizes, centres))  # type: ignore[return-value]
+
+
+def test_upsample_divides_the_jump_spec_example():
+    # spec saturation_probes_lucid §3.1: a stride-s upsampling step gives j_out = j_in / s
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.Upsample(scale_factor=2),
+                        nn.Conv2d(2, 2, 3, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the upsampling step is modelled, not passed through
+        table = receptive_fields(net, 16)
+    assert table.rf_size.tolist() == [3, 3, 5] and table.jump.tolist() == [2, 1, 1]
+    assert table.start.tolist() == [0.5, 0.0, 0.0] and table.attrs["upsampled"] == ["1", "2"]
+    _, sizes, _ = measured_rf(net, 16, range(4, 12))
+    assert sizes.tolist() == [5.0] * 8  # every unit reads two units of the first conv: 3 + 2
+
+
+def test_transposed_convolution_divides_the_jump():
+    def chain(up: nn.Module) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(3, 2, 3, stride=2, padding=1), up, nn.Conv2d(2, 2, 3, padding=1))
+
+    table = receptive_fields(chain(nn.ConvTranspose2d(2, 2, 4, stride=2, padding=1)), 16)
+    assert table.rf_size.tolist() == [3, 5, 7] and table.jump.tolist() == [2, 1, 1]
+    assert table.start.tolist() == [0.5, 0.0, 0.0]
+    _, sizes, centres = measured_rf(chain(nn.ConvTranspose2d(2, 2, 4, stride=2, padding=1)), 16, range(4, 12))
+    assert sizes.tolist() == [7.0] * 8
+    assert centres.mean() == 0.0 - 0.5 + 1 * (4 + 11) / 2  # start − ½ + j·i, on average over units
+    # k = 3, s = 2: units read one or two input units in turn; r is their mean, 3 + 0.5·2 = 4
+    odd = chain(nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1))
+    table = receptive_fields(odd, 16)
+    assert table.rf_size.tolist() == [3, 4, 6] and table.jump.tolist() == [2, 1, 1]
+    _, sizes, centres = measured_rf(odd, 16, range(4, 12))
+    assert sorted(set(sizes.tolist())) == [5.0, 7.0] and sizes.mean() == 6.0
+    assert centres.mean() == table.start.iloc[-1] - 0.5 + (4 + 11) / 2
+    # a stride-2 transposed convolution of the input: a fractional jump
+    first = receptive_fields(nn.Sequential(nn.ConvTranspose2d(1, 1, 2, stride=2)), 8)
+    assert first.jump.tolist() == [0.5] and first.rf_size.tolist() == [1] and first.start.tolist() == [0.25]
+
+
+@pytest.mark.parametrize("up,tail", [
+    (nn.Upsample(scale_factor=2), True), (nn.Upsample(scale_factor=3, mode="nearest-exact"), True),
+    (nn.Upsample(scale_factor=2, mode="bilinear"), True),
+    (nn.Upsample(scale_factor=3, mode="bilinear"), True),
+    (nn.Upsample(scale_factor=2, mode="bicubic"), True), (nn.Upsample(size=24, mode="area"), True),
+    (nn.Upsample(scale_factor=1.5), True), (nn.ConvTranspose2d(2, 2, 5, stride=3, padding=2), True),
+    # kernels that leave some output units reading nothing: exact for the layer itself
+    (nn.ConvTranspose2d(2, 2, 3, stride=2, dilation=2), False),
+    (nn.ConvTranspose2d(2, 2, 2, stride=3), False),
+], ids=repr)
+def test_upsampling_rf_is_the_mean_of_the_measured_unit_rfs(up, tail):
+    # cross-check with the gradient RF (spec §3.4): over a whole period of unit positions the
+    # recurrence's r and start are the means of the measured sizes and centres
+    # (average pooling: a max pool's gradient reaches only its maximum)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.AvgPool2d(2), up,
+                        *([nn.Conv2d(2, 2, 3, padding=1)] if tail else []))
+    table = receptive_fields(net, 32).set_index("layer")
+    last = table.iloc[-1]
+    period = 6  # a multiple of every factor here
+    rows = range(last.output_size // 2 - period, last.output_size // 2 + period)
+    units, sizes, centres = measured_rf(net, 32, rows)
+    predicted = last.start - 0.5 + last.jump * units
+    assert table.attrs["upsampled"] == ["2", "3"][:len(net) - 2]
+    assert last.rf_size == pytest.approx(float(sizes.mean()), abs=1e-12)
+    assert float(predicted.mean()) == pytest.approx(float(centres.mean()), abs=1e-12)
+
+
+def test_functional_interpolate_and_pixel_shuffle_divide_the_jump():
+    class Decoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+            self.head = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(nn.functional.pixel_shuffle(self.down(x), 2))
+            return self.head(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = receptive_fields(Decoder(), 16).set_index("layer")
+    assert table.rf_size.tolist() == [3, 5, 6] and table.jump.tolist() == [2, 1, 0.5]
+    assert table.start.tolist() == [0.5, 0.0, -0.25]
+    # the chain with modules gives the same numbers
+    modules = receptive_fields(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.PixelShuffle(2),
+                                             nn.Conv2d(2, 2, 3, padding=1), nn.Upsample(scale_factor=2),
+                                             nn.Conv2d(2, 2, 3, padding=1)), 16)
+    assert modules[modules.type == "Conv2d"].rf_size.tolist() == [3, 5, 6]
+
+
+def test_upsampling_with_an_unknown_scale_warns():
+    # an Upsample(size=...) on a 3-D (N, C, L) tensor: no 2-D map to read the scale from
+    class Flat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3)
+            self.up = nn.Upsample(size=12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.up(self.conv(x).flatten(2))
+
+    with pytest.warns(UserWarning, match="up .Upsample. resamples by a scale"):
+        receptive_fields(Flat(), 8)
+
+
+def test_align_corners_places_units_on_the_corner_grid():
+    # unit o of an 8 -> 16 align_corners upsampling sits at o·7/15; units 0 and 15 fall on an input
+    # unit (one tap), the 14 others read two: r = 3 + 14/16, j = 7/15, start unchanged
+    net = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.UpsamplingBilinear2d(scale_factor=2))
+    table = receptive_fields(net, 8)
+    assert table.rf_size.tolist() == [3, 3.875] and table.start.tolist() == [0.5, 0.5]
+    assert table.jump.tolist() == [1, pytest.approx(7 / 15)]
+
+
+def test_a_jump_that_returns_to_whole_pixels_is_an_int():
+    # 1 / 5 / 5 · 25 is 1.0000000000000002 in floats; the table reports 1
+    net = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Upsample(scale_factor=5), nn.Upsample(scale_factor=5),
+                        nn.Conv2d(1, 1, 25, stride=25))
+    table = receptive_fields(net, 4)
+    assert table.jump.tolist() == [1, pytest.approx(0.2), pytest.approx(0.04), 1]
+    assert table.jump.iloc[-1] == 1 and table.input_jump.iloc[1] == 1
+    assert receptive_fields(nn.Sequential(net[0], net[3]), 100).jump.dtype == "int64"

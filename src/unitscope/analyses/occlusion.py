@@ -123,11 +123,16 @@ def occluder_positions(height: int, width: int, occluder: int, stride: int) -> t
 
 @dataclass(frozen=True)
 class LayerRF:
-    """The analytic receptive field of a layer: size, jump (total stride), start (0.5 = pixel 0)."""
+    """The analytic receptive field of a layer: size, jump (total stride), start (0.5 = pixel 0).
+
+    ``upsampled``: an upsampling step lies before the layer, so size and start are averages over
+    the units' positions, not every unit's field.
+    """
 
     size: float
     jump: float
     start: float
+    upsampled: bool = False
 
     def centre(self, loc: torch.Tensor) -> torch.Tensor:
         """Pixel index (0-based, may be fractional) of the RF centre of cells ``loc`` ``(..., 2)``."""
@@ -143,7 +148,8 @@ def layer_rf(model: nn.Module, layer: str, input_size: tuple[int, int]) -> Layer
     if rows.empty:
         return None
     row = rows.iloc[0]
-    return LayerRF(float(row["rf_size"]), float(row["jump"]), float(row["start"]))
+    return LayerRF(float(row["rf_size"]), float(row["jump"]), float(row["start"]),
+                   layer in table.attrs.get("upsampled", ()))
 
 
 # --------------------------------------------------------------------------- fills
@@ -327,6 +333,11 @@ def occlusion_maps(model: nn.Module, layer: str, images: torch.Tensor, units: to
         except ValueError as exc:  # reported; the sweep stays exact without the RF, only slower
             log.warning("occlusion: no analytic receptive field for %s (%s); every window is "
                         "evaluated on the whole image", layer, exc)
+        if rf is not None and rf.upsampled:
+            log.warning("occlusion: an upsampling step lies before %s, so its analytic receptive field "
+                        "is an average over the units' positions, not each unit's field; every window "
+                        "is evaluated on the whole image", layer)
+            rf = None
     with preserved(model):
         model.eval().to(dev)
         x = images.to(dev, probe_dtype_device(model)[0] or images.dtype)  # in the model's dtype

@@ -8,16 +8,22 @@ pool layers it follows a closed recurrence per spatial axis (see ``docs/receptiv
 * ``j_out = j_in·s``
 * ``start_out = start_in + ((k_eff − 1)/2 − p)·j_in``
 
-starting from ``r = 1, j = 1, start = 0.5`` at the input. Branching graphs (residual additions,
-Inception concatenations) are traced with :mod:`torch.fx`; a node with several inputs takes the input
-with the largest RF (the longest path, as phd-lab's ``noskip`` models do).
+starting from ``r = 1, j = 1, start = 0.5`` at the input. An upsampling step by s (``nn.Upsample``,
+``nn.PixelShuffle``, a transposed convolution, ``F.interpolate``) gives ``j_out = j_in / s``; its r
+and start are the averages over the s positions an output unit can take on the input grid (see
+:func:`_mean_reads`). Branching graphs (residual additions, Inception concatenations) are traced with
+:mod:`torch.fx`; a node with several inputs takes the input with the largest RF (the longest path, as
+phd-lab's ``noskip`` models do).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import pandas as pd
@@ -32,8 +38,12 @@ _KERNEL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, n
                   nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_UNHANDLED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Upsample,
-              nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: input units an interpolation mode reads around the source position (nn.Upsample, F.interpolate)
+_TAPS = {"nearest": 1, "nearest-exact": 1, "area": 1, "linear": 2, "bilinear": 2, "trilinear": 2,
+         "bicubic": 4}
+#: the largest denominator a float scale factor is rounded to (1.1 -> 11/10)
+_SCALE_DENOMINATOR = 1024
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class _RF:
     r: tuple[float, float] = (1.0, 1.0)
     j: tuple[float, float] = (1.0, 1.0)
     start: tuple[float, float] = (0.5, 0.5)
+    upsampled: bool = False  # an upsampling step lies on the path: r and start are averages
 
     def size(self) -> float:
         return max(self.r)
@@ -68,7 +79,7 @@ def _apply_kernel(rf: _RF, kernel: Any, stride: Any, padding: Any, dilation: Any
         r.append(rf.r[a] + (k_eff - 1) * rf.j[a])
         start.append(rf.start[a] + ((k_eff - 1) / 2 - p[a]) * rf.j[a])
         j.append(rf.j[a] * s[a])
-    return _RF(tuple(r), tuple(j), tuple(start))  # type: ignore[arg-type]
+    return _RF(tuple(r), tuple(j), tuple(start), rf.upsampled)  # type: ignore[arg-type]
 
 
 def _spatial(shape: Any) -> tuple[int, int] | None:
@@ -84,7 +95,7 @@ def _global(rf: _RF, in_hw: tuple[int, int] | None, image: tuple[int, int]) -> _
     r = tuple(max(rf.r[a] + (n[a] - 1) * rf.j[a], float(image[a])) for a in range(2))
     j = tuple(rf.j[a] * n[a] for a in range(2))
     start = tuple(rf.start[a] + (n[a] - 1) / 2 * rf.j[a] for a in range(2))
-    return _RF(r, j, start)  # type: ignore[arg-type]
+    return _RF(r, j, start, rf.upsampled)  # type: ignore[arg-type]
 
 
 def _adaptive(rf: _RF, in_hw: tuple[int, int] | None, out_hw: tuple[int, int] | None,
@@ -102,6 +113,147 @@ def _adaptive(rf: _RF, in_hw: tuple[int, int] | None, out_hw: tuple[int, int] | 
     return _apply_kernel(rf, k, s, 0)
 
 
+def _mean_reads(reads: Callable[[int], list[int]], count: int, step: Fraction) -> tuple[float, float]:
+    """The RF growth and centre shift of a resampling step along one axis, in input units.
+
+    Output unit ``o`` reads the input units ``reads(o)``; the linear model places it at ``o·step``
+    (``step = j_out / j_in``). Over ``o = 0 .. count − 1`` (a whole period of the pattern), returns
+    the mean span ``max − min`` of the units read (r grows by span·j_in) and the mean offset of
+    their centre from ``o·step`` (start moves by offset·j_in). Units that read nothing (a transposed
+    convolution whose kernel is smaller than its stride) are left out. With these means the
+    recurrence gives the RF averaged over the unit positions; when every position reads the same
+    span (nearest ×s followed by a kernel with k − 1 a multiple of s) it is every unit's RF.
+    """
+    spans, offsets = [], []
+    for o in range(count):
+        units = reads(o)
+        if units:
+            spans.append(Fraction(max(units) - min(units)))
+            offsets.append(Fraction(max(units) + min(units), 2) - o * step)
+    if not spans:
+        return 0.0, 0.0
+    return float(sum(spans) / len(spans)), float(sum(offsets) / len(offsets))
+
+
+def _resample(rf: _RF, axes: list[tuple[float, float, Fraction]]) -> _RF:
+    """Apply per-axis ``(span, offset, step)`` of :func:`_mean_reads`: ``j_out = j_in·step``."""
+    r = tuple(rf.r[a] + span * rf.j[a] for a, (span, _, _) in enumerate(axes))
+    start = tuple(rf.start[a] + offset * rf.j[a] for a, (_, offset, _) in enumerate(axes))
+    j = tuple(rf.j[a] * float(step) for a, (_, _, step) in enumerate(axes))
+    return _RF(r, j, start, True)  # type: ignore[arg-type]
+
+
+def _transposed(rf: _RF, module: nn.Module) -> _RF:
+    """A transposed convolution with stride s: output ``o`` reads input ``i`` when
+    ``o + p − i·s = m·d`` for a kernel tap ``m``; ``j_out = j_in / s``."""
+    k, s, p, d = (_pair(module.kernel_size), _pair(module.stride), _pair(module.padding),
+                  _pair(module.dilation))
+    axes = []
+    for a in range(2):
+        ka, sa, pa, da = int(k[a]), int(s[a]), int(p[a]), int(d[a])
+
+        def reads(o: int, ka: int = ka, sa: int = sa, pa: int = pa, da: int = da) -> list[int]:
+            return [(o + pa - m * da) // sa for m in range(ka) if (o + pa - m * da) % sa == 0]
+
+        axes.append((*_mean_reads(reads, sa, Fraction(1, sa)), Fraction(1, sa)))
+    return _resample(rf, axes)
+
+
+def _interpolation_reads(mode: str, step: Fraction, align_corners: bool) -> Callable[[int], list[int]]:
+    """The input units output ``o`` of ``F.interpolate(mode=...)`` reads (``step`` = in / out)."""
+    taps = _TAPS[mode]
+
+    def reads(o: int) -> list[int]:
+        if mode == "nearest":
+            return [math.floor(o * step)]
+        if mode == "nearest-exact":
+            return [math.floor((o + Fraction(1, 2)) * step)]
+        if mode == "area":  # adaptive average pooling: the bin [⌊o·step⌋, ⌈(o + 1)·step⌉)
+            return list(range(math.floor(o * step), math.ceil((o + 1) * step)))
+        x = o * step if align_corners else (o + Fraction(1, 2)) * step - Fraction(1, 2)
+        f = math.floor(x)
+        if x == f:  # on an input unit: the other taps have weight 0
+            return [f]
+        return list(range(f - taps // 2 + 1, f + taps // 2 + 1))
+
+    return reads
+
+
+def _interpolation(rf: _RF, mode: str, scale_factor: Any, align_corners: bool | None,
+                   recompute: bool | None, in_hw: tuple[int, int] | None,
+                   out_hw: tuple[int, int] | None) -> _RF | None:
+    """``nn.Upsample`` / ``F.interpolate`` / ``nn.PixelShuffle``; None when the scale is unknown."""
+    if mode not in _TAPS:
+        return None
+    align = bool(align_corners) and _TAPS[mode] > 1
+    axes = []
+    for a in range(2):
+        if align:  # unit o sits at o·(n_in − 1)/(n_out − 1): no period, average over the map
+            if in_hw is None or out_hw is None:
+                return None
+            n_in, n_out = in_hw[a], out_hw[a]
+            step = Fraction(n_in - 1, n_out - 1) if n_out > 1 else Fraction(0)
+            count = n_out
+        else:
+            if scale_factor is not None and not recompute:
+                scale = Fraction(_pair(scale_factor)[a]).limit_denominator(_SCALE_DENOMINATOR)
+            elif in_hw is not None and out_hw is not None:
+                scale = Fraction(out_hw[a], in_hw[a])
+            else:
+                return None
+            step, count = 1 / scale, scale.numerator  # the pattern repeats every numerator units
+        axes.append((*_mean_reads(_interpolation_reads(mode, step, align), count, step), step))
+    return _resample(rf, axes)
+
+
+def _unmodelled(rf: _RF, new: _RF | None, name: str, what: str) -> _RF:
+    """``new``, or ``rf`` with a warning when the resampling could not be modelled."""
+    if new is not None:
+        return new
+    warnings.warn(f"receptive_fields: {name} ({what}) resamples by a scale or mode the recurrence cannot "
+                  "read (no scale_factor and no 2-D map); its RF is passed through unchanged", stacklevel=4)
+    return rf
+
+
+def _upsampling(module: nn.Module, name: str, rf: _RF, in_hw: tuple[int, int] | None,
+                out_hw: tuple[int, int] | None) -> _RF | None:
+    """The RF after an upsampling module; None when it is not one."""
+    if isinstance(module, _TRANSPOSED):
+        return _transposed(rf, module)
+    if isinstance(module, nn.PixelShuffle):  # output o reads input o // s (of some channel)
+        new = _interpolation(rf, "nearest", module.upscale_factor, None, None, in_hw, out_hw)
+    elif isinstance(module, nn.Upsample):
+        new = _interpolation(rf, module.mode, module.scale_factor, module.align_corners,
+                             module.recompute_scale_factor, in_hw, out_hw)
+    else:
+        return None
+    return _unmodelled(rf, new, name, type(module).__name__)
+
+
+def _functional_upsampling(node: Any, rf: _RF, in_hw: tuple[int, int] | None,
+                           out_hw: tuple[int, int] | None) -> _RF | None:
+    """The RF after an ``F.interpolate`` / ``F.pixel_shuffle`` node; None for other nodes."""
+    if node.target in (nn.functional.pixel_shuffle, torch.pixel_shuffle):
+        factor = node.args[1] if len(node.args) > 1 else node.kwargs.get("upscale_factor")
+        new = _interpolation(rf, "nearest", factor if isinstance(factor, int) else None, None, None,
+                             in_hw, out_hw)
+    elif node.target is nn.functional.interpolate:  # F.upsample* are traced as the call they make
+        try:
+            bound = inspect.signature(nn.functional.interpolate).bind(*node.args, **node.kwargs)
+        except TypeError:
+            new = None
+        else:
+            bound.apply_defaults()
+            args = bound.arguments
+            scale = args["scale_factor"]
+            new = _interpolation(rf, args["mode"], scale if isinstance(scale, (int, float, tuple, list))
+                                 else None, args["align_corners"], args["recompute_scale_factor"],
+                                 in_hw, out_hw)
+    else:
+        return None
+    return _unmodelled(rf, new, node.name, getattr(node.target, "__name__", str(node.target)))
+
+
 def _module_rf(module: nn.Module, name: str, rf: _RF, in_hw: tuple[int, int] | None,
                out_hw: tuple[int, int] | None, image: tuple[int, int]) -> _RF:
     if isinstance(module, _KERNEL_LAYERS):
@@ -109,10 +261,9 @@ def _module_rf(module: nn.Module, name: str, rf: _RF, in_hw: tuple[int, int] | N
         return _apply_kernel(rf, module.kernel_size, module.stride, module.padding, dilation)
     if isinstance(module, _ADAPTIVE):
         return _adaptive(rf, in_hw, out_hw, image)
-    if isinstance(module, _UNHANDLED):
-        warnings.warn(f"receptive_fields: {name} ({type(module).__name__}) upsamples, which the recurrence "
-                      "does not model; its RF is passed through unchanged", stacklevel=3)
-        return rf
+    upsampled = _upsampling(module, name, rf, in_hw, out_hw)
+    if upsampled is not None:
+        return upsampled
     if in_hw is not None and out_hw is None:  # Linear on a flattened map etc.: sees everything
         return _global(rf, in_hw, image)
     if in_hw is not None and out_hw is not None and out_hw != in_hw and out_hw == (1, 1):
@@ -153,7 +304,7 @@ def _image_size(input_size: int | tuple[int, int] | tuple[int, int, int]) -> tup
 
 def _in_channels(model: nn.Module) -> int:
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Conv3d)):
+        if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Conv3d, *_TRANSPOSED)):
             return int(module.in_channels)
     return 3
 
@@ -207,6 +358,9 @@ def _trace_fx(model: nn.Module, x: torch.Tensor, image: tuple[int, int]
             new = _module_rf(module, node.target, rf, in_hw, out_hw, image)
             stack = tuple(node.meta.get("nn_module_stack", {}).keys())
             calls.append((node.target, module, new, rf, out_hw, index, stack))
+        elif (node.op == "call_function"
+              and (functional := _functional_upsampling(node, rf, in_hw, out_hw)) is not None):
+            new = functional
         elif in_hw is not None and out_hw is not None and out_hw == (1, 1) and in_hw != (1, 1):
             new = _global(rf, in_hw, image)  # functional global pooling (F.adaptive_avg_pool2d)
         elif in_hw is not None and out_hw is None and node.op != "output":
@@ -266,7 +420,10 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
         ``jump`` (product of strides), ``start`` (centre of unit 0's RF in input pixels),
         ``output_size`` (map height), ``input_rf_size`` (the RF of the layer's input) and
         ``border`` (the RF covers the whole input on both axes). ``table.attrs["input_size"]``
-        holds (H, W). A module called several times (a shared ReLU) reports its largest RF.
+        holds (H, W); ``table.attrs["upsampled"]`` lists the layers with an upsampling step on
+        their path, whose ``rf_size`` and ``start`` are averages over their units' positions
+        (``jump`` may then be fractional). A module called several times (a shared ReLU) reports
+        its largest RF.
 
     Raises:
         ValueError: ``input_size`` is not a positive size, or the model cannot run on it.
@@ -315,11 +472,13 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
             first_in.setdefault(outer, in_rf)
             best[outer] = (rf, first_in[outer], out_hw, index)
     depth = {name: name.count(".") for name in best}
-    rows = []
+    rows, upsampled = [], []
     for name in sorted(best, key=lambda n: (best[n][3], -depth[n])):
         rf, in_rf, out_hw, _ = best[name]
         if out_hw is None or not name:
             continue
+        if rf.upsampled:
+            upsampled.append(name)
         rows.append({
             "layer": name,
             "type": type(modules[name]).__name__,
@@ -335,6 +494,7 @@ def receptive_fields(model: nn.Module, input_size: int | tuple[int, ...]) -> pd.
     table = pd.DataFrame(rows, columns=["layer", "type", "rf_size", "jump", "start", "output_size",
                                         "input_rf_size", "input_jump", "kernel_size", "border"])
     table.attrs["input_size"] = image
+    table.attrs["upsampled"] = upsampled
     return table
 
 
@@ -347,7 +507,10 @@ def _kernel_size(module: nn.Module) -> float:
 
 
 def _num(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else float(value)
+    """An int for a whole number to 1e-9 (after upsampling steps a jump of 1/5 · 1/5 · 25 is
+    1.0000000000000002 in floats: it reports 1); other values unchanged."""
+    rounded = round(float(value), 9)
+    return int(rounded) if rounded.is_integer() else float(value)
 
 
 def unproductive_layers(table: pd.DataFrame, types: tuple[str, ...] | None = ("Conv2d",),
