@@ -335,3 +335,19 @@ def test_abs_sum_ranks_on_summed_absolute_relevance():
     absolute = unit_relevance(model, data, ["conv3"], train_filter="all", absolute=True)
     assert (absolute.total["conv3"] >= signed.total["conv3"].abs() - 1e-9).all()
     assert (absolute.total["conv3"] > signed.total["conv3"].abs() + 1e-6).any()  # signs cancel in the sum
+
+
+def test_deepimportance_quantisation_options():
+    """Spec coverage §3.1/§3.5: fewer than ``min_values`` values give the single centroid {0}
+    (DeepImportance's 10, so [0, 0, 1, 1, 10, 10] gets {0}); ``drop_zeros`` leaves exact zeros out."""
+    unit = torch.tensor([[0.0], [0.0], [1.0], [1.0], [10.0], [10.0]])
+    assert IDC(m=1).fit(unit, units=[0]).centroids[("layer", 0)].tolist() == [0.0, 1.0, 10.0]
+    assert IDC(m=1, min_values=10).fit(unit, units=[0]).centroids[("layer", 0)].tolist() == [0.0]
+    dead = torch.tensor([[0.0]] * 8 + [[1.0], [1.1], [5.0], [5.2]])
+    kept = IDC(m=1, k=2, drop_zeros=True).fit(dead, units=[0]).centroids[("layer", 0)]
+    torch.testing.assert_close(kept, torch.tensor([1.05, 5.1], dtype=torch.float64))
+    assert IDC(m=1, k=2).fit(dead, units=[0]).centroids[("layer", 0)][0] < 0.5  # the zeros pull one down
+    only_zeros = IDC(m=1, drop_zeros=True, min_values=10).fit(torch.zeros(20, 1), units=[0])
+    assert only_zeros.centroids[("layer", 0)].tolist() == [0.0]
+    with pytest.raises(ValueError, match="min_values"):
+        IDC(min_values=-1)

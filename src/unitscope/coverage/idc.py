@@ -207,6 +207,10 @@ class IDC(Accumulator):
             ``"per_layer_max"`` (each layer's scores divided by its largest absolute score) or
             ``"per_layer_z"`` (z-scores within each layer).
         round_centroids: decimals to round centroids to (2 in DeepImportance), None to keep them.
+        drop_zeros: leave a unit's exact zeros out of its clustering (DeepImportance does it for
+            dense layers, where a dead ReLU input is 0; spec coverage §3.1).
+        min_values: a unit with fewer training values than this (after ``drop_zeros``) gets the
+            single centroid 0 instead of a clustering (DeepImportance: 10; default 0, off).
         seed, n_init: k-means seed and restarts.
     """
 
@@ -216,7 +220,7 @@ class IDC(Accumulator):
 
     def __init__(self, m: int = 2, k: int | None = None, k_range: Sequence[int] = (2, 4),
                  importance: str = "sum", cross_layer_norm: str = "none", round_centroids: int | None = None,
-                 seed: int = 0, n_init: int = 10) -> None:
+                 seed: int = 0, n_init: int = 10, drop_zeros: bool = False, min_values: int = 0) -> None:
         super().__init__()
         if int(m) < 1:
             raise ValueError(f"IDC(m={m}): m must be >= 1")
@@ -234,13 +238,18 @@ class IDC(Accumulator):
         self.cross_layer_norm = cross_layer_norm
         self.round_centroids = round_centroids
         self.seed, self.n_init = int(seed), int(n_init)
+        if int(min_values) < 0:
+            raise ValueError(f"IDC(min_values={min_values}): use 0 (off) or a positive count (10 in "
+                             "DeepImportance)")
+        self.drop_zeros, self.min_values = bool(drop_zeros), int(min_values)
         self.reset()
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (two IDCs merge only when these match)."""
         return {"m": self.m, "k": self.k, "k_range": list(self.k_range), "importance": self.importance,
                 "cross_layer_norm": self.cross_layer_norm, "round_centroids": self.round_centroids,
-                "seed": self.seed, "n_init": self.n_init}
+                "seed": self.seed, "n_init": self.n_init, "drop_zeros": self.drop_zeros,
+                "min_values": self.min_values}
 
     def reset(self) -> None:
         """Forget the fit and everything covered."""
@@ -422,7 +431,13 @@ class IDC(Accumulator):
     def _cluster(self, acts: dict[str, torch.Tensor]) -> None:
         needed = sorted({u for g in self.groups for u in g["units"]}, key=self._order)
         for layer, unit in needed:
-            c, score = cluster_1d(acts[layer][:, unit], self.k, self.k_range, self.seed, self.n_init)
+            v = acts[layer][:, unit]
+            if self.drop_zeros:
+                v = v[v != 0]
+            if int(torch.isfinite(v).sum()) < self.min_values:  # DeepImportance's "too few values"
+                c, score = torch.zeros(1, dtype=torch.float64), float("nan")
+            else:
+                c, score = cluster_1d(v, self.k, self.k_range, self.seed, self.n_init)
             if self.round_centroids is not None:
                 c = torch.unique(torch.round(c, decimals=int(self.round_centroids)))
             self.centroids[(layer, unit)] = c

@@ -32,7 +32,8 @@ HAS_CRITERIA = importlib.util.find_spec("unitscope.analyses.coverage") is not No
 
 KEYS["idc"] = {"split": "test", "layers": None, "m": 2, "k": None, "k_range": [2, 4], "per_class": True,
                "train_filter": "correct", "batch_size": 128, "composite": "epsilon_plus_flat",
-               "cross_layer_norm": "none", "importance": "sum", "round_centroids": None, "n_init": 10}
+               "cross_layer_norm": "none", "importance": "sum", "round_centroids": None, "n_init": 10,
+               "drop_zeros": False, "min_values": 0}
 KEYS["attribution"] = {"split": "test", "n": 8, "method": "lrp", "layer": None, "target": "pred",
                        "composite": "epsilon_plus_flat"}
 KEYS["coverage-study"] = {"study": "impartiality", "split": "test", "layers": None, "m": 2, "k": None,
@@ -83,7 +84,8 @@ def _idc(config: dict[str, Any], target: Path, progress: bool) -> None:
                  train_filter=config["train_filter"], batch_size=config["batch_size"], device=_device(config),
                  composite=config["composite"], cross_layer_norm=config["cross_layer_norm"],
                  importance=config["importance"], round_centroids=config.get("round_centroids"),
-                 seed=config["seed"], n_init=config["n_init"])
+                 seed=config["seed"], n_init=config["n_init"], drop_zeros=config["drop_zeros"],
+                 min_values=config["min_values"])
     write_table_run(target, "idc", tables["idc"], config, {"idc_units": tables["idc_units"]})
 
 
