@@ -346,3 +346,12 @@ def test_a_jump_that_returns_to_whole_pixels_is_an_int():
     assert table.jump.tolist() == [1, pytest.approx(0.2), pytest.approx(0.04), 1]
     assert table.jump.iloc[-1] == 1 and table.input_jump.iloc[1] == 1
     assert receptive_fields(nn.Sequential(net[0], net[3]), 100).jump.dtype == "int64"
+
+
+def test_pixel_unshuffle_is_a_stride_s_kernel_s_layer():
+    first, last = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(4, 1, 3, padding=1)
+    unshuffled = nn.Sequential(first, nn.PixelUnshuffle(2), last)
+    strided = nn.Sequential(first, nn.Conv2d(1, 4, 2, stride=2), last)
+    a, b = receptive_fields(unshuffled, 16), receptive_fields(strided, 16)
+    assert a[["rf_size", "jump", "start"]].values.tolist() == b[["rf_size", "jump", "start"]].values.tolist()
+    assert a["rf_size"].tolist() == [3, 4, 8] and a["jump"].tolist() == [1, 2, 2]

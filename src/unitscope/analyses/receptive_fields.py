@@ -261,6 +261,9 @@ def _module_rf(module: nn.Module, name: str, rf: _RF, in_hw: tuple[int, int] | N
         return _apply_kernel(rf, module.kernel_size, module.stride, module.padding, dilation)
     if isinstance(module, _ADAPTIVE):
         return _adaptive(rf, in_hw, out_hw, image)
+    if isinstance(module, nn.PixelUnshuffle):  # an s×s block per output unit: kernel s, stride s
+        s = int(module.downscale_factor)
+        return _apply_kernel(rf, s, s, 0, 1)
     upsampled = _upsampling(module, name, rf, in_hw, out_hw)
     if upsampled is not None:
         return upsampled
