@@ -98,12 +98,19 @@ def test_a_save_over_a_run_removes_its_stale_hidden_siblings(tmp_path, small_run
 
     path = small_run.save(tmp_path / "r")
     shutil.copytree(path, tmp_path / ".r.old-deadbeef")  # an old copy whose removal was cut short
-    (tmp_path / ".r.tmp-0123abcd").mkdir()  # a save killed before its rename
-    kept = [".other.old-deadbeef", ".r.old-x.tmp-12345678"]  # another target's leftovers
+    import os
+    import time
+
+    killed = tmp_path / ".r.tmp-0123abcd"  # a save killed before its rename, two hours ago
+    killed.mkdir()
+    hours_ago = time.time() - 7200
+    os.utime(killed, (hours_ago, hours_ago))
+    # another target's leftovers, and a save of this target still running in another process
+    kept = [".other.old-deadbeef", ".r.old-x.tmp-12345678", ".r.tmp-fedcba98"]
     for name in kept:
         (tmp_path / name).mkdir()
     small_run.save(path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [*kept, "r"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [*sorted(kept), "r"]
 
 
 def test_a_missing_run_keeps_its_old_copy_for_recovery(tmp_path, small_run):

@@ -351,3 +351,10 @@ def test_deepimportance_quantisation_options():
     assert only_zeros.centroids[("layer", 0)].tolist() == [0.0]
     with pytest.raises(ValueError, match="min_values"):
         IDC(min_values=-1)
+
+
+def test_drop_zeros_gives_a_dead_unit_one_centroid():
+    dead = torch.cat([torch.zeros(30, 1), torch.rand(30, 1)], dim=1)
+    idc = IDC(m=2, drop_zeros=True).fit(dead, units=[0, 1])
+    assert idc.centroids[("layer", 0)].tolist() == [0.0]
+    assert len(idc.centroids[("layer", 1)]) >= 2

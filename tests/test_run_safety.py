@@ -178,3 +178,42 @@ def test_ctrl_c_between_batches_keeps_the_batches_since_the_last_checkpoint(tmp_
     assert resumed.manifest["timings"]["resumed_batches"] == 4
     whole = unitscope.analyze(digits_model, digits_test, layers="relu*", batch_size=50, progress=False)
     assert_tables_close(resumed.table("moments"), whole.table("moments"))
+
+
+def test_a_store_made_with_calls_first_is_not_returned_for_calls_last(tmp_path, shared):
+    from unitscope.features import StaleFeaturesError
+
+    model, data, first, second = shared
+    store = extract_features(model, data, ["relu"], None, out=tmp_path / "f", calls="first")
+    torch.testing.assert_close(store.features("relu", as_tensor=True), first)
+    with pytest.raises(StaleFeaturesError, match="calls"):
+        extract_features(model, data, ["relu"], None, out=tmp_path / "f", calls="last")
+    again = extract_features(model, data, ["relu"], None, out=tmp_path / "f", calls="last", overwrite=True)
+    torch.testing.assert_close(again.features("relu", as_tensor=True), second)
+
+
+def test_a_callback_state_that_cannot_load_is_refused_at_the_first_epoch(tmp_path, digits_model):
+    import numpy as np
+
+    from unitscope.train import Callback, train
+
+    class NumpyState(Callback):
+        def state_dict(self):
+            return {"loss": np.float32(0.5)}
+
+    class DuckTyped:  # a callback that does not subclass Callback: no state methods
+        def on_epoch_start(self, state):
+            pass
+
+        def on_batch_end(self, state):
+            pass
+
+        def on_epoch_end(self, state, metrics):
+            pass
+
+    data = unitscope.load_dataset("digits", "test")
+    train(digits_model, data, epochs=1, checkpoint_dir=tmp_path / "a", callbacks=[DuckTyped()],
+          progress=False)
+    with pytest.raises(TypeError, match="NumpyState.state_dict"):
+        train(digits_model, data, epochs=1, checkpoint_dir=tmp_path / "b", callbacks=[NumpyState()],
+              progress=False)

@@ -110,3 +110,35 @@ def test_saturation_experiment_cut_short_after_its_pass_reuses_the_pass(tmp_path
     assert {"saturation", "saturation_projection"} <= set(run.tables)
     [(whole, _)] = run_config(cfg, out=tmp_path / "whole", progress=False)
     pd.testing.assert_frame_equal(run.table("saturation"), unitscope.load_run(whole).table("saturation"))
+
+
+def test_a_kept_pass_of_other_weights_is_not_reused(tmp_path, monkeypatch):
+    import unitscope.analyses.saturation as saturation_module
+    import unitscope.engine as engine_module
+
+    weights = tmp_path / "w.pt"
+    torch.manual_seed(1)
+    torch.save(unitscope.load_model("digits-cnn").state_dict(), weights)
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'experiment = "saturation"\nmodel = "digits-cnn"\nweights = "{weights}"\n'
+                   'dataset = "digits"\nlayers = ["conv1"]\nproject_deltas = [0.9]\n')
+    out = tmp_path / "runs"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saturation_module, "projected_accuracy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, out=out, progress=False)
+    monkeypatch.undo()
+    torch.manual_seed(2)  # the weights file is retrained in place
+    torch.save(unitscope.load_model("digits-cnn").state_dict(), weights)
+    analyze, outs = engine_module.analyze, []
+
+    def recording(*args, **kwargs):
+        outs.append(kwargs.get("out"))
+        return analyze(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "analyze", recording)
+    run_config(cfg, out=out, progress=False)
+    assert any(o is not None for o in outs), "a pass made with other weights must be run again"

@@ -332,7 +332,8 @@ def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
     The finished run (checkpoints, final weights, metrics, saturation per epoch) is written
     atomically (:func:`_finish_training`), so an interrupted training leaves no run directory,
     and rerunning the command resumes from the last checkpoint. ``--force`` over a finished run
-    starts from that run's checkpoints (linked, not moved), so a longer training continues it.
+    starts from that run's checkpoints (linked, not moved), so a longer training continues it
+    (a cosine or step schedule keeps the length it was built for).
     """
     from .data import load_dataset
     from .models import load_model
@@ -451,13 +452,18 @@ def checkpointed_pass(target: Path, config: dict[str, Any], model: Any, data: An
     pass or reuses it (when it was made with the same config) on the next run; the caller
     removes ``TARGET.partial`` once the experiment's own run is written.
     """
+    from .data.arrays import dataset_fingerprint
     from .engine import analyze
+    from .models.registry import model_fingerprint
     from .results import is_complete, load_run
 
     done = Path(f"{target}.partial") / "pass"
     if is_complete(done):
         run = load_run(done)
-        if run.manifest.get("config") == json.loads(json.dumps(config, default=str)):
+        same = (run.manifest.get("config") == json.loads(json.dumps(config, default=str))
+                and run.manifest.get("model", {}).get("fingerprint") == model_fingerprint(model)
+                and run.manifest.get("data", {}).get("fingerprint") == dataset_fingerprint(data))
+        if same:  # same config, weights and data: a retrained weights file is not reused
             log.info("reusing the finished pass in %s", done)
             return run
     return analyze(model, data, out=done, config=config, **options)

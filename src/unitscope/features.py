@@ -154,8 +154,13 @@ class FeatureStore:
 
 
 def _key(meta: dict[str, Any]) -> str:
-    blob = json.dumps({k: meta[k] for k in ("model", "data", "layers", "downsample", "n")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    """What a store holds; ``calls`` counts only when it is not ``"error"`` (a store made with
+    ``"error"`` saw no module called twice, so it also answers ``"first"``), which keeps the keys
+    of stores made before the option existed."""
+    what = {k: meta[k] for k in ("model", "data", "layers", "downsample", "n")}
+    if meta.get("calls", "error") != "error":
+        what["calls"] = meta["calls"]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _write_progress(root: Path, meta: dict[str, Any]) -> None:
@@ -231,7 +236,8 @@ def _prepare(root: Path, meta: dict[str, Any], overwrite: bool) -> int:
                 log.warning("resuming %s with batch_size %s (it was started with %s)", root,
                             meta["batch_size"], old.get("batch_size"))
             return meta["n"] if old.get("complete") else int(old["written"])
-        diff = [k for k in ("model", "data", "layers", "downsample", "n") if old.get(k) != meta.get(k)]
+        diff = [k for k in ("model", "data", "layers", "downsample", "n", "calls")
+                if old.get(k, "error" if k == "calls" else None) != meta.get(k)]
         if not overwrite:
             raise StaleFeaturesError(
                 f"the feature store {root} was extracted with a different {', '.join(diff) or 'format'} "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -149,13 +150,16 @@ def atomic_directory(path: Path) -> Iterator[Path]:
 
     Callers check first that ``path`` may be replaced (:func:`check_replaceable`). When ``path``
     exists, leftovers of earlier replacements of it that were cut short (hidden
-    ``.NAME.old-*`` / ``.NAME.tmp-*`` siblings) are removed first; when it is missing they are
-    kept, so :func:`_recover` can still put the previous run back.
+    ``.NAME.old-*`` siblings, and ``.NAME.tmp-*`` ones untouched for an hour: a younger one may be
+    another process's save in progress) are removed first; when it is missing they are kept, so
+    :func:`_recover` can still put the previous run back.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
+        now = time.time()
         for stale in _siblings(path):
-            shutil.rmtree(stale, ignore_errors=True)
+            if ".old-" in stale.name or now - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     tmp.mkdir()

@@ -216,7 +216,7 @@ def train(model: nn.Module, train_data: Dataset, test_data: Dataset | None = Non
             cb.on_epoch_end(state, row)
         if ckpt_dir is not None:
             _save_checkpoint(ckpt_dir, epoch, model, opt, sched, history, identity,
-                             [cb.state_dict() for cb in callbacks])
+                             _callback_states(callbacks))
     model.eval()
     return history
 
@@ -242,6 +242,31 @@ def checkpoints(directory: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CKPT.search(p.name))]
     return sorted(found)
+
+
+def _callback_states(callbacks: Sequence[Any]) -> list[Any]:
+    """Every callback's :meth:`Callback.state_dict`, checked to load back with ``weights_only=True``.
+
+    A state that would not load (a numpy scalar, an arbitrary object) would make every later
+    resume fail, so it is refused here, at the first epoch, naming the callback.
+    """
+    import io
+
+    states = []
+    for cb in callbacks:
+        state = getattr(cb, "state_dict", lambda: None)()  # duck-typed callbacks may have none
+        if state is not None:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            buffer.seek(0)
+            try:
+                torch.load(buffer, weights_only=True)
+            except Exception as exc:
+                raise TypeError(f"{type(cb).__name__}.state_dict() returns values a checkpoint cannot "
+                                f"load safely ({str(exc).splitlines()[0][:120]}); return plain Python "
+                                "values (dict, list, int, float, str) or tensors") from None
+        states.append(state)
+    return states
 
 
 def _save_checkpoint(directory: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
@@ -283,7 +308,7 @@ def _resume(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched
     states = ckpt.get("callbacks") or []
     if len(states) == len(callbacks):  # the same callbacks, in order, as when it was saved
         for cb, cb_state in zip(callbacks, states):
-            if cb_state is not None:
+            if cb_state is not None and hasattr(cb, "load_state_dict"):
                 cb.load_state_dict(cb_state)
     elif any(s is not None for s in states):
         log.warning("the checkpoint %s saved %d callback states but this training has %d callbacks; "

@@ -350,6 +350,8 @@ def sensitivity(model: nn.Module, data: Any,
     dev = resolve_device(device)
     a.start(names)
     ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and world > 1:  # one file per rank, as the engine's checkpoints
+        ckpt = ckpt.with_name(f"{ckpt.stem}-rank{dist.get_rank()}-of{world}{ckpt.suffix}")
     done, run_key = 0, ""
     if ckpt is not None:
         fingerprints = {"model": model_fingerprint(model), "data": dataset_fingerprint(data)}

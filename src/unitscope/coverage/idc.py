@@ -208,7 +208,8 @@ class IDC(Accumulator):
             ``"per_layer_z"`` (z-scores within each layer).
         round_centroids: decimals to round centroids to (2 in DeepImportance), None to keep them.
         drop_zeros: leave a unit's exact zeros out of its clustering (DeepImportance does it for
-            dense layers, where a dead ReLU input is 0; spec coverage §3.1).
+            dense layers, where a dead ReLU input is 0; spec coverage §3.1); a unit left with
+            fewer values than clusters (a dead unit) gets the single centroid 0.
         min_values: a unit with fewer training values than this (after ``drop_zeros``) gets the
             single centroid 0 instead of a clustering (DeepImportance: 10; default 0, off).
         seed, n_init: k-means seed and restarts.
@@ -434,7 +435,8 @@ class IDC(Accumulator):
             v = acts[layer][:, unit]
             if self.drop_zeros:
                 v = v[v != 0]
-            if int(torch.isfinite(v).sum()) < self.min_values:  # DeepImportance's "too few values"
+            least = max(self.min_values, (self.k or self.k_range[0]) if self.drop_zeros else 0)
+            if int(torch.isfinite(v).sum()) < least:  # too few values (a dead unit after drop_zeros)
                 c, score = torch.zeros(1, dtype=torch.float64), float("nan")
             else:
                 c, score = cluster_1d(v, self.k, self.k_range, self.seed, self.n_init)
