@@ -78,7 +78,6 @@ def test_forced_longer_training_continues_and_a_failed_one_keeps_the_old_run(tmp
 
 def test_saturation_experiment_cut_short_after_its_pass_reuses_the_pass(tmp_path, monkeypatch):
     import unitscope.analyses.saturation as saturation_module
-    import unitscope.engine as engine_module
 
     cfg = tmp_path / "s.toml"
     cfg.write_text('experiment = "saturation"\nmodel = "digits-cnn"\ndataset = "digits"\n'
@@ -95,13 +94,7 @@ def test_saturation_experiment_cut_short_after_its_pass_reuses_the_pass(tmp_path
     assert partial.name.endswith(".partial") and (partial / "pass" / "manifest.json").is_file()
     monkeypatch.undo()
 
-    analyze, outs = engine_module.analyze, []
-
-    def recording(*args, **kwargs):  # projected_accuracy runs passes of its own, without out=
-        outs.append(kwargs.get("out"))
-        return analyze(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "analyze", recording)
+    outs = _record_passes(monkeypatch)
     [(target, status)] = run_config(cfg, out=out, progress=False)
     assert outs and not any(outs), "the finished pass must be reused, not run again"
     assert status == "done" and not partial.exists()
@@ -114,7 +107,6 @@ def test_saturation_experiment_cut_short_after_its_pass_reuses_the_pass(tmp_path
 
 def test_a_kept_pass_of_other_weights_is_not_reused(tmp_path, monkeypatch):
     import unitscope.analyses.saturation as saturation_module
-    import unitscope.engine as engine_module
 
     weights = tmp_path / "w.pt"
     torch.manual_seed(1)
@@ -133,6 +125,16 @@ def test_a_kept_pass_of_other_weights_is_not_reused(tmp_path, monkeypatch):
     monkeypatch.undo()
     torch.manual_seed(2)  # the weights file is retrained in place
     torch.save(unitscope.load_model("digits-cnn").state_dict(), weights)
+    outs = _record_passes(monkeypatch)
+    run_config(cfg, out=out, progress=False)
+    assert any(o is not None for o in outs), "a pass made with other weights must be run again"
+
+
+def _record_passes(monkeypatch) -> list:
+    """The ``out`` of every ``unitscope.engine.analyze`` call from now on (projected_accuracy runs
+    passes of its own, without ``out``)."""
+    import unitscope.engine as engine_module
+
     analyze, outs = engine_module.analyze, []
 
     def recording(*args, **kwargs):
@@ -140,5 +142,4 @@ def test_a_kept_pass_of_other_weights_is_not_reused(tmp_path, monkeypatch):
         return analyze(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "analyze", recording)
-    run_config(cfg, out=out, progress=False)
-    assert any(o is not None for o in outs), "a pass made with other weights must be run again"
+    return outs
