@@ -77,19 +77,12 @@ def test_forced_longer_training_continues_and_a_failed_one_keeps_the_old_run(tmp
 
 
 def test_saturation_experiment_cut_short_after_its_pass_reuses_the_pass(tmp_path, monkeypatch):
-    import unitscope.analyses.saturation as saturation_module
 
     cfg = tmp_path / "s.toml"
     cfg.write_text('experiment = "saturation"\nmodel = "digits-cnn"\ndataset = "digits"\n'
                    'layers = ["conv1", "conv2"]\nproject_deltas = [0.9]\n')
     out = tmp_path / "runs"
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(saturation_module, "projected_accuracy", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_config(cfg, out=out, progress=False)
+    _interrupt_after_the_pass(monkeypatch, cfg, out)
     [partial] = list((out / "s").iterdir())
     assert partial.name.endswith(".partial") and (partial / "pass" / "manifest.json").is_file()
     monkeypatch.undo()
@@ -106,7 +99,6 @@ def test_saturation_experiment_cut_short_after_its_pass_reuses_the_pass(tmp_path
 
 
 def test_a_kept_pass_of_other_weights_is_not_reused(tmp_path, monkeypatch):
-    import unitscope.analyses.saturation as saturation_module
 
     weights = tmp_path / "w.pt"
     torch.manual_seed(1)
@@ -115,13 +107,7 @@ def test_a_kept_pass_of_other_weights_is_not_reused(tmp_path, monkeypatch):
     cfg.write_text(f'experiment = "saturation"\nmodel = "digits-cnn"\nweights = "{weights}"\n'
                    'dataset = "digits"\nlayers = ["conv1"]\nproject_deltas = [0.9]\n')
     out = tmp_path / "runs"
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(saturation_module, "projected_accuracy", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_config(cfg, out=out, progress=False)
+    _interrupt_after_the_pass(monkeypatch, cfg, out)
     monkeypatch.undo()
     torch.manual_seed(2)  # the weights file is retrained in place
     torch.save(unitscope.load_model("digits-cnn").state_dict(), weights)
@@ -143,3 +129,40 @@ def _record_passes(monkeypatch) -> list:
 
     monkeypatch.setattr(engine_module, "analyze", recording)
     return outs
+
+
+def _interrupt_after_the_pass(monkeypatch, cfg, out) -> None:
+    """Run the saturation experiment ``cfg`` and stop it in the projection step, after its pass."""
+    import unitscope.analyses.saturation as saturation_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saturation_module, "projected_accuracy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, out=out, progress=False)
+
+
+def test_checkpoints_an_older_version_left_in_the_run_directory_are_resumed(tmp_path, monkeypatch):
+    cfg, out = _config(tmp_path, epochs=2), tmp_path / "runs"
+    _interrupt_after_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(cfg, out=out, progress=False)
+    monkeypatch.undo()
+    [partial] = list((out / "t").iterdir())
+    target = partial.with_name(partial.name.removesuffix(".partial"))
+    target.mkdir()
+    (partial / "checkpoints").rename(target / "checkpoints")  # where older versions kept them
+    partial.rmdir()
+    save, saved = train_module._save_checkpoint, []
+
+    def recording(directory, epoch, *args, **kwargs):
+        saved.append(epoch)
+        return save(directory, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", recording)
+    assert run_config(cfg, out=out, progress=False) == [(target, "done")]
+    assert saved == [2], "epoch 1 must come from the old checkpoint, not be trained again"
+    assert sorted(p.name for p in (target / "checkpoints").iterdir()) == ["epoch-001.pt", "epoch-002.pt"]
+    assert sorted(pd.read_parquet(target / "saturation_epochs.parquet")["epoch"].unique()) == [1, 2]
+    assert not partial.exists()

@@ -347,10 +347,7 @@ def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
         if is_complete(target):
             _link_tree(earlier, ckpt_dir)
         else:
-            partial.mkdir(parents=True, exist_ok=True)
-            earlier.rename(ckpt_dir)
-            if not any(target.iterdir()):
-                target.rmdir()
+            _move_out_of_run(target, earlier, ckpt_dir)
     model = load_model(config["model"], weights=config.get("weights"))
     options = config.get("dataset_options", {})
     train_data = load_dataset(config["dataset"], split="train", **options)
@@ -371,6 +368,15 @@ def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
     saturation = callbacks[0].table if callbacks and not callbacks[0].table.empty else None
     _finish_training(target, model, history, config, ckpt_dir, saturation)
     shutil.rmtree(partial, ignore_errors=True)
+
+
+def _move_out_of_run(target: Path, kept: Path, dest: Path) -> None:
+    """Move work an older version kept inside an unfinished run directory (``kept``) to ``dest``
+    in ``TARGET.partial``, and remove ``target`` if that left it empty."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    kept.rename(dest)
+    if not any(target.iterdir()):
+        target.rmdir()
 
 
 def _link_tree(source: Path, dest: Path) -> None:
@@ -501,10 +507,7 @@ def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
     features = partial / "features"
     legacy = target / "features"  # left by versions that extracted into the run directory itself
     if legacy.is_dir() and not is_complete(target) and not features.exists():
-        partial.mkdir(parents=True, exist_ok=True)
-        legacy.rename(features)
-        if not any(target.iterdir()):
-            target.rmdir()
+        _move_out_of_run(target, legacy, features)
     model = load_model(config["model"], weights=config.get("weights"))
     options = config.get("dataset_options", {})
     table = probes(model, load_dataset(config["dataset"], "train", **options),
