@@ -217,3 +217,12 @@ def test_a_callback_state_that_cannot_load_is_refused_at_the_first_epoch(tmp_pat
     with pytest.raises(TypeError, match="NumpyState.state_dict"):
         train(digits_model, data, epochs=1, checkpoint_dir=tmp_path / "b", callbacks=[NumpyState()],
               progress=False)
+
+
+def test_a_capture_error_inside_a_checked_forward_is_not_called_a_shape_error(shared):
+    from unitscope.analyses.flops import flops
+
+    model, *_ = shared
+    model.input_shape = None  # no declared shape: every RuntimeError of the forward is examined
+    with pytest.raises(CaptureError, match="called 2 times"), unitscope.capture(model, ["relu"]):
+        flops(model, (4,))

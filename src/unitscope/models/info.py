@@ -64,9 +64,11 @@ def forward_checked(model: nn.Module, x: torch.Tensor) -> Any:
     has it, and torch's own message. Out-of-memory errors and failures on a sample of exactly
     the declared shape (not a shape problem) are raised unchanged.
     """
+    from ..capture import CaptureError  # lazy, as the engine's import
+
     try:
         return model(x)
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, CaptureError):  # CaptureError: about the layers, not the input
         raise
     except RuntimeError as exc:
         given = tuple(x.shape[1:])
