@@ -140,6 +140,10 @@ def check_types(config: dict[str, Any]) -> None:
         example = json.dumps([names] if isinstance(names, str) else ["moments"])
         raise ConfigError(f"analyses = {names!r}: analyses must be a list of analysis names, e.g. "
                           f"analyses = {example}")
+    for name in names or ():
+        if name in ("sensitivity", "coverage"):
+            raise ConfigError(f"analyses = [{name!r}]: {name} needs its own design or a training "
+                              f"profile; use experiment = \"{name}\" instead of experiment = \"analyze\"")
     for name in ANALYSES.names():
         if name in config and not isinstance(config[name], dict):
             raise ConfigError(f"{name} = {config[name]!r}: the options of an analysis are a table, e.g. "
@@ -308,9 +312,6 @@ def _analyze(config: dict[str, Any], target: Path, progress: bool) -> None:
     names = config.get("analyses") or ["moments"]
     analyses = []
     for name in names:
-        if name in ("sensitivity", "coverage"):
-            raise ConfigError(f"analyses = [{name!r}]: {name} needs its own design or a training "
-                              f"profile; use experiment = \"{name}\" instead of experiment = \"analyze\"")
         options = config.get(name, {})
         known = [p for p in inspect.signature(ANALYSES[name]).parameters if p != "self"]
         unknown = sorted(set(options) - set(known))
