@@ -397,6 +397,22 @@ def test_cc_properties():
     assert one_by_one.value() == 2.0
 
 
+@pytest.mark.parametrize("threshold", [0.5, 2.0, 4.0, 9.0])
+def test_cc_matches_a_one_by_one_greedy_reference(threshold):
+    """Few acceptances (one distance vector each) and many (past STEPS, the matrix path) both
+    keep exactly the representatives of the plain input-by-input greedy loop."""
+    x = torch.randn(300, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    reps: list[torch.Tensor] = []
+    for row in x:
+        if all(float((row - r).norm()) > threshold for r in reps):
+            reps.append(row)
+    cc = CC(threshold=threshold)
+    cc.update(x[:150])
+    cc.update(x[150:])
+    got = cc.representatives()["layer"]
+    assert got.shape[0] == len(reps) and torch.allclose(got, torch.stack(reps))
+
+
 def test_surprise_bucket_edges_and_diagnostics():
     cross = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
     mdsc = MDSC(bounds=(0.0, 2.0), n_buckets=4).fit(cross)
