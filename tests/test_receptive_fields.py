@@ -355,3 +355,47 @@ def test_pixel_unshuffle_is_a_stride_s_kernel_s_layer():
     a, b = receptive_fields(unshuffled, 16), receptive_fields(strided, 16)
     assert a[["rf_size", "jump", "start"]].values.tolist() == b[["rf_size", "jump", "start"]].values.tolist()
     assert a["rf_size"].tolist() == [3, 4, 8] and a["jump"].tolist() == [1, 2, 2]
+
+
+def test_functional_convolutions_and_pools_count_like_their_modules():
+    """F.max_pool2d, torch.max_pool2d, F.avg_pool2d (keywords), F.conv2d with a weight of its own,
+    F.lp_pool2d and F.pixel_unshuffle between the modules: the table equals the all-module twin."""
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(16, 4, 1)
+            self.weight = nn.Parameter(torch.randn(4, 4, 5, 5))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+            x = nn.functional.conv2d(x, self.weight, padding=2, dilation=2)
+            x = self.c2(torch.max_pool2d(x, 3, 1, 1))
+            x = nn.functional.avg_pool2d(x, kernel_size=3, stride=2, padding=1)
+            x = nn.functional.lp_pool2d(x, 2, 2)
+            return self.c3(nn.functional.pixel_unshuffle(x, 2))
+
+    twin = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 4, 5, padding=2, dilation=2), nn.MaxPool2d(3, 1, 1), nn.Conv2d(4, 4, 3),
+                         nn.AvgPool2d(3, 2, 1), nn.LPPool2d(2, 2), nn.PixelUnshuffle(2), nn.Conv2d(16, 4, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = receptive_fields(Functional(), 64).set_index("layer")
+    want = receptive_fields(twin, 64).set_index("layer").loc[["0", "5", "9"]]
+    cols = ["rf_size", "jump", "start"]
+    assert got[cols].values.tolist() == want[cols].values.tolist()
+    assert got.rf_size.tolist() == [3, 28, 44] and got.jump.tolist() == [1, 2, 16]
+
+
+def test_a_pool_size_computed_at_run_time_warns_and_passes_through():
+    class Dynamic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 1, 3), nn.Conv2d(1, 1, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.conv(x)
+            return self.head(nn.functional.max_pool2d(x, x.shape[-1] // 3))
+
+    with pytest.warns(UserWarning, match="max_pool2d.*computed at run time"):
+        table = receptive_fields(Dynamic(), 14)
+    assert table.rf_size.tolist() == [3, 5]

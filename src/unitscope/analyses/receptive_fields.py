@@ -35,7 +35,7 @@ from ..models.modes import preserved
 __all__ = ["plot_receptive_fields", "receptive_fields", "unproductive_layers"]
 
 _KERNEL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                  nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+                  nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.LPPool1d, nn.LPPool2d)
 _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -254,11 +254,59 @@ def _functional_upsampling(node: Any, rf: _RF, in_hw: tuple[int, int] | None,
     return _unmodelled(rf, new, node.name, getattr(node.target, "__name__", str(node.target)))
 
 
+_F = nn.functional
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation")
+_AVG_POOL_ARGS = ("input", "kernel_size", "stride", "padding")
+#: functional kernel calls as torch.fx records them: target -> names of the positional arguments
+_FUNCTIONAL_KERNELS: dict[Any, tuple[str, ...]] = {
+    **dict.fromkeys((torch.conv1d, torch.conv2d, torch.conv3d), _CONV_ARGS),
+    **dict.fromkeys((_F.max_pool1d, _F.max_pool2d, _F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
+                     torch.max_pool3d, _F.max_pool1d_with_indices, _F.max_pool2d_with_indices,
+                     _F.max_pool3d_with_indices), _MAX_POOL_ARGS),
+    **dict.fromkeys((_F.avg_pool1d, _F.avg_pool2d, _F.avg_pool3d, torch.avg_pool1d), _AVG_POOL_ARGS),
+    **dict.fromkeys((_F.lp_pool1d, _F.lp_pool2d), ("input", "norm_type", "kernel_size", "stride")),
+    **dict.fromkeys((_F.pixel_unshuffle, torch.pixel_unshuffle), ("input", "downscale_factor")),
+}
+
+
+def _functional_kernel(node: Any, rf: _RF) -> _RF | None:
+    """The RF after a functional conv / pooling / pixel-unshuffle node; None for other nodes.
+
+    The kernel of ``F.conv2d`` is read from the shape of its weight; a pooling stride left out (or
+    ``[]``, as ``torch.max_pool2d`` defaults it) is the kernel size. Arguments computed at run time
+    (graph nodes rather than constants) cannot be read: the RF is passed through with a warning.
+    """
+    names = _FUNCTIONAL_KERNELS.get(node.target)
+    if names is None:
+        return None
+    args = {**dict(zip(names, node.args)), **node.kwargs}
+    if "downscale_factor" in args:
+        args = {"kernel_size": args["downscale_factor"], "stride": args["downscale_factor"]}
+    elif "weight" in args:
+        meta = getattr(args["weight"], "meta", {}).get("tensor_meta")
+        args["kernel_size"] = tuple(meta.shape[2:]) if meta is not None and len(meta.shape) > 2 else None
+        args.setdefault("stride", 1)
+    values = [args.get(key) for key in ("kernel_size", "stride", "padding", "dilation")]
+    if values[0] is None or any(isinstance(v, torch.fx.Node) or (isinstance(v, (tuple, list)) and any(
+            isinstance(e, torch.fx.Node) for e in v)) for v in values):
+        what = getattr(node.target, "__name__", node.target)
+        warnings.warn(f"receptive_fields: {node.name} ({what}) takes its kernel, stride or padding from a "
+                      "value computed at run time, which the recurrence cannot read; its RF is passed "
+                      "through unchanged", stacklevel=3)
+        return rf
+    kernel, stride, padding, dilation = values
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else stride
+    padding = 0 if padding is None else padding
+    return _apply_kernel(rf, kernel, stride, padding, 1 if dilation is None else dilation)
+
+
 def _module_rf(module: nn.Module, name: str, rf: _RF, in_hw: tuple[int, int] | None,
                out_hw: tuple[int, int] | None, image: tuple[int, int]) -> _RF:
     if isinstance(module, _KERNEL_LAYERS):
         dilation = getattr(module, "dilation", 1)
-        return _apply_kernel(rf, module.kernel_size, module.stride, module.padding, dilation)
+        padding = getattr(module, "padding", 0)  # LPPool has none
+        return _apply_kernel(rf, module.kernel_size, module.stride, padding, dilation)
     if isinstance(module, _ADAPTIVE):
         return _adaptive(rf, in_hw, out_hw, image)
     if isinstance(module, nn.PixelUnshuffle):  # an s×s block per output unit: kernel s, stride s
@@ -364,6 +412,8 @@ def _trace_fx(model: nn.Module, x: torch.Tensor, image: tuple[int, int]
         elif (node.op == "call_function"
               and (functional := _functional_upsampling(node, rf, in_hw, out_hw)) is not None):
             new = functional
+        elif node.op == "call_function" and (kernel := _functional_kernel(node, rf)) is not None:
+            new = kernel
         elif in_hw is not None and out_hw is not None and out_hw == (1, 1) and in_hw != (1, 1):
             new = _global(rf, in_hw, image)  # functional global pooling (F.adaptive_avg_pool2d)
         elif in_hw is not None and out_hw is None and node.op != "output":
