@@ -159,8 +159,10 @@ def test_non_convergence_is_flagged(digits_feats, caplog):
 
 def test_fit_logreg_bad_input():
     x, y = torch.randn(10, 3), torch.arange(10) % 2
-    with pytest.raises(ValueError, match="C must be > 0"):
+    with pytest.raises(ValueError, match="C=0: C is the inverse L2 strength"):
         fit_logreg(x, y, C=0)
+    with pytest.raises(ValueError, match="tol=-1.0: give a gradient tolerance >= 0"):
+        fit_logreg(x, y, tol=-1.0)
     with pytest.raises(ValueError, match="2-D"):
         fit_logreg(x[:, :, None], y)
     with pytest.raises(ValueError, match="one label per sample"):
@@ -242,6 +244,7 @@ def test_non_finite_features_name_the_layer_and_the_row_count(digits_feats, tmp_
     ({"C": float("nan")}, "C=nan"),
     ({"dtype": "float16"}, "use torch.float32 or torch.float64"),
     ({"max_iter": 0}, "max_iter=0: give a positive integer"),
+    ({"tol": float("inf")}, "tol=inf: give a gradient tolerance >= 0"),
 ])
 def test_bad_options_are_refused_before_any_extraction(digits_model, tmp_path, options, message):
     tr, te = unitscope.load_dataset("digits", "train"), unitscope.load_dataset("digits", "test")

@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from torch.utils.data import Dataset
 
 from ..capture import LayerError, LayerSpec
 from ..features import FeatureStore, downsample_name, extract_features
-from ..stats.logreg import LogRegResult, accuracy, fit_logreg_many
+from ..stats.logreg import LogRegResult, accuracy, check_fit_options, fit_logreg_many
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +62,7 @@ def check_options(C: float, dtype: torch.dtype | str, max_iter: int, tol: float)
     :func:`probes` calls it before extracting any feature, so a bad option costs no pass.
     """
     _dtype_name(dtype)
-    if isinstance(C, bool) or not isinstance(C, numbers.Real) or not (math.isfinite(C) and C > 0):
-        raise ValueError(f"C={C!r}: C is the inverse L2 strength and must be a positive finite number, "
-                         "e.g. C=1.0 (smaller C, stronger regularisation)")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
-        raise ValueError(f"max_iter={max_iter!r}: give a positive integer, e.g. max_iter=1000")
-    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol={tol!r}: give a positive gradient tolerance, e.g. tol=1e-6")
+    check_fit_options(C, max_iter, tol)
 
 
 def _check_labelled(data: Dataset, split: str) -> None:

@@ -26,12 +26,15 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LogRegResult", "accuracy", "fit_logreg", "fit_logreg_many", "objective", "predict"]
+__all__ = ["LogRegResult", "accuracy", "check_fit_options", "fit_logreg", "fit_logreg_many", "objective",
+           "predict"]
 
 
 @dataclass
@@ -156,6 +159,21 @@ def accuracy(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     return float((predict(x, weight, bias).cpu() == torch.as_tensor(y).cpu()).double().mean())
 
 
+def check_fit_options(C: float, max_iter: int, tol: float) -> None:
+    """Raise ``ValueError`` naming the option and its fix if ``C``, ``max_iter`` or ``tol`` is unusable.
+
+    Shared by :func:`fit_logreg_many` and :func:`unitscope.analyses.probes.check_options`, which
+    runs it before any feature is extracted.
+    """
+    if isinstance(C, bool) or not isinstance(C, numbers.Real) or not (math.isfinite(C) and C > 0):
+        raise ValueError(f"C={C!r}: C is the inverse L2 strength and must be a positive finite number, "
+                         "e.g. C=1.0 (smaller C, stronger regularisation)")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
+        raise ValueError(f"max_iter={max_iter!r}: give a positive integer, e.g. max_iter=1000")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol={tol!r}: give a gradient tolerance >= 0, e.g. tol=1e-6")
+
+
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, *, num_classes: int | None = None,
                dtype: torch.dtype = torch.float32, max_iter: int = 1000, tol: float = 1e-6,
                history_size: int = 20, precondition: bool = True,
@@ -227,10 +245,7 @@ def fit_logreg_many(xs: Sequence[torch.Tensor], y: torch.Tensor, C: float = 1.0,
         >>> [(r.weight.shape[1], r.converged) for r in fit_logreg_many(xs, y)]
         [(3, True), (8, True)]
     """
-    if not C > 0:
-        raise ValueError(f"C must be > 0 (it is the inverse regularisation strength), got {C}")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    check_fit_options(C, max_iter, tol)
     if not xs:
         raise ValueError("fit_logreg_many needs at least one feature matrix")
     pairs = [_as_xy(x, y, dtype, device) for x in xs]
