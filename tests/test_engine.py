@@ -128,7 +128,7 @@ def test_wrong_input_shape_names_the_expected_shape(digits_model):
     with pytest.raises(InputError, match=r"\(3, 32, 32\).*expects \(1, 8, 8\)"):
         unitscope.analyze(digits_model, data, progress=False)
     plain = nn.Sequential(nn.Linear(5, 2))
-    with pytest.raises(InputError, match=r"batch of shape \(4, 3, 32, 32\)"):
+    with pytest.raises(InputError, match=r"cannot run on samples of shape \(3, 32, 32\).*dataset.s samples"):
         unitscope.analyze(plain, data, progress=False)
     ints = unitscope.ArrayDataset(torch.zeros(4, 1, 8, 8, dtype=torch.uint8),
                                   torch.zeros(4, dtype=torch.int64))
@@ -208,3 +208,22 @@ def test_state_size_does_not_grow_with_the_data(digits_model, digits_test):
                    for t in acc.state_dict().values())
 
     assert state_bytes(small) == state_bytes(large) > 0
+
+
+def test_a_model_failing_on_its_declared_shape_is_not_called_an_input_error():
+    """A RuntimeError of the model's own code on samples of the shape it declares is no shape
+    problem: analyze raises it unchanged instead of blaming the dataset's shape."""
+    class Broken(nn.Module):
+        input_shape = (1, 8, 8)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("a bug in forward")
+
+    data = unitscope.ArrayDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="a bug in forward") as info:
+        unitscope.analyze(Broken(), data, progress=False)
+    assert not isinstance(info.value, InputError)

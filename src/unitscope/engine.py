@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import __version__
 from .analyses.base import Analysis, Batch
 from .analyses.moments import Moments
-from .capture import Capture, CaptureError, LayerSpec, StopForward, resolve_layers
+from .capture import Capture, LayerSpec, StopForward, resolve_layers
 from .data.arrays import dataset_fingerprint
+from .models.info import forward_checked
 from .models.modes import preserved
 from .models.registry import model_fingerprint
 from .results import Run, check_replaceable
@@ -268,17 +269,12 @@ def _check_input(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The model's output tensor (None when a capture stopped the forward or it is not a tensor)."""
     try:
-        out = model(x)
+        out = forward_checked(model, x, hint="check that the dataset's samples have the shape the model "
+                                             "takes")
     except StopForward:
         return None
-    except CaptureError:  # a RuntimeError too, but about the layers, not the input
-        raise
-    except RuntimeError as exc:
-        expected = getattr(model, "input_shape", None)
-        hint = f"; the model expects (N, {', '.join(map(str, expected))})" if expected else ""
-        raise InputError(f"the forward of {type(model).__name__} failed on a batch of shape "
-                         f"{tuple(x.shape)}{hint}: {exc}") from exc
     return out if isinstance(out, torch.Tensor) else None
 
 

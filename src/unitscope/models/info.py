@@ -56,13 +56,14 @@ def check_input_shape(model: nn.Module, shape: Any, what: str = "input_shape") -
     return shape
 
 
-def forward_checked(model: nn.Module, x: torch.Tensor) -> Any:
+def forward_checked(model: nn.Module, x: torch.Tensor, hint: str | None = None) -> Any:
     """``model(x)``; a forward that fails on the shape of ``x`` raises an error naming both shapes.
 
     A ``RuntimeError`` of the forward (torch's conv / matmul shape errors) becomes
     :class:`unitscope.InputError` naming the given sample shape, the declared one if the model
-    has it, and torch's own message. Out-of-memory errors and failures on a sample of exactly
-    the declared shape (not a shape problem) are raised unchanged.
+    has it, and torch's own message, then ``hint`` (what the caller's user should change) when the
+    model declares no shape. Out-of-memory errors, a :class:`unitscope.capture.StopForward` and
+    failures on a sample of exactly the declared shape (not a shape problem) are raised unchanged.
     """
     from ..capture import CaptureError  # lazy, as the engine's import
 
@@ -76,8 +77,10 @@ def forward_checked(model: nn.Module, x: torch.Tensor) -> Any:
         if expected is not None and given == tuple(expected):
             raise
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        hint = (f"it expects {_expects(model)}" if expected is not None
-                else "give the shape one sample of its data has, (channels, height, width)")
+        if expected is not None:
+            hint = f"it expects {_expects(model)}"
+        elif hint is None:
+            hint = "give the shape one sample of its data has, (channels, height, width)"
         raise _input_error(f"{type(model).__name__} cannot run on samples of shape {given} ({first}); "
                            f"{hint}") from exc
 
