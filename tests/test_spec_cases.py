@@ -255,11 +255,6 @@ def test_mdsa_exactly_at_upper_bound_overflows_when_computed_exactly():
     assert mdsc._sh["ids"].tolist() == [0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "coverage.md §4.2: an SA value exactly at U goes to overflow. Training traces (±1, 0), (0, ±2) "
-    "(population variances 0.5 and 2) give MDSA((2, 4)) = sqrt(8 + 8) = 4 exactly, but the Cholesky "
-    "solve computes 3.9999999999999996 < U = 4, so it lands in the last bucket (3) and overflow stays "
-    "0: the bucket edges are compared without a round-off tolerance"))
 def test_mdsa_at_upper_bound_with_rounding_overflows():
     """coverage.md §4.2 (SC): an SA value exactly at U goes to overflow, here for an MDSA whose exact
     value is 4 but whose floating-point value is one ulp below it."""

@@ -220,11 +220,10 @@ class _Surprise(Criterion):
         if self.buckets == "anchor":
             ids = torch.trunc(sa / self.width).long()
         else:
-            lo, hi = self._sh["bounds"].tolist()
-            self._sh["underflow"] += int((sa < lo).sum())
-            self._sh["overflow"] += int((sa >= hi).sum())
-            sa = sa[(sa >= lo) & (sa < hi)]
-            ids = torch.floor((sa - lo) * self.n_buckets / (hi - lo)).long().clamp(0, self.n_buckets - 1)
+            pos = _bucket_position(sa, *self._sh["bounds"].tolist(), self.n_buckets)
+            self._sh["underflow"] += int((pos < 0).sum())
+            self._sh["overflow"] += int((pos >= self.n_buckets).sum())
+            ids = torch.floor(pos[(pos >= 0) & (pos < self.n_buckets)]).long()
         self._sh["ids"] = union_ids(self._sh["ids"], ids)
 
     def _merge_covered(self, other: Criterion) -> None:
@@ -701,6 +700,23 @@ class MDSC(_Surprise):
         factor, mean = model
         delta = (x - mean[:, None, :]).mT
         return torch.linalg.solve_triangular(factor, delta, upper=False).square().sum(1).sqrt()
+
+
+#: an SA value this many float64 rounding units (relative) from a bucket edge is put on the edge
+EDGE_ULPS = 16
+
+
+def _bucket_position(sa: torch.Tensor, lo: float, hi: float, n: int) -> torch.Tensor:
+    """``(sa − L)·n / (U − L)``: bucket ``floor`` of it, underflow below 0, overflow at n or above.
+
+    A position within ``EDGE_ULPS`` rounding units of a whole number is set to it: an SA value
+    whose exact value is a bucket edge (an MDSA of exactly U computed as U − 1 ulp, spec §4.2)
+    then falls in the bucket above the edge, as in exact arithmetic, not in the one below.
+    """
+    pos = (sa - lo) * (n / (hi - lo))
+    edge = pos.round()
+    near = (pos - edge).abs() <= EDGE_ULPS * torch.finfo(torch.float64).eps * pos.abs().clamp(min=1.0)
+    return torch.where(near, edge, pos)
 
 
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
