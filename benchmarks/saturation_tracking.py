@@ -8,7 +8,7 @@ SaturationTracker (same layers, channelwise, lsat + idim, CSV writer to a tempor
 Reports median seconds and three ratios to no tracking: of the medians, the median of each
 round's own ratio, and of the minima (the least disturbed run of each, on a shared machine).
 
-Run:  python benchmarks/saturation_tracking.py [--rounds 5] [--epochs 3] [--threads N]
+Run:  python benchmarks/saturation_tracking.py [--rounds 5] [--epochs 3] [--threads N] [--batch-size 32]
       (needs the bench extra: delve)
 """
 
@@ -110,7 +110,7 @@ class DelveCallback(Callback):
 OWN: list[float] = []  # the tracker's own seconds in each "unitscope" run
 
 
-def one(method: str, epochs: int, data) -> float:
+def one(method: str, epochs: int, data, batch_size: int = 32) -> float:
     torch.manual_seed(0)
     model = unitscope.load_model("digits-cnn")
     callbacks = []
@@ -124,7 +124,8 @@ def one(method: str, epochs: int, data) -> float:
     elif method == "delve":
         callbacks = [DelveCallback(model, tmp.name)]
     start = time.perf_counter()
-    train(model, data, epochs=epochs, lr=5e-3, batch_size=32, seed=0, device="cpu", callbacks=callbacks)
+    train(model, data, epochs=epochs, lr=5e-3, batch_size=batch_size, seed=0, device="cpu",
+          callbacks=callbacks)
     elapsed = time.perf_counter() - start
     if method == "delve":
         callbacks[0].close()
@@ -139,18 +140,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="training batch (32: the demo's for digits-cnn; unitscope.train's default: 64)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("delve").setLevel(logging.WARNING)
     data = unitscope.load_dataset("digits", "train")
     methods = ["plain", "unitscope", "unitscope float64 products", "unitscope hooks only", "delve"]
-    one("plain", 1, data)  # warm-up
+    one("plain", 1, data, args.batch_size)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.rounds):
         for m in methods:
-            times[m].append(one(m, args.epochs, data))
+            times[m].append(one(m, args.epochs, data, args.batch_size))
     base = statistics.median(times["plain"])
-    print(f"digits-cnn, {len(data)} training images, batch 32, {args.epochs} epochs, "
+    print(f"digits-cnn, {len(data)} training images, batch {args.batch_size}, {args.epochs} epochs, "
           f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| method | median s | ratio of medians | median of paired ratios | ratio of minima |")
     print("|---|---:|---:|---:|---:|")

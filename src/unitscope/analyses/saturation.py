@@ -38,6 +38,8 @@ from .base import Analysis
 log = logging.getLogger(__name__)
 
 CONV_METHODS = {"channelwise": "channelwise", "mean": "mean"}
+#: the columns of the ``saturation`` table
+COLUMNS = ["layer", "width", "intrinsic_dim", "saturation", "samples", "dead", "rank_deficient"]
 DEFAULT_LAYERS = (nn.Conv2d, nn.Linear)
 
 
@@ -104,6 +106,10 @@ class Saturation(Analysis):
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """``saturation``: one row per layer."""
+        return {self.name: pd.DataFrame(self.rows(), columns=COLUMNS)}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The ``saturation`` table's rows as dicts (what :class:`SaturationTracker` records)."""
         rows = []
         for key, r in self.results().items():
             if r.samples < r.width:
@@ -112,8 +118,7 @@ class Saturation(Analysis):
             rows.append({"layer": key, "width": r.width, "intrinsic_dim": r.intrinsic_dim,
                          "saturation": r.saturation, "samples": r.samples, "dead": r.dead,
                          "rank_deficient": r.samples < r.width})
-        columns = ["layer", "width", "intrinsic_dim", "saturation", "samples", "dead", "rank_deficient"]
-        return {self.name: pd.DataFrame(rows, columns=columns)}
+        return rows
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """The eigenvalues of every layer (descending), by layer name."""
@@ -267,16 +272,16 @@ class SaturationTracker(Callback):
         for block in self._blocks.values():
             block.flush()
         self._blocks = {}
-        self._record(state.epoch, "train", self.analysis.tables()["saturation"])
+        self._record(state.epoch, "train", self.analysis.rows())
         if self.test_data is not None:
             test = Saturation(self.layers, delta=self.analysis.delta, conv=self.analysis.conv,
                               rule=self.analysis.rule, products=self.analysis.products)
             run = analyze(self.model, self.test_data, analyses=[test], batch_size=self.batch_size,
                           device=next(self.model.parameters()).device, progress=False)
-            self._record(state.epoch, "test", run.table("saturation"))
+            self._record(state.epoch, "test", run.table("saturation").to_dict("records"))
 
-    def _record(self, epoch: int, split: str, table: pd.DataFrame) -> None:
-        for row in table.to_dict("records"):
+    def _record(self, epoch: int, split: str, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
             self._rows.append({"epoch": epoch, "split": split, **row})
 
     def state_dict(self) -> dict[str, Any]:
