@@ -399,3 +399,27 @@ def test_a_pool_size_computed_at_run_time_warns_and_passes_through():
     with pytest.warns(UserWarning, match="max_pool2d.*computed at run time"):
         table = receptive_fields(Dynamic(), 14)
     assert table.rf_size.tolist() == [3, 5]
+
+
+def test_a_global_pool_sized_at_run_time_covers_the_input():
+    """``F.avg_pool2d(x, x.shape[2:])`` (squeeze-and-excitation style): the kernel is computed at
+    run time, but the output is 1×1, so the layer after it sees the whole image, as after
+    ``F.adaptive_avg_pool2d(x, 1)``; no warning."""
+    class Squeeze(nn.Module):
+        def __init__(self, adaptive: bool) -> None:
+            super().__init__()
+            self.c1, self.squeeze, self.adaptive = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), adaptive
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.c1(x)
+            pooled = (nn.functional.adaptive_avg_pool2d(x, 1) if self.adaptive
+                      else nn.functional.avg_pool2d(x, x.shape[2:]))
+            return self.squeeze(pooled)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sized = receptive_fields(Squeeze(False), 32)
+    adaptive = receptive_fields(Squeeze(True), 32)
+    cols = ["rf_size", "jump", "start"]
+    assert sized[cols].values.tolist() == adaptive[cols].values.tolist()
+    assert sized.set_index("layer").loc["squeeze", "rf_size"] == 32

@@ -35,7 +35,8 @@ from ..models.modes import preserved
 __all__ = ["plot_receptive_fields", "receptive_fields", "unproductive_layers"]
 
 _KERNEL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                  nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.LPPool1d, nn.LPPool2d)
+                  nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                  *(getattr(nn, f"LPPool{n}d") for n in (1, 2, 3) if hasattr(nn, f"LPPool{n}d")))
 _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -255,6 +256,8 @@ def _functional_upsampling(node: Any, rf: _RF, in_hw: tuple[int, int] | None,
 
 
 _F = nn.functional
+#: F.lp_pool1d/2d/3d (3-D from torch 2.2)
+_LP_POOLS = tuple(getattr(_F, f"lp_pool{n}d") for n in (1, 2, 3) if hasattr(_F, f"lp_pool{n}d"))
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _MAX_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation")
 _AVG_POOL_ARGS = ("input", "kernel_size", "stride", "padding")
@@ -265,17 +268,19 @@ _FUNCTIONAL_KERNELS: dict[Any, tuple[str, ...]] = {
                      torch.max_pool3d, _F.max_pool1d_with_indices, _F.max_pool2d_with_indices,
                      _F.max_pool3d_with_indices), _MAX_POOL_ARGS),
     **dict.fromkeys((_F.avg_pool1d, _F.avg_pool2d, _F.avg_pool3d, torch.avg_pool1d), _AVG_POOL_ARGS),
-    **dict.fromkeys((_F.lp_pool1d, _F.lp_pool2d), ("input", "norm_type", "kernel_size", "stride")),
+    **dict.fromkeys(_LP_POOLS, ("input", "norm_type", "kernel_size", "stride")),
     **dict.fromkeys((_F.pixel_unshuffle, torch.pixel_unshuffle), ("input", "downscale_factor")),
 }
 
 
-def _functional_kernel(node: Any, rf: _RF) -> _RF | None:
+def _functional_kernel(node: Any, rf: _RF, collapses: bool) -> _RF | None:
     """The RF after a functional conv / pooling / pixel-unshuffle node; None for other nodes.
 
     The kernel of ``F.conv2d`` is read from the shape of its weight; a pooling stride left out (or
     ``[]``, as ``torch.max_pool2d`` defaults it) is the kernel size. Arguments computed at run time
-    (graph nodes rather than constants) cannot be read: the RF is passed through with a warning.
+    (graph nodes rather than constants) cannot be read: a call whose output is 1×1 (``collapses``,
+    as ``F.avg_pool2d(x, x.shape[2:])``) is then left to the caller as global pooling (None), any
+    other is passed through with a warning.
     """
     names = _FUNCTIONAL_KERNELS.get(node.target)
     if names is None:
@@ -290,10 +295,12 @@ def _functional_kernel(node: Any, rf: _RF) -> _RF | None:
     values = [args.get(key) for key in ("kernel_size", "stride", "padding", "dilation")]
     if values[0] is None or any(isinstance(v, torch.fx.Node) or (isinstance(v, (tuple, list)) and any(
             isinstance(e, torch.fx.Node) for e in v)) for v in values):
+        if collapses:
+            return None
         what = getattr(node.target, "__name__", node.target)
         warnings.warn(f"receptive_fields: {node.name} ({what}) takes its kernel, stride or padding from a "
-                      "value computed at run time, which the recurrence cannot read; its RF is passed "
-                      "through unchanged", stacklevel=3)
+                      "value the traced graph does not hold (computed at run time), so the recurrence "
+                      "cannot read it; its RF is passed through unchanged", stacklevel=4)
         return rf
     kernel, stride, padding, dilation = values
     stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else stride
@@ -412,7 +419,8 @@ def _trace_fx(model: nn.Module, x: torch.Tensor, image: tuple[int, int]
         elif (node.op == "call_function"
               and (functional := _functional_upsampling(node, rf, in_hw, out_hw)) is not None):
             new = functional
-        elif node.op == "call_function" and (kernel := _functional_kernel(node, rf)) is not None:
+        elif node.op == "call_function" and (kernel := _functional_kernel(
+                node, rf, in_hw is not None and out_hw == (1, 1) != in_hw)) is not None:
             new = kernel
         elif in_hw is not None and out_hw is not None and out_hw == (1, 1) and in_hw != (1, 1):
             new = _global(rf, in_hw, image)  # functional global pooling (F.adaptive_avg_pool2d)
