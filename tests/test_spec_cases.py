@@ -263,6 +263,18 @@ def test_mdsa_at_upper_bound_with_rounding_overflows():
     assert mdsc.surprise(torch.tensor([[2.0, 4.0]])).item() == pytest.approx(4.0, abs=1e-12)
     assert mdsc.update(torch.tensor([[2.0, 4.0]])) == 0.0
     assert mdsc.diagnostics()["overflow"] == 1.0
+    # narrow bounds far from 0: the same 1-ulp error is a larger share of a bucket
+    narrow = MDSC(bounds=(3.96875, 4.0), n_buckets=1).fit(cross)
+    assert narrow.update(torch.tensor([[2.0, 4.0]])) == 0.0 and narrow.diagnostics()["overflow"] == 1.0
+
+
+def test_bucket_edges_allow_for_the_rounding_of_the_sa_value():
+    from unitscope.coverage.surprise import _bucket_position
+
+    below = torch.tensor([math.nextafter(101.0, 0.0), math.nextafter(0.0, -1.0), 102.5], dtype=torch.float64)
+    assert _bucket_position(below, 100.0, 104.0, 4).tolist() == [1.0, -100.0, 2.5]
+    assert _bucket_position(torch.tensor([101.0 - 1e-9], dtype=torch.float64), 100.0, 104.0, 4).item() < 1.0
+
 
 
 # =========================================================================== AlexNet RF (§C.3.5)

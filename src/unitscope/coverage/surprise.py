@@ -709,13 +709,17 @@ EDGE_ULPS = 16
 def _bucket_position(sa: torch.Tensor, lo: float, hi: float, n: int) -> torch.Tensor:
     """``(sa − L)·n / (U − L)``: bucket ``floor`` of it, underflow below 0, overflow at n or above.
 
-    A position within ``EDGE_ULPS`` rounding units of a whole number is set to it: an SA value
-    whose exact value is a bucket edge (an MDSA of exactly U computed as U − 1 ulp, spec §4.2)
-    then falls in the bucket above the edge, as in exact arithmetic, not in the one below.
+    A value within ``EDGE_ULPS`` rounding units (of the larger of ``|sa|``, ``|L|`` and ``|U|``) of
+    a bucket edge is set onto it: an SA value whose exact value is a bucket edge (an MDSA of
+    exactly U computed as U − 1 ulp, spec §4.2) then falls in the bucket above the edge, as in
+    exact arithmetic, not in the one below, however narrow the bounds.
     """
-    pos = (sa - lo) * (n / (hi - lo))
+    scale = n / (hi - lo)
+    pos = (sa - lo) * scale
     edge = pos.round()
-    near = (pos - edge).abs() <= EDGE_ULPS * torch.finfo(torch.float64).eps * pos.abs().clamp(min=1.0)
+    # the rounding error of sa, and of sa − L, is a few ulps of the larger of |sa|, |L| and |U|
+    magnitude = sa.abs().clamp(min=max(abs(lo), abs(hi)))
+    near = (pos - edge).abs() <= EDGE_ULPS * torch.finfo(torch.float64).eps * magnitude * scale
     return torch.where(near, edge, pos)
 
 
