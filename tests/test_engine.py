@@ -227,3 +227,19 @@ def test_a_model_failing_on_its_declared_shape_is_not_called_an_input_error():
     with pytest.raises(RuntimeError, match="a bug in forward") as info:
         unitscope.analyze(Broken(), data, progress=False)
     assert not isinstance(info.value, InputError)
+
+
+def test_a_cpu_allocation_failure_is_not_called_an_input_error():
+    class Hungry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(64, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 281474976710656 bytes")
+
+    data = unitscope.ArrayDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="can't allocate memory") as info:
+        unitscope.analyze(Hungry(), data, progress=False)
+    assert not isinstance(info.value, InputError)

@@ -56,6 +56,12 @@ def check_input_shape(model: nn.Module, shape: Any, what: str = "input_shape") -
     return shape
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is an allocation failure (CUDA, MPS or the CPU allocator), not a shape error."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
+
+
 def forward_checked(model: nn.Module, x: torch.Tensor, hint: str | None = None) -> Any:
     """``model(x)``; a forward that fails on the shape of ``x`` raises an error naming both shapes.
 
@@ -69,9 +75,11 @@ def forward_checked(model: nn.Module, x: torch.Tensor, hint: str | None = None) 
 
     try:
         return model(x)
-    except (torch.cuda.OutOfMemoryError, CaptureError):  # CaptureError: about the layers, not the input
+    except CaptureError:  # about the layers, not the input
         raise
     except RuntimeError as exc:
+        if _out_of_memory(exc):
+            raise
         given = tuple(x.shape[1:])
         expected = getattr(model, "input_shape", None)
         if expected is not None and given == tuple(expected):
