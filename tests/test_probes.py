@@ -259,3 +259,21 @@ def test_unlabelled_data_is_refused_before_any_extraction(digits_model, tmp_path
     with pytest.raises(ValueError, match="the train dataset's items carry no labels"):
         probes(digits_model, bare, te, ["fc"], 2, out=tmp_path / "p")
     assert not (tmp_path / "p").exists()
+
+
+def test_fit_options_take_one_element_tensors_and_arrays():
+    """A ``torch.logspace`` sweep passes 0-d tensors as C; they fit as the same Python number."""
+    import numpy as np
+
+    from unitscope.stats.logreg import check_fit_options
+
+    x, y = torch.randn(30, 3, generator=torch.Generator().manual_seed(0)), torch.arange(30) % 3
+    plain = fit_logreg(x, y, C=0.5, dtype=torch.float64)
+    for c in (torch.tensor(0.5), np.array(0.5), torch.logspace(-1, 1, 3)[0] * 5):
+        assert torch.allclose(fit_logreg(x, y, C=c, dtype=torch.float64).weight, plain.weight)
+    tol = torch.tensor(1e-6, dtype=torch.float64)
+    assert check_fit_options(np.float32(2.0), 1e3, tol) == (2.0, 1000, 1e-6)
+    with pytest.raises(ValueError, match="max_iter=1.5: give a positive integer"):
+        check_fit_options(1.0, 1.5, 1e-6)
+    with pytest.raises(ValueError, match="C=tensor"):
+        check_fit_options(torch.tensor([1.0, 2.0]), 10, 1e-6)

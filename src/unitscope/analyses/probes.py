@@ -56,13 +56,13 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return name
 
 
-def check_options(C: float, dtype: torch.dtype | str, max_iter: int, tol: float) -> None:
-    """Raise ``ValueError`` naming the option and its fix if a probe fit option is unusable.
+def check_options(C: float, dtype: torch.dtype | str, max_iter: int, tol: float) -> tuple[float, int, float]:
+    """``(C, max_iter, tol)`` as plain numbers, or ``ValueError`` naming a bad option and its fix.
 
     :func:`probes` calls it before extracting any feature, so a bad option costs no pass.
     """
     _dtype_name(dtype)
-    check_fit_options(C, max_iter, tol)
+    return check_fit_options(C, max_iter, tol)
 
 
 def _check_labelled(data: Dataset, split: str) -> None:
@@ -111,7 +111,7 @@ def probes(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: La
         ValueError: a bad fit option or downsampling, unlabelled data (both checked before any
             extraction), or non-finite features (see :func:`fit_probes`).
     """
-    check_options(C, dtype, max_iter, tol)
+    C, max_iter, tol = check_options(C, dtype, max_iter, tol)
     downsample_name(downsample)
     _check_labelled(train_data, "train")
     _check_labelled(test_data, "test")
@@ -149,7 +149,7 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
     """
     from ..engine import resolve_device  # lazy: the engine imports this package
 
-    check_options(C, dtype, max_iter, tol)
+    C, max_iter, tol = check_options(C, dtype, max_iter, tol)
     dname = _dtype_name(dtype)
     if train.downsample != test.downsample:
         raise ValueError(f"the train store uses downsample={train.downsample!r} but the test store "

@@ -159,19 +159,33 @@ def accuracy(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch
     return float((predict(x, weight, bias).cpu() == torch.as_tensor(y).cpu()).double().mean())
 
 
-def check_fit_options(C: float, max_iter: int, tol: float) -> None:
-    """Raise ``ValueError`` naming the option and its fix if ``C``, ``max_iter`` or ``tol`` is unusable.
+def check_fit_options(C: float, max_iter: int, tol: float) -> tuple[float, int, float]:
+    """``(C, max_iter, tol)`` as plain numbers, or ``ValueError`` naming the option and its fix.
 
-    Shared by :func:`fit_logreg_many` and :func:`unitscope.analyses.probes.check_options`, which
-    runs it before any feature is extracted.
+    One-element tensors and arrays (``torch.logspace`` sweeps) become Python numbers, and a whole
+    float ``max_iter`` (``1e3``) an int. Shared by :func:`fit_logreg_many` and
+    :func:`unitscope.analyses.probes.check_options`, which runs it before any feature is extracted.
     """
+    C, max_iter, tol = (_plain(v) for v in (C, max_iter, tol))
     if isinstance(C, bool) or not isinstance(C, numbers.Real) or not (math.isfinite(C) and C > 0):
         raise ValueError(f"C={C!r}: C is the inverse L2 strength and must be a positive finite number, "
                          "e.g. C=1.0 (smaller C, stronger regularisation)")
+    if isinstance(max_iter, float) and max_iter.is_integer():
+        max_iter = int(max_iter)
     if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 1:
         raise ValueError(f"max_iter={max_iter!r}: give a positive integer, e.g. max_iter=1000")
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol={tol!r}: give a gradient tolerance >= 0, e.g. tol=1e-6")
+    return float(C), int(max_iter), float(tol)
+
+
+def _plain(value: object) -> object:
+    """A one-element tensor or array as its Python number; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if type(value).__module__ == "numpy" and getattr(value, "size", 0) == 1:
+        return value.item()  # type: ignore[attr-defined]
+    return value
 
 
 def fit_logreg(x: torch.Tensor, y: torch.Tensor, C: float = 1.0, *, num_classes: int | None = None,
@@ -245,7 +259,7 @@ def fit_logreg_many(xs: Sequence[torch.Tensor], y: torch.Tensor, C: float = 1.0,
         >>> [(r.weight.shape[1], r.converged) for r in fit_logreg_many(xs, y)]
         [(3, True), (8, True)]
     """
-    check_fit_options(C, max_iter, tol)
+    C, max_iter, tol = check_fit_options(C, max_iter, tol)
     if not xs:
         raise ValueError("fit_logreg_many needs at least one feature matrix")
     pairs = [_as_xy(x, y, dtype, device) for x in xs]
