@@ -397,16 +397,17 @@ def test_cc_properties():
     assert one_by_one.value() == 2.0
 
 
+@pytest.mark.parametrize("squared", [False, True])
 @pytest.mark.parametrize("threshold", [0.5, 2.0, 4.0, 9.0])
-def test_cc_matches_a_one_by_one_greedy_reference(threshold):
+def test_cc_matches_a_one_by_one_greedy_reference(threshold, squared):
     """Few acceptances (one distance vector each) and many (past STEPS, the matrix path) both
     keep exactly the representatives of the plain input-by-input greedy loop."""
     x = torch.randn(300, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
     reps: list[torch.Tensor] = []
     for row in x:
-        if all(float((row - r).norm()) > threshold for r in reps):
+        if all(float((row - r).norm()) ** (2 if squared else 1) > threshold for r in reps):
             reps.append(row)
-    cc = CC(threshold=threshold)
+    cc = CC(threshold=threshold, squared=squared)
     cc.update(x[:150])
     cc.update(x[150:])
     got = cc.representatives()["layer"]
