@@ -182,8 +182,7 @@ def called_once(model: nn.Module, layers: Sequence[str]) -> bool:
     a module shared by two places of ``forward`` (ResNet's block ReLU), called in a loop (fx
     unrolls it) or not called at all shows up as a count other than 1. A model fx cannot trace
     (data-dependent control flow) gives False, as does a selected module inside another one.
-    The verdict is cached per model, selection, train/eval mode and module tree (a submodule
-    replaced or shared afterwards gives a new trace).
+    The verdict is cached per model, selection and train/eval mode.
 
     Example:
         >>> from torch import nn
@@ -193,11 +192,10 @@ def called_once(model: nn.Module, layers: Sequence[str]) -> bool:
         >>> called_once(nn.Sequential(nn.Linear(2, 2), relu, nn.Linear(2, 2), relu), ["1"])
         False
     """
-    structure = hash(tuple((name, id(m)) for name, m in model.named_modules(remove_duplicate=False)))
-    key = (model.training, structure, *sorted(layers))
+    key = (model.training, *sorted(layers))
     cached = _ONCE.setdefault(model, {})
     if key not in cached:
-        selected = set(key[2:])
+        selected = set(key[1:])
 
         class _Leaves(torch.fx.Tracer):
             def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
