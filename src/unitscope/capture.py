@@ -22,9 +22,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-import warnings
-import weakref
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -172,47 +169,6 @@ def _adaptive_pool(t: torch.Tensor, d: int) -> torch.Tensor:
     return pools[t.dim()](t, d)
 
 
-_ONCE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], bool]] = weakref.WeakKeyDictionary()
-
-
-def called_once(model: nn.Module, layers: Sequence[str]) -> bool:
-    """Whether the model's ``torch.fx`` graph calls each of ``layers`` exactly once per forward.
-
-    The selected modules are traced as leaves, so a call is a ``call_module`` node of that name:
-    a module shared by two places of ``forward`` (ResNet's block ReLU), called in a loop (fx
-    unrolls it) or not called at all shows up as a count other than 1. A model fx cannot trace
-    (data-dependent control flow) gives False, as does a selected module inside another one.
-    The verdict is cached per model, selection and train/eval mode.
-
-    Example:
-        >>> from torch import nn
-        >>> relu = nn.ReLU()
-        >>> called_once(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), ["0", "1"])
-        True
-        >>> called_once(nn.Sequential(nn.Linear(2, 2), relu, nn.Linear(2, 2), relu), ["1"])
-        False
-    """
-    key = (model.training, *sorted(layers))
-    cached = _ONCE.setdefault(model, {})
-    if key not in cached:
-        selected = set(key[1:])
-
-        class _Leaves(torch.fx.Tracer):
-            def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-                return qualname in selected or super().is_leaf_module(module, qualname)
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = _Leaves().trace(model)
-        except Exception:  # any tracing failure only means "not proven"
-            cached[key] = False
-        else:
-            counts = Counter(node.target for node in graph.nodes if node.op == "call_module")
-            cached[key] = all(counts.get(name) == 1 for name in selected)
-    return cached[key]
-
-
 # --------------------------------------------------------------------------- the hooks
 class Capture:
     """Forward hooks on the selected layers that store reduced outputs of the latest forward.
@@ -228,11 +184,10 @@ class Capture:
         calls: ``"error"`` (a module called twice in one forward raises :class:`CaptureError`),
             ``"all"`` (each call is kept under its own key), ``"first"`` or ``"last"``.
         stop: raise :class:`StopForward` once every selected module has run (skips the rest of
-            the network; the caller catches it). With ``calls="first"`` always; with ``"error"``,
-            ``"last"`` or ``"all"`` only when :func:`called_once` shows from the model's
-            ``torch.fx`` graph that no selected module runs twice in a forward. Otherwise (a ReLU
-            module shared by the two convs of a ResNet block, a model fx cannot trace) the
-            forward runs to its end to raise, keep the last call or keep every call.
+            the network; the caller catches it). Only with ``calls="first"``: with ``"error"``,
+            ``"last"`` or ``"all"`` a selected module may still be called again later in the
+            forward (a ReLU module shared by the two convs of a ResNet block), so the forward
+            runs to its end to raise, keep the last call or keep every call.
         targets: reduction name -> the layers it applies to (default: every selected layer), so
             a full map is kept only for the layers that asked for it.
     """
@@ -246,7 +201,7 @@ class Capture:
         self.layers = resolve_layers(model, layers)
         self.reductions = {k: make_reduction(v) for k, v in (reductions or {"none": "none"}).items()}
         self.calls = calls
-        self.stop = stop and (calls == "first" or called_once(model, self.layers))
+        self.stop = stop and calls == "first"
         self.outputs: dict[str, dict[str, torch.Tensor]] = {k: {} for k in self.reductions}
         self._per_layer = {
             name: [(red, fn) for red, fn in self.reductions.items()

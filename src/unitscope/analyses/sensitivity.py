@@ -373,7 +373,7 @@ def sensitivity(model: nn.Module, data: Any,
                 for lo in range(start + done, stop, chunk):
                     hi = min(lo + chunk, stop)
                     x = _augmented(a.augmenter, data, design.rows(a.groups, lo, hi), dev)
-                    with contextlib.suppress(StopForward):  # the capture may cut the forward short
+                    with contextlib.suppress(StopForward):  # raised only with calls='first'
                         model(x)
                     c = hi - lo
                     consistent = False
