@@ -414,6 +414,16 @@ def test_cc_matches_a_one_by_one_greedy_reference(threshold, squared):
     assert got.shape[0] == len(reps) and torch.allclose(got, torch.stack(reps))
 
 
+def test_cc_leaves_out_rows_whose_squared_norm_overflows():
+    """A row of about 1e200 has no finite float64 distance: it is left out like a NaN row. Taken
+    as the first representative it was "close" to everything after it (its expanded distances
+    overflowed and were snapped to 0), so CC stopped growing."""
+    x = torch.tensor([[1e200, 0.0], [0.0, 0.0], [5.0, 0.0]], dtype=torch.float64)
+    cc = CC(threshold=1.0)
+    assert cc.update(x) == 2.0
+    assert cc.representatives()["layer"].tolist() == [[0.0, 0.0], [5.0, 0.0]]
+
+
 def test_surprise_bucket_edges_and_diagnostics():
     cross = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]])
     mdsc = MDSC(bounds=(0.0, 2.0), n_buckets=4).fit(cross)

@@ -66,9 +66,9 @@ class CC(Criterion):
     after ``STEPS`` acceptances in one batch the rest are settled from their distance matrix (a
     first batch of 360 digits inputs: 14.7 ms with the matrix alone, 1.8 ms). Equal vectors are
     at distance 0, so ``threshold=0`` counts distinct vectors (vectors equal to rounding error
-    count as one). An input with a NaN or infinite value in a layer is left out for that layer (it
-    has no finite distance). The representatives are stored, so memory grows as
-    O(representatives × units) per layer.
+    count as one). An input with a NaN or infinite value in a layer, or one so large that its
+    squared norm overflows float64, is left out for that layer (it has no finite distance). The
+    representatives are stored, so memory grows as O(representatives × units) per layer.
 
     Args:
         threshold: τ >= 0. The anchor (NeuraL-Coverage) and SEED use 10 (default) on the squared
@@ -108,7 +108,9 @@ class CC(Criterion):
         # the first input fixes the dtype of the representatives
         reps = reps.to(x.device, x.dtype) if reps.shape[0] == 0 else reps.to(x.device)
         x = x.to(reps.dtype)
-        x = x[torch.isfinite(x).all(1)]  # a NaN or inf row is never a representative
+        # a row with NaN or inf, or whose squared norm overflows float64 (|x| above about 1e154),
+        # has no finite distance: it is never a representative
+        x = x[torch.isfinite(x).all(1) & torch.isfinite(x.double().square().sum(1))]
         # an empty layer takes its first input whatever τ (a distance is never > ∞)
         cand = x if reps.shape[0] == 0 else x[min_distance(x, reps, self.squared) > self.threshold]
         kept = []
