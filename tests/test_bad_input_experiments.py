@@ -186,3 +186,29 @@ def test_write_table_run_hands_the_features_back_when_it_fails(tmp_path, monkeyp
         write_table_run(tmp_path / "t", "probes", pd.DataFrame({"a": [1]}), {}, features=features)
     assert (features / "train" / "progress.json").is_file()
     assert not (tmp_path / "t").exists()
+
+
+STUDY = 'experiment = "coverage-study"\nmodel = "digits-cnn"\ndataset = "digits"\n'
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('study = "adversarial"\nattack = "deepfool"\n', "attack = 'deepfool': use one of fgsm, pgd, cw"),
+    ('study = "adversarial"\nattack = "cw"\neps = "abc"\n', "eps = 'abc': give a finite number >= 0"),
+    ('study = "impartiality"\nattack = "pgd"\nsteps = 0\n', "steps = 0: give a positive number of PGD steps"),
+    ('study = "adversarial"\nfractions = [0.0]\n', "fractions = [0.0]: give fractions of the test set"),
+    ("k_range = [4, 2]\n", "k_range = [4, 2]: give [low, high] cluster counts with 2 <= low <= high"),
+    ('richness = "all"\n', "richness = 'all': use \"total\" (all classes) or \"observed\""),
+    ('study = "noise"\npixel_fraction = 1.5\n', "pixel_fraction = 1.5: give a fraction of the pixels"),
+])
+def test_bad_coverage_study_settings_fail_before_any_work(tmp_path, monkeypatch, extra, message):
+    from unitscope.analyses import studies
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a coverage meter was fitted before the settings were checked")
+
+    monkeypatch.setattr(studies, "CoverageMeter", no_fit)
+    cfg = write(tmp_path / "st.toml", STUDY + extra)
+    with pytest.raises(ConfigError) as info:
+        run_config(cfg, out=tmp_path / "runs", progress=False)
+    assert message in str(info.value)
+    assert not (tmp_path / "runs").exists()

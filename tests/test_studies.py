@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -47,6 +48,17 @@ def test_pearson_matches_scipy_and_is_nan_when_undefined():
         assert math.isnan(pearson([1, 2], [2, 1]))
     with pytest.warns(UserWarning, match="constant"):
         assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+    with pytest.warns(UserWarning, match="constant"):  # its centred values are not 0 in floats
+        assert math.isnan(pearson([0.1] * 3, [0, 1, 2]))
+    assert math.copysign(1.0, pielou([3, 3, 3], 10)) == 1.0  # 0.0, not -0.0
+
+
+def test_cw_needs_finite_distinct_bounds():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(2, 1, 2, 2), torch.tensor([0, 1])
+    for bounds in (None, (0.5, 0.5), (0.0, math.inf)):
+        with pytest.raises(ValueError, match="needs finite bounds with low < high"):
+            unitscope.attacks.cw(net, x, y, bounds=bounds)
 
 
 def test_zeroed_masks_channels_and_restores_the_model(digits_model):
@@ -136,15 +148,59 @@ def test_adversarial_mixing_by_hand(setup):
     meter = studies.CoverageMeter(model, tr, LAYERS, k=2)
     x, y = studies.stack(te)
     adv = unitscope.attacks.fgsm(model, x, y, 0.2)
-    g = torch.Generator().manual_seed(0)
-    torch.randperm(len(x), generator=g)
-    idx = torch.randperm(len(x), generator=g)[:40]
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:40]  # nested: one permutation
     mixed = x.clone()
     mixed[idx] = adv[idx]
     clean, cov = meter.value(*meter.acts(x)), meter.value(*meter.acts(mixed))
     row = table.iloc[1]
     assert row["coverage_clean"] == clean and row["coverage_mixed"] == cov
     assert row["normalised_change"] == pytest.approx(abs(cov - clean) / clean)
+
+
+def test_attack_settings_reach_the_attacks_and_bad_ones_fail_before_any_fit(setup, monkeypatch):
+    model, tr, te = setup
+    x, y = studies.stack(te)
+    x, y = x[:8], y[:8]
+    bounds = (float(x.min()), float(x.max()))
+    for seed in (0, 1):  # PGD: alpha eps/4 by default, the study's seed for the random start
+        got = studies._attack_on_model_device(model, x, y, "pgd", 0.2, 8, seed=seed)
+        want = unitscope.attacks.pgd(model, x, y, 0.2, alpha=0.05, steps=20, seed=seed, bounds=bounds)
+        assert torch.equal(got, want)
+    assert not torch.equal(got, studies._attack_on_model_device(model, x, y, "pgd", 0.2, 8, seed=0))
+    table = studies.adversarial(model, tr, te, LAYERS, attack="cw", c=0.5, fractions=[0.1], k=2)
+    assert table["c"].item() == 0.5 and math.isnan(table["eps"].item())
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the meter was fitted before the settings were checked")
+
+    monkeypatch.setattr(studies, "CoverageMeter", no_fit)
+    for kwargs, message in (({"attack": "deepfool"}, "attack='deepfool': use one of fgsm, pgd, cw"),
+                            ({"eps": "abc"}, "eps='abc': give a finite number >= 0"),
+                            ({"attack": "cw", "c": 0}, "c=0: give a finite number > 0"),
+                            ({"attack": "pgd", "steps": 0}, "steps=0: give a positive number"),
+                            ({"fractions": [0.0]}, r"fractions \[0.0\]: choose fractions in \(0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            studies.adversarial(model, tr, te, LAYERS, **kwargs)
+    with pytest.raises(ValueError, match="fraction <= 0.5; lower it or pass exclude_important=False"):
+        studies.noise(model, tr, te, LAYERS, fraction=0.75)
+    with pytest.raises(ValueError, match="richness='all'"):
+        studies.impartiality(model, tr, te, LAYERS, richness="all")
+
+
+def test_noise_baseline_can_draw_from_every_pixel(setup):
+    model, tr, te = setup
+    table = studies.noise(model, tr, te, LAYERS, fraction=0.75, repeats=1, exclude_important=False, k=2)
+    assert sorted(set(table["selection"])) == ["clean", "important", "random"]
+
+
+@pytest.mark.filterwarnings("ignore:pearson")  # k=2 coverage can be constant over the subsets
+def test_impartiality_subsets_do_not_depend_on_the_other_sizes(setup):
+    model, tr, te = setup
+    one = studies.impartiality(model, tr, te, LAYERS, sizes=[10], repeats=2, eps=0.2, k=2)
+    two = studies.impartiality(model, tr, te, LAYERS, sizes=[10, 40], repeats=2, eps=0.2, k=2)
+    cols = ["kind", "size", "repeat", "coverage", "evenness", "accuracy"]
+    same = two[two["size"] == 10][cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(one[cols].reset_index(drop=True), same)
 
 
 def test_a_classic_criterion_as_the_meter(setup):

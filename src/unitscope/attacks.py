@@ -10,7 +10,8 @@ batched, in a few lines each:
   bounds, minimising ‖x' − x‖² + c·max(Z_y − max_{j≠y} Z_j, −κ); the closest successful x' per
   input is kept (the last iterate where none succeeded).
 
-Every attack clamps to ``bounds`` (the input range; None for no clamp), works on a batch at once,
+Every attack clamps to ``bounds`` (the input range; None for no clamp with FGSM and PGD, while CW
+works in tanh space and needs finite bounds), works on a batch at once,
 takes gradients with respect to the inputs only (the parameters' ``.grad`` stay untouched), runs
 the model in eval mode and leaves its mode as it was. The loss is the cross-entropy with the
 label (untargeted).
@@ -25,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -99,6 +101,13 @@ def cw(model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: float = 1.0, kappa
        steps: int = 50, lr: float = 0.01, bounds: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """Carlini-Wagner L2: the closest misclassified x' found by Adam in tanh space (see the module doc)."""
     _check(x, y, 0.0)
+    finite = bounds is not None and math.isfinite(bounds[0]) and math.isfinite(bounds[1])
+    if not finite or not bounds[0] < bounds[1]:
+        raise ValueError(f"cw(bounds={bounds}): CW maps its variable into the input range through tanh, "
+                         "so it needs finite bounds with low < high, e.g. bounds=(0.0, 1.0) or the data's "
+                         "min and max")
+    if not c > 0:
+        raise ValueError(f"cw(c={c}): the trade-off constant must be > 0, e.g. c=1.0")
     lo, hi = bounds
     x = x.detach()
     unit = ((x - lo) / (hi - lo)).clamp(1e-6, 1 - 1e-6)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..attacks import ATTACKS
 from ..attacks import attack as run_attack
 from ..attribution import attribute
 from ..capture import resolve_layers
@@ -160,12 +161,41 @@ def pruning(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: A
     return pd.DataFrame(rows)
 
 
+def check_attack(attack: str, eps: float, c: float, alpha: float | None, steps: int) -> None:
+    """Raise ``ValueError`` naming the fix for an attack setting the studies cannot use."""
+    if attack not in ATTACKS:
+        raise ValueError(f"attack={attack!r}: use one of {', '.join(ATTACKS)}")
+    for name, value, least in (("eps", eps, 0.0), ("c", c, None), ("alpha", alpha, None)):
+        if name == "alpha" and value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value < least if least is not None else value <= 0):
+            bound = ">= 0" if least is not None else "> 0"
+            raise ValueError(f"{name}={value!r}: give a finite number {bound}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}: give a positive number of PGD steps, e.g. steps=20")
+
+
 def _attack_on_model_device(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, eps: float,
-                            batch_size: int) -> torch.Tensor:
-    """Adversarial inputs made where the model lives, clamped to the data's own range, back on the CPU."""
+                            batch_size: int, c: float = 1.0, alpha: float | None = None, steps: int = 20,
+                            seed: int = 0) -> torch.Tensor:
+    """Adversarial inputs made where the model lives, clamped to the data's own range, back on the CPU.
+
+    PGD takes ``steps`` steps of ``alpha`` (default ε/4: 2/255 for ε = 8/255, as in the spec's
+    RQ4) from a random start drawn with ``seed``; CW takes the constant ``c`` and ignores ``eps``.
+    """
     dev = model_device(model)
     bounds = (float(x.min()), float(x.max()))
-    return run_attack(model, x.to(dev), y.to(dev), method, eps, batch_size, bounds=bounds).cpu()
+    options: dict[str, Any] = {"bounds": bounds}
+    if method == "pgd":
+        options.update(alpha=eps / 4 if alpha is None else alpha, steps=steps, seed=seed)
+    return run_attack(model, x.to(dev), y.to(dev), method, eps, batch_size, c=c, **options).cpu()
+
+
+def _attack_columns(attack: str, eps: float, c: float) -> dict[str, Any]:
+    """``attack, eps, c`` of a study row: CW's constant, or the L∞ radius of FGSM and PGD."""
+    return {"attack": attack, "eps": math.nan if attack == "cw" else float(eps),
+            "c": float(c) if attack == "cw" else math.nan}
 
 
 @restores_model
@@ -186,17 +216,24 @@ def relevant_pixels(model: nn.Module, x: torch.Tensor, fraction: float,
 @restores_model
 def noise(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: Any, std: float = 0.3,
           fraction: float = 0.02, repeats: int = 3, criterion: str = "idc", seed: int = 0,
-          batch_size: int = 128, device: str | torch.device = "cpu", **meter_options: Any) -> pd.DataFrame:
+          batch_size: int = 128, device: str | torch.device = "cpu", exclude_important: bool = True,
+          **meter_options: Any) -> pd.DataFrame:
     """Coverage change from Gaussian noise on the most relevant pixels against random pixels (RQ2).
 
     For every test input the ``fraction`` most relevant input values (|LRP| for the predicted
-    class) get N(0, std²) noise; the baseline puts the same noise on as many random values
-    that are not among them. Noisy inputs are clamped to the test set's range (SEED).
+    class) get N(0, std²) noise; the baseline puts the same noise on as many random values,
+    drawn from the others (``exclude_important=True``, so then ``fraction <= 0.5``) or from all.
+    Noisy inputs are clamped to the test set's range (SEED).
 
     Returns:
         rows ``study, selection ("clean" | "important" | "random"), repeat, coverage,
         coverage_change, accuracy``.
     """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction}: choose a fraction of the pixels in (0, 1]")
+    if exclude_important and fraction > 0.5:
+        raise ValueError(f"fraction={fraction}: the random baseline draws as many pixels from the others, "
+                         "which needs fraction <= 0.5; lower it or pass exclude_important=False")
     meter = CoverageMeter(model, train_data, layers, criterion, seed=seed, batch_size=batch_size,
                           device=device, **meter_options)
     x, y = stack(test_data)
@@ -210,7 +247,9 @@ def noise(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: Any
     g = torch.Generator().manual_seed(seed)
     for r in range(int(repeats)):
         eps = torch.randn(x.shape, generator=g) * std
-        scores = torch.rand(x.shape, generator=g).flatten(1).masked_fill(important.flatten(1), -1.0)
+        scores = torch.rand(x.shape, generator=g).flatten(1)
+        if exclude_important:
+            scores = scores.masked_fill(important.flatten(1), -1.0)
         pick = scores.topk(q, dim=1).indices
         random_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, pick, True)
         for selection, mask in (("important", important), ("random", random_mask.view_as(x))):
@@ -229,38 +268,43 @@ def _normalised_change(mixed: float, clean: float) -> float:
 @restores_model
 def adversarial(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: Any, attack: str = "fgsm",
                 eps: float = 0.3, fractions: Sequence[float] = (0.01, 0.05, 0.1), criterion: str = "idc",
-                seed: int = 0, batch_size: int = 128, device: str | torch.device = "cpu",
-                **meter_options: Any) -> pd.DataFrame:
+                seed: int = 0, batch_size: int = 128, device: str | torch.device = "cpu", c: float = 1.0,
+                alpha: float | None = None, steps: int = 20, **meter_options: Any) -> pd.DataFrame:
     """Normalised coverage change when adversarial examples replace a fraction of the test set (RQ3).
 
-    The whole test set is attacked once (``eps``: FGSM/PGD radius, CW's c); for every fraction a
-    seeded random subset of that size is replaced by its adversarial versions.
+    The whole test set is attacked once (``eps``: the FGSM/PGD radius; PGD: ``steps`` steps of
+    ``alpha``, default eps/4; CW: the constant ``c``). The replaced inputs are the first
+    ``round(f·N)`` of one seeded permutation, so the subsets of the fractions are nested and do
+    not depend on which other fractions are asked for.
 
     Returns:
-        rows ``study, attack, eps, fraction, replaced, coverage_clean, coverage_mixed,
-        normalised_change, attack_success`` (NaN change when the clean coverage is 0).
+        rows ``study, attack, eps, c, fraction, replaced, coverage_clean, coverage_mixed,
+        normalised_change, attack_success`` (``eps`` NaN for CW, ``c`` NaN for FGSM and PGD; NaN
+        change when the clean coverage is 0).
     """
+    check_attack(attack, eps, c, alpha, steps)
+    bad = [f for f in fractions if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"fractions {bad}: choose fractions in (0, 1]")
     meter = CoverageMeter(model, train_data, layers, criterion, seed=seed, batch_size=batch_size,
                           device=device, **meter_options)
     x, y = stack(test_data)
-    adv = _attack_on_model_device(model, x, y, attack, eps, batch_size)
+    adv = _attack_on_model_device(model, x, y, attack, eps, batch_size, c, alpha, steps, seed)
     acts, preds = meter.acts(x)
     adv_acts, adv_preds = meter.acts(adv)
     clean = meter.value(acts, preds)
-    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     rows = []
     for f in fractions:
-        if not 0 < f <= 1:
-            raise ValueError(f"fraction {f}: choose fractions in (0, 1]")
         n = max(1, round(f * len(x)))
-        idx = torch.randperm(len(x), generator=g)[:n]
+        idx = order[:n]
         mixed = {k: v.clone() for k, v in acts.items()}
         mixed_preds = preds.clone()
         for k in mixed:
             mixed[k][idx] = adv_acts[k][idx]
         mixed_preds[idx] = adv_preds[idx]
         cov = meter.value(mixed, mixed_preds)
-        rows.append({"study": "adversarial", "attack": attack, "eps": eps, "fraction": f, "replaced": n,
+        rows.append({"study": "adversarial", **_attack_columns(attack, eps, c), "fraction": f, "replaced": n,
                      "coverage_clean": clean, "coverage_mixed": cov,
                      "normalised_change": _normalised_change(cov, clean),
                      "attack_success": float((adv_preds[idx] != y[idx]).float().mean())})
@@ -271,35 +315,43 @@ def adversarial(model: nn.Module, train_data: Dataset, test_data: Dataset, layer
 def impartiality(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: Any,
                  sizes: Sequence[int] = (50, 100, 200), attack: str = "fgsm", eps: float = 0.3,
                  repeats: int = 3, richness: str = "total", criterion: str = "idc", seed: int = 0,
-                 batch_size: int = 128, device: str | torch.device = "cpu",
-                 **meter_options: Any) -> pd.DataFrame:
+                 batch_size: int = 128, device: str | torch.device = "cpu", c: float = 1.0,
+                 alpha: float | None = None, steps: int = 20, **meter_options: Any) -> pd.DataFrame:
     """Output impartiality (Pielou evenness of predictions) against coverage over test subsets (RQ4).
 
     Subsets of every size are drawn (seeded, ``repeats`` each) from the clean test set and from
-    its adversarial version (``attack``, ``eps``); each gets its coverage and the evenness of
-    its predicted classes. Pearson's r over all subsets is in the column ``pearson_r`` (NaN with
-    fewer than 3 subsets or a constant column).
+    its adversarial version (``attack``, ``eps``, and ``c``, ``alpha``, ``steps`` as in
+    :func:`adversarial`); each gets its coverage and the evenness of its predicted classes.
+    Repeat r uses the first ``size`` inputs of one seeded permutation, the same for the clean and
+    the adversarial set and for every size. Pearson's r over all subsets is in the column
+    ``pearson_r`` (NaN with fewer than 3 subsets or a constant column).
 
     Returns:
         rows ``study, kind ("clean" | "adversarial"), size, repeat, coverage, evenness,
         accuracy, pearson_r``.
     """
+    check_attack(attack, eps, c, alpha, steps)
+    if richness not in ("total", "observed"):
+        raise ValueError(f"richness={richness!r}: use 'total' (all classes) or 'observed' (the classes "
+                         "predicted)")
+    x, y = stack(test_data)
+    bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or not 0 < s <= len(x)]
+    if bad:
+        raise ValueError(f"subset sizes {bad} do not fit a test set of {len(x)} inputs; give sizes from 1 to "
+                         f"{len(x)}")
     meter = CoverageMeter(model, train_data, layers, criterion, seed=seed, batch_size=batch_size,
                           device=device, **meter_options)
-    x, y = stack(test_data)
-    bad = [s for s in sizes if not 0 < int(s) <= len(x)]
-    if bad:
-        raise ValueError(f"subset sizes {bad} do not fit a test set of {len(x)} inputs")
-    adv = _attack_on_model_device(model, x, y, attack, eps, batch_size)
+    adv = _attack_on_model_device(model, x, y, attack, eps, batch_size, c, alpha, steps, seed)
     sets = {"clean": meter.acts(x), "adversarial": meter.acts(adv)}
     with torch.no_grad():
         dev = model_device(model)
         classes = int(model.eval()(x[:1].to(dev)).shape[1])
     g = torch.Generator().manual_seed(seed)
+    orders = [torch.randperm(len(x), generator=g) for _ in range(int(repeats))]
     rows = []
     for kind, size, r in itertools.product(sets, sizes, range(int(repeats))):
         acts, preds = sets[kind]
-        idx = torch.randperm(len(x), generator=g)[: int(size)]
+        idx = orders[r][: int(size)]
         rows.append({"study": "impartiality", "kind": kind, "size": int(size), "repeat": r,
                      "coverage": meter.value(acts, preds, idx),
                      "evenness": pielou(preds[idx], classes, richness),

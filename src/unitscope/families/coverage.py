@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ KEYS["attribution"] = {"split": "test", "n": 8, "method": "lrp", "layer": None, 
                        "composite": "epsilon_plus_flat"}
 KEYS["coverage-study"] = {"study": "impartiality", "split": "test", "layers": None, "m": 2, "k": None,
                           "k_range": [2, 4], "batch_size": 128, "prune_m": [1, 2, 4], "repeats": 3,
-                          "noise_std": 0.3, "pixel_fraction": 0.02, "attack": "fgsm", "eps": 0.3,
-                          "fractions": [0.01, 0.05, 0.1], "sizes": [50, 100, 200], "criterion": "idc"}
+                          "noise_std": 0.3, "pixel_fraction": 0.02, "exclude_important": True,
+                          "attack": "fgsm", "eps": 0.3, "c": 1.0, "alpha": None, "steps": 20,
+                          "fractions": [0.01, 0.05, 0.1], "sizes": [50, 100, 200], "richness": "total",
+                          "criterion": "idc"}
 LIST_KEYS.update({"k_range", "prune_m", "fractions", "sizes"})
 if HAS_CRITERIA:
     KEYS["coverage"] = {"split": "test", "layers": None, "criteria": None, "batch_size": 256}
@@ -147,6 +150,7 @@ def _study(config: dict[str, Any], target: Path, progress: bool) -> None:
     """One research question: pruning, noise, adversarial or impartiality (table ``coverage_study``)."""
     from ..analyses import studies
 
+    check_study(config)
     model, train, test = _load(config)
     layers = config.get("layers") or default_layers(model)
     run = {"seed": config["seed"], "batch_size": config["batch_size"], "device": _device(config)}
@@ -159,17 +163,68 @@ def _study(config: dict[str, Any], target: Path, progress: bool) -> None:
                                 repeats=config["repeats"], **run)
     elif study == "noise":
         table = studies.noise(model, train, test, layers, std=config["noise_std"],
-                              fraction=config["pixel_fraction"], repeats=config["repeats"], **meter)
-    elif study == "adversarial":
-        table = studies.adversarial(model, train, test, layers, attack=config["attack"], eps=config["eps"],
-                                    fractions=config["fractions"], **meter)
-    elif study == "impartiality":
-        table = studies.impartiality(model, train, test, layers, sizes=config["sizes"],
-                                     attack=config["attack"], eps=config["eps"], repeats=config["repeats"],
-                                     **meter)
+                              fraction=config["pixel_fraction"], repeats=config["repeats"],
+                              exclude_important=config["exclude_important"], **meter)
     else:
-        raise ConfigError(f"study={study!r}: use 'pruning', 'noise', 'adversarial' or 'impartiality'")
+        attack = {key: config.get(key) for key in ("attack", "eps", "c", "alpha", "steps")}
+        if study == "adversarial":
+            table = studies.adversarial(model, train, test, layers, fractions=config["fractions"], **attack,
+                                        **meter)
+        else:
+            table = studies.impartiality(model, train, test, layers, sizes=config["sizes"],
+                                         repeats=config["repeats"], richness=config["richness"], **attack,
+                                         **meter)
     write_table_run(target, "coverage_study", table, config)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_study(config: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for a ``coverage-study`` setting it cannot use, before any model work."""
+    from ..analyses.studies import check_attack
+
+    study = config["study"]
+    if study not in ("pruning", "noise", "adversarial", "impartiality"):
+        raise ConfigError(f"study = {study!r}: use \"pruning\", \"noise\", \"adversarial\" or "
+                          "\"impartiality\"")
+    k_range = config["k_range"]
+    if not (isinstance(k_range, list) and len(k_range) == 2 and all(_count(v, 2) for v in k_range)
+            and k_range[0] <= k_range[1]):
+        raise ConfigError(f"k_range = {k_range!r}: give [low, high] cluster counts with 2 <= low <= high, "
+                          "e.g. k_range = [2, 4]")
+    if not _count(config["repeats"]):
+        raise ConfigError(f"repeats = {config['repeats']!r}: give a positive integer, e.g. repeats = 3")
+    if study == "pruning" and not all(_count(v) for v in config["prune_m"]):
+        raise ConfigError(f"prune_m = {config['prune_m']!r}: give positive unit counts, e.g. "
+                          "prune_m = [1, 2, 4]")
+    if study == "noise":
+        if not (_number(config["noise_std"]) and config["noise_std"] >= 0):
+            raise ConfigError(f"noise_std = {config['noise_std']!r}: give a standard deviation >= 0")
+        fraction = config["pixel_fraction"]
+        if not (_number(fraction) and 0 < fraction <= 1):
+            raise ConfigError(f"pixel_fraction = {fraction!r}: give a fraction of the pixels in (0, 1]")
+        if config["exclude_important"] not in (True, False):
+            raise ConfigError(f"exclude_important = {config['exclude_important']!r}: give true or false")
+    if study in ("adversarial", "impartiality"):
+        try:
+            check_attack(config["attack"], config["eps"], config["c"], config.get("alpha"), config["steps"])
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("=", " = ", 1)) from None
+    if study == "adversarial" and not all(_number(f) and 0 < f <= 1 for f in config["fractions"]):
+        raise ConfigError(f"fractions = {config['fractions']!r}: give fractions of the test set in (0, 1]")
+    if study == "impartiality":
+        if not all(_count(v) for v in config["sizes"]):
+            raise ConfigError(f"sizes = {config['sizes']!r}: give positive subset sizes, e.g. "
+                              "sizes = [50, 100]")
+        if config["richness"] not in ("total", "observed"):
+            raise ConfigError(f"richness = {config['richness']!r}: use \"total\" (all classes) or "
+                              "\"observed\"")
 
 
 if HAS_CRITERIA:

@@ -59,7 +59,7 @@ def pielou(predictions: torch.Tensor | Sequence[int], num_classes: int | None = 
         return 0.0
     freq = counts / counts.sum()
     h = float(-(freq * freq.log()).sum())
-    return h / math.log(s)
+    return h / math.log(s) + 0.0  # + 0.0: one class predicted gives 0.0, not -0.0
 
 
 def pearson(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float:
@@ -71,9 +71,8 @@ def pearson(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor
     if x.numel() < 3:
         warnings.warn("pearson(): fewer than 3 points; r is undefined (NaN)", stacklevel=2)
         return math.nan
-    dx, dy = x - x.mean(), y - y.mean()
-    den = float(dx.norm() * dy.norm())
-    if den == 0.0:
+    if bool((x == x[0]).all()) or bool((y == y[0]).all()):  # exactly: the centred values may not be 0
         warnings.warn("pearson(): a constant vector; r is undefined (NaN)", stacklevel=2)
         return math.nan
-    return float((dx * dy).sum()) / den
+    dx, dy = x - x.mean(), y - y.mean()
+    return float((dx * dy).sum()) / float(dx.norm() * dy.norm())
