@@ -130,6 +130,28 @@ def test_rank_deficient_layers_are_flagged(digits_model, digits_test, caplog):
     assert "rank-deficient" in caplog.text
 
 
+def test_as_many_samples_as_width_is_rank_deficient(caplog):
+    """A covariance centred on n samples has rank <= n - 1: n == width is flagged too."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    data = unitscope.ArrayDataset(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)),
+                                  torch.zeros(4, dtype=torch.long))
+    row = unitscope.analyze(net, data, layers="0", analyses=[unitscope.Saturation(delta=1.0)],
+                            progress=False).table("saturation").iloc[0]
+    assert row["samples"] == row["width"] == 4 and row["rank_deficient"] and row["intrinsic_dim"] == 3
+    assert "rank at most 3" in caplog.text
+
+
+def test_a_layer_without_one_finite_row_names_itself():
+    class Nan(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * float("nan")
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), Nan())
+    data = unitscope.ArrayDataset(torch.randn(6, 3), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="layer '1': none of its output rows was finite"):
+        unitscope.analyze(net, data, layers="1", analyses=[unitscope.Saturation()], progress=False)
+
+
 def test_tracker_uses_every_batch_of_the_epoch(digits_model):
     from unitscope.train import train
 
@@ -320,6 +342,13 @@ def test_projected_accuracy_keeps_accuracy_at_delta_one(digits_model):
     assert low["sum_k"] < full["sum_k"] <= full["sum_width"] == 32 + 64
     assert low["test_acc"] < base["test_acc"]
     assert not math.isnan(table["mean_saturation"].iloc[1])
+    with pytest.raises(ValueError, match="delta=1.5"):  # every delta is checked before the pass
+        unitscope.projected_accuracy(digits_model, train_data, test_data, ["conv2"], deltas=[0.9, 1.5])
+    with pytest.raises(ValueError, match="use conv='channelwise'"):
+        unitscope.projected_accuracy(digits_model, train_data, test_data, ["conv2"], conv="mean")
+    delve = unitscope.projected_accuracy(digits_model, train_data, test_data, ["conv2", "conv3"],
+                                         deltas=[0.99], rule="delve")
+    assert delve[delve["delta"] == 0.99]["sum_k"].item() <= table[table["delta"] == 0.99]["sum_k"].item()
 
 
 def test_cli_saturation_and_training_tracking(tmp_path):

@@ -431,7 +431,13 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
     from .analyses.saturation import DEFAULT_LAYERS, Saturation, projected_accuracy
     from .data import load_dataset
     from .models import load_model
+    from .stats.saturation import check_delta
 
+    for delta in config.get("project_deltas") or ():
+        try:
+            check_delta(delta)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"project_deltas = {config['project_deltas']!r}: {exc}") from None
     model = load_model(config["model"], weights=config.get("weights"))
     options = config.get("dataset_options", {})
     data = load_dataset(config["dataset"], split=config["split"], **options)
@@ -445,8 +451,8 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
         run.tables["saturation_projection"] = projected_accuracy(
             model, load_dataset(config["dataset"], split="train", **options),
             load_dataset(config["dataset"], split="test", **options), layers,
-            deltas=config["project_deltas"], conv=config["conv"], batch_size=config["batch_size"],
-            device=config["device"])
+            deltas=config["project_deltas"], batch_size=config["batch_size"], device=config["device"],
+            rule=config["rule"])
     run.save(target)
     shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
 

@@ -101,6 +101,10 @@ class Saturation(Analysis):
         for key, acc in self.accumulators.items():
             if acc.initialized:
                 r = acc.compute(ddof=0)
+                if int(r.count) == 0:
+                    raise ValueError(f"layer {key!r}: none of its output rows was finite (all NaN or inf), "
+                                     "so it has no covariance; check the model and the data for NaN, or "
+                                     "leave the layer out")
                 out[key] = saturation(r.cov, int(r.count), self.delta, self.rule)
         return out
 
@@ -112,12 +116,15 @@ class Saturation(Analysis):
         """The ``saturation`` table's rows as dicts (what :class:`SaturationTracker` records)."""
         rows = []
         for key, r in self.results().items():
-            if r.samples < r.width:
-                log.warning("layer %s: %d samples for width %d, so its covariance is rank-deficient and "
-                            "the saturation is a lower bound", key, r.samples, r.width)
+            # a covariance centred on the sample mean has rank at most samples - 1
+            deficient = r.samples <= r.width
+            if deficient:
+                log.warning("layer %s: %d samples for width %d, so its covariance (rank at most %d) is "
+                            "rank-deficient and the saturation is a lower bound", key, r.samples, r.width,
+                            r.samples - 1)
             rows.append({"layer": key, "width": r.width, "intrinsic_dim": r.intrinsic_dim,
                          "saturation": r.saturation, "samples": r.samples, "dead": r.dead,
-                         "rank_deficient": r.samples < r.width})
+                         "rank_deficient": deficient})
         return rows
 
     def arrays(self) -> dict[str, torch.Tensor]:
@@ -297,14 +304,16 @@ class SaturationTracker(Callback):
 def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: LayerSpec,
                        deltas: Sequence[float] = (0.9, 0.95, 0.99, 0.995, 0.999),
                        conv: str = "channelwise", batch_size: int = 256,
-                       device: str | torch.device = "auto") -> pd.DataFrame:
+                       device: str | torch.device = "auto", rule: str = "textbook") -> pd.DataFrame:
     """Test accuracy when chosen layers are projected onto their δ-eigenspace, for several δ.
 
     The covariance of each layer comes from one pass over ``train_data`` (eval mode); for each δ
     every chosen layer's output is replaced by ``μ + (x − μ) P`` with ``P`` the projection onto
-    the k leading eigen-directions (conv layers: per spatial position over channels), and the test
-    set is evaluated. δ = 1 keeps every direction with non-zero variance. Unlike the seed, the
-    projection is centred on the layer's mean.
+    the k leading eigen-directions (``rule`` picks k as in :class:`Saturation`; conv layers: per
+    spatial position over channels, so ``conv`` must be ``"channelwise"``: a basis of the
+    spatially averaged outputs is not one of the positions it would project), and the test set is
+    evaluated. δ = 1 keeps every direction with non-zero variance. Unlike the seed, the
+    projection is centred on the layer's mean. Every δ is checked before the pass.
 
     Returns:
         One row per δ: ``delta, test_acc, test_loss, sum_k, sum_width, mean_saturation``, plus a
@@ -313,7 +322,11 @@ def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset
     from ..engine import analyze
     from ..train import evaluate
 
-    sat = Saturation(layers, conv=conv)
+    deltas = [check_delta(d) for d in deltas]
+    if conv != "channelwise":
+        raise ValueError(f"projected_accuracy(conv={conv!r}): the projection acts on every spatial position, "
+                         "so its basis must come from them; use conv='channelwise'")
+    sat = Saturation(layers, conv=conv, rule=rule)
     run = analyze(model, train_data, analyses=[sat], batch_size=batch_size, device=device, progress=False)
     stats = {k: acc.compute(ddof=0) for k, acc in run.analysis("saturation").accumulators.items()}
     dev = next(model.parameters()).device
@@ -324,11 +337,10 @@ def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset
     modules = dict(model.named_modules())
     spectra = {key: eigenvalues(s.cov) for key, s in stats.items()}
     for delta in deltas:
-        check_delta(delta)
         handles, ks, widths = [], [], []
         try:
             for key, s in stats.items():
-                k = intrinsic_dimension(spectra[key], delta)
+                k = intrinsic_dimension(spectra[key], delta, rule)
                 p = projection(s.cov, k)
                 ks.append(k)
                 widths.append(int(s.cov.shape[0]))
