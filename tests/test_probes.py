@@ -277,3 +277,17 @@ def test_fit_options_take_one_element_tensors_and_arrays():
         check_fit_options(1.0, 1.5, 1e-6)
     with pytest.raises(ValueError, match="C=tensor"):
         check_fit_options(torch.tensor([1.0, 2.0]), 10, 1e-6)
+
+
+def test_stores_of_two_models_are_refused(tmp_path):
+    from unitscope.analyses.probes import fit_probes
+    from unitscope.features import extract_features
+
+    te = unitscope.load_dataset("digits", "test")
+    small = torch.utils.data.Subset(te, range(40))
+    torch.manual_seed(0)
+    one, two = unitscope.load_model("digits-cnn"), unitscope.load_model("digits-cnn")
+    tr_store = extract_features(one, small, ["fc"], None, out=tmp_path / "a", split="train", device="cpu")
+    te_store = extract_features(two, small, ["fc"], None, out=tmp_path / "b", split="test", device="cpu")
+    with pytest.raises(ValueError, match="extracted with a different model"):
+        fit_probes(tr_store, te_store, cache=None)

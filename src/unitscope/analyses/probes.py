@@ -154,6 +154,12 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
     if train.downsample != test.downsample:
         raise ValueError(f"the train store uses downsample={train.downsample!r} but the test store "
                          f"{test.downsample!r}; extract both with the same option")
+    for field in ("model", "calls"):
+        mine, theirs = train.meta.get(field, "error"), test.meta.get(field, "error")
+        if mine != theirs:
+            what = "a different model (weights)" if field == "model" else f"calls={theirs!r} against {mine!r}"
+            raise ValueError(f"the train store {train.root} and the test store {test.root} were extracted "
+                             f"with {what}; extract both from the same model with the same options")
     for store in (train, test):
         if not store.complete:
             raise ValueError(f"the feature store {store.root} is incomplete; rerun extract_features "
