@@ -81,3 +81,21 @@ def test_wrong_input_shape_names_the_expected_and_the_given_shape():
     with pytest.raises(unitscope.InputError, match=r"cannot run on samples of shape \(3, 9, 9\)"):
         flops(net, (3, 9, 9))
     assert flops(model, (1, 16, 16)).flops.sum() > flops(model, (1, 8, 8)).flops.sum()  # other sizes run
+
+
+def test_attention_is_counted_and_its_own_parameters_have_a_row():
+    """Eval mode under no_grad sends attention down a fused path the counter cannot see (0 FLOPs
+    before); nn.MultiheadAttention's in-projection belongs to no leaf."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from unitscope.analyses.flops import flops, flops_total
+
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True)
+    with FlopCounterMode(display=False) as counter:
+        layer.train()(torch.zeros(1, 5, 16))  # grad mode, train: the unfused path
+    assert flops_total(layer, (5, 16))["flops"] == counter.get_total_flops() == 22080
+    table = flops(layer, (5, 16)).set_index("layer")
+    assert table.loc["self_attn", "parameters"] == 816 and table.loc["self_attn", "flops"] == 11840
+    assert table["parameters"].sum() == sum(p.numel() for p in layer.parameters())
+    assert table["flops"].sum() == 22080
+    assert layer.training  # the model's mode is left as it was

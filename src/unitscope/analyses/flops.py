@@ -8,6 +8,9 @@ are not counted, so the totals match the usual "2 × MACs of conv and linear lay
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pandas as pd
 import torch
 from torch import nn
@@ -28,12 +31,32 @@ def _input(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> t
     return torch.zeros(batch_size, *input_shape, device=device, dtype=dtype)
 
 
+@contextmanager
+def _no_fused_attention() -> Iterator[None]:
+    """Switch off the fused fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``.
+
+    In eval mode under ``no_grad`` they run one fused kernel that the flop counter does not see, so
+    a transformer counted 0 FLOPs. The switch (``torch.backends.mha``, torch >= 2.2) is restored.
+    """
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
 def _count(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> tuple[dict[str, int], int]:
     """FLOPs per ``named_modules()`` name (containers included) and the grand total."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x = _input(model, input_shape, batch_size)
-    with preserved(model), torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
+    with preserved(model), torch.no_grad(), _no_fused_attention(), \
+            FlopCounterMode(display=False, depth=None) as counter:
         model.eval()
         forward_checked(model, x)
     total = int(counter.get_total_flops())
@@ -65,8 +88,10 @@ def flops(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1) -
     Returns:
         A DataFrame with columns ``layer`` (``named_modules()`` name), ``type``, ``flops`` (a
         multiply-accumulate counts 2) and ``parameters`` (the module's own), one row per leaf
-        module in ``named_modules()`` order. FLOPs run outside any leaf (functional calls in a
-        ``forward``) are not in the rows; :func:`flops_total` includes them.
+        module in ``named_modules()`` order, and one per module with parameters of its own beside
+        its children (``nn.MultiheadAttention``: its in-projection and the products its children
+        did not run), so the rows' parameters add up to the model's. FLOPs run outside any leaf
+        (functional calls in a ``forward``) are not in the rows; :func:`flops_total` includes them.
 
     Example:
         >>> from torch import nn
@@ -76,14 +101,18 @@ def flops(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1) -
     per_module, _ = _count(model, input_shape, batch_size)
     rows = []
     for name, module in model.named_modules():
-        if any(True for _ in module.children()) or (not name and len(list(model.modules())) > 1):
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        children = list(module.named_children())
+        if children and not own:  # a container: its leaves have the rows
             continue
-        rows.append({
-            "layer": name,
-            "type": type(module).__name__,
-            "flops": per_module.get(name, 0),
-            "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
-        })
+        if not name and len(list(model.modules())) > 1 and not own:
+            continue
+        # a module with parameters of its own and children (nn.MultiheadAttention's in-projection)
+        # gets the FLOPs its children did not run
+        prefix = f"{name}." if name else ""
+        inner = sum(per_module.get(prefix + child, 0) for child, _ in children)
+        rows.append({"layer": name, "type": type(module).__name__,
+                     "flops": per_module.get(name, 0) - inner, "parameters": own})
     return pd.DataFrame(rows, columns=["layer", "type", "flops", "parameters"])
 
 
