@@ -311,3 +311,17 @@ def test_cifar10_from_a_local_copy_without_the_md5_check(tmp_path, monkeypatch):
     assert image.shape == (3, 32, 32) and image.is_contiguous() and int(label) == 4
     torch.testing.assert_close(image, torch.from_numpy(data[2]).view(3, 32, 32).float() / 255)
     assert test.fingerprint() == unitscope.load_dataset("cifar10", "test", root=folder).fingerprint()
+
+
+def test_fingerprints_of_tensor_datasets_and_subsets_see_every_item():
+    """A label changed in the middle of a TensorDataset, or a Subset of other indices, changes the
+    fingerprint (the first and last items alone were hashed before)."""
+    from torch.utils.data import Subset, TensorDataset
+
+    x, y = torch.zeros(1300, 2), torch.arange(1300)
+    changed = y.clone()
+    changed[650] = 7
+    assert dataset_fingerprint(TensorDataset(x, y)) != dataset_fingerprint(TensorDataset(x, changed))
+    base = TensorDataset(x, y)
+    assert dataset_fingerprint(Subset(base, range(20))) != dataset_fingerprint(Subset(base, [*range(19), 30]))
+    assert dataset_fingerprint(Subset(base, range(20))) == dataset_fingerprint(Subset(base, range(20)))

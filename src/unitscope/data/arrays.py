@@ -41,13 +41,30 @@ class ArrayDataset(Dataset):
         return h.hexdigest()
 
 
-def dataset_fingerprint(data: Any, probe: int = 8) -> str:
-    """A fingerprint of any map-style dataset: its own ``fingerprint()`` or a hash of a few items."""
+def dataset_fingerprint(data: Any, probe: int = 8, spread: int = 64) -> str:
+    """A fingerprint of any map-style dataset, to tell a changed dataset from the one a store holds.
+
+    Exact where the dataset allows it: its own ``fingerprint()`` (``ArrayDataset``, the bundled
+    datasets), every tensor of a ``TensorDataset``, or a ``Subset``'s indices and the fingerprint of
+    the dataset under it. Any other dataset is identified by its type, its length and a sample of
+    items: the first and last ``probe`` and ``spread`` more spaced evenly between them, so a change
+    elsewhere can go unseen; give such a dataset a ``fingerprint()`` method to be sure.
+    """
     if hasattr(data, "fingerprint"):
         return str(data.fingerprint())
     h = hashlib.sha256(f"{type(data).__name__}:{len(data)}".encode())
+    if isinstance(data, torch.utils.data.TensorDataset):
+        for t in data.tensors:
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+    if isinstance(data, torch.utils.data.Subset):
+        h.update(dataset_fingerprint(data.dataset, probe, spread).encode())
+        h.update(torch.as_tensor(list(data.indices), dtype=torch.int64).numpy().tobytes())
+        return h.hexdigest()
     n = len(data)
-    for i in sorted({*range(min(probe, n)), *range(max(0, n - probe), n)}):
+    spaced = {round(i * (n - 1) / (spread - 1)) for i in range(spread)} if n > 1 and spread > 1 else set()
+    for i in sorted({*range(min(probe, n)), *range(max(0, n - probe), n), *spaced}):
         item = data[i]
         for t in item if isinstance(item, (tuple, list)) else (item,):
             if isinstance(t, torch.Tensor):
