@@ -44,7 +44,7 @@ __all__ = ["COLUMNS", "check_options", "fit_probes", "probes"]
 
 #: the columns of the table :func:`probes` returns
 COLUMNS = ["layer", "position", "train_acc", "test_acc", "relative_test_acc", "objective", "converged",
-           "n_iter", "features", "cached"]
+           "grad_max", "n_iter", "features", "cached"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -207,8 +207,8 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
         train_acc = accuracy(p["train"].to(dev), y_train, w, b)
         rows.append({"layer": layer, "position": pos, "train_acc": train_acc, "test_acc": test_acc,
                      "relative_test_acc": test_acc / model_acc if model_acc else float("nan"),
-                     "objective": res.objective, "converged": res.converged, "n_iter": res.n_iter,
-                     "features": int(p["train"].shape[1]), "cached": p["cached"]})
+                     "objective": res.objective, "converged": res.converged, "grad_max": res.grad_max,
+                     "n_iter": res.n_iter, "features": int(p["train"].shape[1]), "cached": p["cached"]})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
