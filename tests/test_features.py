@@ -123,3 +123,22 @@ def test_bad_inputs(digits_model, digits_test, tmp_path):
             downsample_name(bad)
     with pytest.raises(FileNotFoundError, match="extract_features"):
         FeatureStore(tmp_path / "nothing")
+
+
+def test_a_damaged_store_names_the_fix(tmp_path):
+    """A truncated or deleted array of a complete store is a StaleFeaturesError naming overwrite=True,
+    not a shape mismatch or a bare FileNotFoundError later on."""
+    import shutil
+
+    import zarr
+
+    data = unitscope.load_dataset("digits", "test")
+    store = extract_features(unitscope.load_model("digits-cnn"), data, ["fc"], None, out=tmp_path,
+                             split="test", device="cpu")
+    arr = zarr.open_array(str(store.root / "fc.zarr"), mode="r+")
+    arr.resize((100, arr.shape[1]))
+    with pytest.raises(StaleFeaturesError, match="holds 100 rows but the store records 360.*overwrite=True"):
+        FeatureStore(store.root).features("fc", as_tensor=True)
+    shutil.rmtree(store.root / "labels.zarr")
+    with pytest.raises(StaleFeaturesError, match="lacks a readable labels.zarr.*overwrite=True"):
+        FeatureStore(store.root).labels()

@@ -128,9 +128,19 @@ class FeatureStore:
         return str(self.meta["key"])
 
     def _array(self, name: str) -> Any:
+        """A stored array, checked to hold every written row; a damaged store names the fix."""
         import zarr
 
-        return zarr.open_array(str(self.root / f"{name}.zarr"), mode="r")
+        path = self.root / f"{name}.zarr"
+        try:
+            arr = zarr.open_array(str(path), mode="r")
+        except Exception as exc:  # zarr raises its own errors for a missing or unreadable array
+            raise StaleFeaturesError(f"the feature store {self.root} lacks a readable {path.name} ({exc}); "
+                                     "extract again with overwrite=True") from exc
+        if arr.shape[0] < len(self):
+            raise StaleFeaturesError(f"{path} holds {arr.shape[0]} rows but the store records {len(self)}; "
+                                     "it was damaged or cut short: extract again with overwrite=True")
+        return arr
 
     def features(self, layer: str, as_tensor: bool = False) -> Any:
         """The features of ``layer``: a read-only zarr array, or a torch tensor with ``as_tensor``.
