@@ -291,3 +291,31 @@ def test_stores_of_two_models_are_refused(tmp_path):
     te_store = extract_features(two, small, ["fc"], None, out=tmp_path / "b", split="test", device="cpu")
     with pytest.raises(ValueError, match="extracted with a different model"):
         fit_probes(tr_store, te_store, cache=None)
+
+
+def test_probes_are_fitted_and_released_in_bounded_groups(digits_feats, monkeypatch):
+    """With a small JOINT_LIMIT a layer's probes are fitted and scored before the next layer is
+    loaded (features are not all held at once), and the table equals one fitted in one group."""
+    from unitscope.analyses import probes as probes_mod
+    from unitscope.features import FeatureStore
+
+    tr, te = digits_feats
+    whole = fit_probes(tr, te, ["conv1", "relu2"], cache=None, model_acc=0.9)
+    events: list[str] = []
+    load, row = FeatureStore.features, probes_mod._row
+
+    def logged_load(self, layer, as_tensor=False):
+        events.append(f"load {layer}")
+        return load(self, layer, as_tensor)
+
+    def logged_row(probe, *args):
+        events.append(f"row {probe['layer']}")
+        return row(probe, *args)
+
+    monkeypatch.setattr(FeatureStore, "features", logged_load)
+    monkeypatch.setattr(probes_mod, "_row", logged_row)
+    monkeypatch.setattr(probes_mod, "JOINT_LIMIT", 1000)
+    parts = fit_probes(tr, te, ["conv1", "relu2"], cache=None, model_acc=0.9)
+    assert events.index("row conv1") < events.index("load relu2")
+    cols = ["layer", "train_acc", "test_acc", "features"]
+    assert parts[cols].equals(whole[cols])

@@ -177,7 +177,20 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
                          "of (x, y) items")
     k = int(max(int(y_train.max()), int(y_test.max()))) + 1
     dev = resolve_device(device)
+    about = {"C": C, "dtype": dname, "downsample": train.downsample, "features": train.fingerprint}
     probes_: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    held = 0  # feature values of the pending probes
+
+    def finish() -> None:
+        """Fit the pending probes, score them and let their features go (memory stays bounded)."""
+        _fit_together([p for p in pending if p["result"] is None], y_train, k, C, _DTYPES[dname], max_iter,
+                      tol, dev, cache, about)
+        for p in pending:
+            p["row"] = _row(p, y_train, y_test, model_acc, tol, dev)
+            p["train"] = p["test"] = None
+        pending.clear()
+
     for layer in layers:
         x_train = train.features(layer, as_tensor=True)
         x_test = test.features(layer, as_tensor=True)
@@ -190,29 +203,38 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
         for pos, xtr, xte in _positions(x_train, x_test, train.downsample):
             key = _cache_key(train.fingerprint, layer, pos, C, dname, train.downsample, max_iter, tol)
             res, cached = _load(cache, key) if cache is not None else (None, False)
-            probes_.append({"layer": layer, "position": pos, "train": xtr, "test": xte, "key": key,
-                            "result": res, "cached": cached})
-    _fit_together([p for p in probes_ if p["result"] is None], y_train, k, C, _DTYPES[dname], max_iter, tol,
-                  dev, cache, {"C": C, "dtype": dname, "downsample": train.downsample,
-                               "features": train.fingerprint})
-    rows: list[dict[str, Any]] = []
-    for p in probes_:
-        res, layer, pos = p["result"], p["layer"], p["position"]
-        if not res.converged:
-            log.warning("the probe of layer %s%s did not converge in %d L-BFGS iterations (largest "
-                        "gradient %.2e > tol %.1e); raise max_iter or use dtype=torch.float64",
-                        layer, f" at {pos}" if pos else "", res.n_iter, res.grad_max, tol)
-        w, b = res.weight.to(dev), res.bias.to(dev)
-        test_acc = accuracy(p["test"].to(dev), y_test, w, b)
-        train_acc = accuracy(p["train"].to(dev), y_train, w, b)
-        rows.append({"layer": layer, "position": pos, "train_acc": train_acc, "test_acc": test_acc,
-                     "relative_test_acc": test_acc / model_acc if model_acc else float("nan"),
-                     "objective": res.objective, "converged": res.converged, "grad_max": res.grad_max,
-                     "n_iter": res.n_iter, "features": int(p["train"].shape[1]), "cached": p["cached"]})
+            probe = {"layer": layer, "position": pos, "train": xtr, "test": xte, "key": key, "result": res,
+                     "cached": cached}
+            probes_.append(probe)
+            pending.append(probe)
+            held += xtr.numel() + xte.numel()
+            if held >= JOINT_LIMIT:
+                finish()
+                held = 0
+        del x_train, x_test
+    finish()
+    rows = [p["row"] for p in probes_]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-#: the most feature values (all probes' training matrices together) fitted in one L-BFGS run
+def _row(probe: dict[str, Any], y_train: torch.Tensor, y_test: torch.Tensor, model_acc: float | None,
+         tol: float, dev: torch.device) -> dict[str, Any]:
+    """One fitted probe's table row (its accuracies on its own features); warns if it did not converge."""
+    res, layer, pos = probe["result"], probe["layer"], probe["position"]
+    if not res.converged:
+        log.warning("the probe of layer %s%s did not converge in %d L-BFGS iterations (largest "
+                    "gradient %.2e > tol %.1e); raise max_iter or use dtype=torch.float64",
+                    layer, f" at {pos}" if pos else "", res.n_iter, res.grad_max, tol)
+    w, b = res.weight.to(dev), res.bias.to(dev)
+    test_acc = accuracy(probe["test"].to(dev), y_test, w, b)
+    train_acc = accuracy(probe["train"].to(dev), y_train, w, b)
+    return {"layer": layer, "position": pos, "train_acc": train_acc, "test_acc": test_acc,
+            "relative_test_acc": test_acc / model_acc if model_acc else float("nan"),
+            "objective": res.objective, "converged": res.converged, "grad_max": res.grad_max,
+            "n_iter": res.n_iter, "features": int(probe["train"].shape[1]), "cached": probe["cached"]}
+
+
+#: the most feature values (all probes' matrices together) held at once and fitted in one L-BFGS run
 JOINT_LIMIT = 1 << 27
 
 
