@@ -319,3 +319,10 @@ def test_probes_are_fitted_and_released_in_bounded_groups(digits_feats, monkeypa
     assert events.index("row conv1") < events.index("load relu2")
     cols = ["layer", "train_acc", "test_acc", "features"]
     assert parts[cols].equals(whole[cols])
+
+
+def test_the_probe_cache_key_includes_the_class_count():
+    from unitscope.analyses.probes import _cache_key
+
+    args = ("feat", "fc", None, 1.0, "float32", "4", 1000, 1e-6)
+    assert _cache_key(*args, 10) != _cache_key(*args, 11) and _cache_key(*args, 10) == _cache_key(*args, 10)

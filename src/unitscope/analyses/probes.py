@@ -201,7 +201,7 @@ def fit_probes(train: FeatureStore, test: FeatureStore, layers: list[str] | None
         for x, store, what in ((x_train, train, "training"), (x_test, test, "test")):
             _check_finite(x, layer, what, store.root)
         for pos, xtr, xte in _positions(x_train, x_test, train.downsample):
-            key = _cache_key(train.fingerprint, layer, pos, C, dname, train.downsample, max_iter, tol)
+            key = _cache_key(train.fingerprint, layer, pos, C, dname, train.downsample, max_iter, tol, k)
             res, cached = _load(cache, key) if cache is not None else (None, False)
             probe = {"layer": layer, "position": pos, "train": xtr, "test": xte, "key": key, "result": res,
                      "cached": cached}
@@ -281,8 +281,11 @@ def _positions(x_train: torch.Tensor, x_test: torch.Tensor, downsample: str) -> 
 
 
 def _cache_key(features: str, layer: str, pos: str | None, C: float, dtype: str, downsample: str,
-               max_iter: int, tol: float) -> str:
-    blob = json.dumps([features, layer, pos, float(C), dtype, downsample, int(max_iter), float(tol)])
+               max_iter: int, tol: float, classes: int) -> str:
+    """The cache name of a probe: everything its coefficients depend on, the class count included
+    (it comes from the train and the test labels, so a test label of a new class changes it)."""
+    blob = json.dumps([features, layer, pos, float(C), dtype, downsample, int(max_iter), float(tol),
+                       int(classes)])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
