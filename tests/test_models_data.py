@@ -71,3 +71,15 @@ def test_layer_info_table():
     bare = layer_info(nn.Sequential(nn.Linear(4, 2)))
     assert bare.loc[0, "output_shape"] == ""
     assert layer_info(nn.Sequential(nn.Linear(4, 2)), (4,)).loc[0, "output_shape"] == "(2,)"
+
+
+def test_layer_info_and_flops_probe_a_float64_model_in_float64():
+    """One helper (models.info.probe_dtype_device) picks the probe input's dtype and device for
+    layer_info, flops and receptive_fields; layer_info used float32 for a float64 model and failed."""
+    from unitscope.analyses.flops import flops_total
+    from unitscope.models.info import layer_info
+
+    model = unitscope.load_model("digits-cnn").double()
+    info = layer_info(model, (1, 8, 8))
+    assert info.set_index("name").loc["conv2", "output_shape"] == "(32, 8, 8)"
+    assert flops_total(model, (1, 8, 8)) == flops_total(unitscope.load_model("digits-cnn"), (1, 8, 8))

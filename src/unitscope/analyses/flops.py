@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..models.info import check_input_shape, forward_checked
+from ..models.info import check_input_shape, forward_checked, probe_dtype_device
 from ..models.modes import preserved
 
 __all__ = ["flops", "flops_total"]
@@ -25,10 +25,8 @@ def _input(model: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> t
     input_shape = check_input_shape(model, input_shape)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else "cpu"
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.zeros(batch_size, *input_shape, device=device, dtype=dtype)
+    dtype, device = probe_dtype_device(model)
+    return torch.zeros(batch_size, *input_shape, device=device, dtype=dtype or torch.get_default_dtype())
 
 
 @contextmanager

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from ..capture import StopForward, resolve_layers
+from ..models.info import probe_dtype_device
 from ..models.modes import preserved
-from .receptive_fields import probe_dtype_device
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..models.info import probe_dtype_device
 from ..models.modes import preserved
 
 __all__ = ["plot_receptive_fields", "receptive_fields", "unproductive_layers"]
@@ -365,23 +366,6 @@ def _in_channels(model: nn.Module) -> int:
         if isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Conv3d, *_TRANSPOSED)):
             return int(module.in_channels)
     return 3
-
-
-def probe_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device]:
-    """The dtype and device a probe input for ``model`` needs: those of its first floating-point
-    parameter (or buffer); the dtype is None (any) for a model without one, on the CPU if it has
-    no tensors at all.
-
-    Example:
-        >>> from torch import nn
-        >>> probe_dtype_device(nn.Conv2d(1, 1, 3).double())
-        (torch.float64, device(type='cpu'))
-    """
-    tensors = [*model.parameters(), *model.buffers()]
-    for t in tensors:
-        if t.is_floating_point():
-            return t.dtype, t.device
-    return None, tensors[0].device if tensors else torch.device("cpu")
 
 
 def _trace_fx(model: nn.Module, x: torch.Tensor, image: tuple[int, int]

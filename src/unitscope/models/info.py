@@ -56,6 +56,23 @@ def check_input_shape(model: nn.Module, shape: Any, what: str = "input_shape") -
     return shape
 
 
+def probe_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device]:
+    """The dtype and device a probe input for ``model`` needs: those of its first floating-point
+    parameter (or buffer); the dtype is None (any) for a model without one, on the CPU if it has
+    no tensors at all.
+
+    Example:
+        >>> from torch import nn
+        >>> probe_dtype_device(nn.Conv2d(1, 1, 3).double())
+        (torch.float64, device(type='cpu'))
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    for t in tensors:
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return None, tensors[0].device if tensors else torch.device("cpu")
+
+
 def _out_of_memory(exc: RuntimeError) -> bool:
     """Whether ``exc`` is an allocation failure (CUDA, MPS or the CPU allocator), not a shape error."""
     text = str(exc).lower()
@@ -130,8 +147,8 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
             for name, module in model.named_modules():
                 if name:
                     handles.append(module.register_forward_hook(make(name)))
-            param = next(model.parameters(), None)
-            x = torch.zeros(1, *input_shape, device=param.device if param is not None else "cpu")
+            dtype, device = probe_dtype_device(model)
+            x = torch.zeros(1, *input_shape, dtype=dtype or torch.get_default_dtype(), device=device)
             with preserved(model), torch.inference_mode():
                 model.eval()
                 forward_checked(model, x)
