@@ -280,6 +280,9 @@ def run_experiment(config: dict[str, Any], target: Path, force: bool = False,
                    progress: bool = True) -> str:
     """Run one resolved experiment into ``target``; return ``"done"`` or ``"skipped"``.
 
+    Experiments keep what an interrupted attempt should resume from in ``TARGET.partial``
+    (checkpoints, a finished pass, features); it is removed once the experiment has written its run.
+
     A ``target`` that exists and is neither empty nor a run directory is refused before any work
     (:func:`unitscope.results.check_replaceable`): its files would be replaced. The experiment
     starts from ``torch.manual_seed(seed)`` (the config's ``seed``, default 0), so a model
@@ -299,6 +302,8 @@ def run_experiment(config: dict[str, Any], target: Path, force: bool = False,
                           f"{', '.join(diff)}); use another --run-id, or --force to overwrite it")
     torch.manual_seed(int(config.get("seed", 0)))
     EXPERIMENTS[config["experiment"]](config, target, progress)
+    # the run is written: the work an interrupted attempt kept for resuming is spent
+    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
     return "done"
 
 
@@ -368,7 +373,6 @@ def _train(config: dict[str, Any], target: Path, progress: bool) -> None:
                     progress=progress, callbacks=callbacks)
     saturation = callbacks[0].table if callbacks and not callbacks[0].table.empty else None
     _finish_training(target, model, history, config, ckpt_dir, saturation)
-    shutil.rmtree(partial, ignore_errors=True)
 
 
 def _move_out_of_run(target: Path, kept: Path, dest: Path) -> None:
@@ -454,7 +458,6 @@ def _saturation(config: dict[str, Any], target: Path, progress: bool) -> None:
             deltas=config["project_deltas"], batch_size=config["batch_size"], device=config["device"],
             rule=config["rule"])
     run.save(target)
-    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
 
 
 def checkpointed_pass(target: Path, config: dict[str, Any], model: Any, data: Any, **options: Any) -> Any:
@@ -462,8 +465,8 @@ def checkpointed_pass(target: Path, config: dict[str, Any], model: Any, data: An
 
     The pass checkpoints into ``TARGET.partial/pass.partial`` and its finished run is kept in
     ``TARGET.partial/pass``, so an experiment interrupted during or after its pass resumes the
-    pass or reuses it (when it was made with the same config) on the next run; the caller
-    removes ``TARGET.partial`` once the experiment's own run is written.
+    pass or reuses it (when it was made with the same config) on the next run;
+    :func:`run_experiment` removes ``TARGET.partial`` once the experiment's own run is written.
     """
     from .data.arrays import dataset_fingerprint
     from .engine import analyze
@@ -491,8 +494,6 @@ def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
     resumes from ``TARGET.partial``; features of another model, such as another random
     initialisation, are recomputed) and moved into the run directory when it is written whole.
     """
-    import shutil
-
     import torch
 
     from .analyses.probes import check_options, probes
@@ -523,7 +524,6 @@ def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
                    out=features, C=config["C"], dtype=dtypes[config["dtype"]],
                    batch_size=config["batch_size"], device=config["device"], overwrite=True)
     write_table_run(target, "probes", table, config, features=features)
-    shutil.rmtree(partial, ignore_errors=True)
 
 
 @EXPERIMENTS.register("receptive-field")

@@ -8,7 +8,6 @@ empirical receptive fields of a few units of ``shapes-cnn``).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -143,7 +142,6 @@ def _topk(config: dict[str, Any], target: Path, progress: bool) -> None:
     if mosaics:
         run.arrays["topk_mosaics"] = mosaics
     run.save(target, extra=_mosaic_writer(mosaics) if mosaics else None)
-    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
 
 
 @EXPERIMENTS.register("receptive-field-empirical")
@@ -190,7 +188,6 @@ def _receptive_field_empirical(config: dict[str, Any], target: Path, progress: b
         raise ConfigError(f"units = {config['units']!r} names no unit of the layers {', '.join(mapped)}")
     _store_erf(run, model, data, topk, tables, arrays, config["k"])
     run.save(target, extra=_mosaic_writer(run.arrays["receptive_field_empirical_mosaics"]))
-    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
 
 
 def _store_erf(run: Any, model: Any, data: Any, topk: pd.DataFrame, tables: list[pd.DataFrame],

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +137,6 @@ def _sensitivity(config: dict[str, Any], target: Path, progress: bool) -> None:
             model, data, variables, config["hsv_segment"], n=config["n"], reduce=reduce, seed=config["seed"],
             batch_size=config["batch_size"], device=config["device"])
     run.save(target)
-    shutil.rmtree(Path(f"{target}.partial"), ignore_errors=True)
 
 
 def _add_single_class(run: Run, model: torch.nn.Module, data: Any, seed: int, device: str = "cpu",
