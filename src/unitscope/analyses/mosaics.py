@@ -10,7 +10,6 @@ and the images are tiled into one picture per unit, saved as PNG and shown in th
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..models.modes import restores_model
 from .occlusion import LayerRF, layer_rf
+from .topk import check_k
 
 MODES = ("mark", "crop")
 #: what :func:`unit_mosaics` draws: the two :func:`mosaic` modes, or ``"segment"`` (mark, and dim what
@@ -177,20 +177,6 @@ def unit_segments(model: nn.Module, layer: str, images: torch.Tensor, units: tor
 
 def _item_x(item: Any) -> torch.Tensor:
     return item if isinstance(item, torch.Tensor) else item[0]
-
-
-def check_k(k: int | None, default: str = "all ranked inputs") -> None:
-    """Refuse a ``k`` (top inputs per unit) that is not an integer >= 1; ``None`` means the default.
-
-    Raises:
-        ValueError: ``k`` is 0, negative or not an integer (``rows.head(-2)`` would silently drop
-            the last ranks and ``k=0`` would leave nothing to draw).
-    """
-    if k is None:
-        return
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k={k!r}: k must be >= 1 (the number of top inputs per unit); leave it out "
-                         f"for {default}")
 
 
 def unit_mosaics(model: nn.Module, data: Any, topk: pd.DataFrame,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -624,10 +623,9 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
         ``"layer:unit:maps"`` -> the ``(k, H, W)`` pixel discrepancy maps of its top images in
         rank order.
     """
-    from .topk import unit_topk
+    from .topk import check_k, unit_topk
 
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k={k!r}: k must be >= 1 (the number of top images per unit); Zhou et al. use 10")
+    check_k(k, "Zhou et al. use 10", required=True)
     rows = []
     for u in units:
         sel = unit_topk(topk, layer, int(u)).head(k)

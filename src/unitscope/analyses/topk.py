@@ -13,6 +13,7 @@ receptive field (:mod:`unitscope.analyses.occlusion`) and shown as mosaics
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any
 
 import pandas as pd
@@ -154,6 +155,21 @@ class TopK(Analysis):
                         ", ".join(short))
         table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
         return {self.name: table}
+
+
+def check_k(k: int | None, hint: str = "leave it out for all ranked inputs", required: bool = False) -> None:
+    """Refuse a ``k`` (top inputs per unit) that is not an integer >= 1; ``None`` means the default.
+
+    ``hint`` ends the message; with ``required`` a ``None`` is refused too.
+
+    Raises:
+        ValueError: ``k`` is 0, negative or not an integer (``rows.head(-2)`` would silently drop
+            the last ranks and ``k=0`` would leave nothing to draw).
+    """
+    if k is None and not required:
+        return
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k={k!r}: k must be >= 1 (the number of top inputs per unit); {hint}")
 
 
 def unit_topk(table: pd.DataFrame, layer: str, unit: int) -> pd.DataFrame:
