@@ -109,8 +109,8 @@ class CC(Criterion):
         reps = reps.to(x.device, x.dtype) if reps.shape[0] == 0 else reps.to(x.device)
         x = x.to(reps.dtype)
         # a row with NaN or inf, or whose squared norm overflows float64 (|x| above about 1e154),
-        # has no finite distance: it is never a representative
-        x = x[torch.isfinite(x).all(1) & torch.isfinite(x.double().square().sum(1))]
+        # has no finite distance: it is never a representative (a NaN or inf makes the norm so too)
+        x = x[torch.isfinite(x.double().square().sum(1))]
         # an empty layer takes its first input whatever τ (a distance is never > ∞)
         cand = x if reps.shape[0] == 0 else x[min_distance(x, reps, self.squared) > self.threshold]
         kept = []
