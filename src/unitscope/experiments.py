@@ -494,8 +494,6 @@ def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
     resumes from ``TARGET.partial``; features of another model, such as another random
     initialisation, are recomputed) and moved into the run directory when it is written whole.
     """
-    import torch
-
     from .analyses.probes import check_options, probes
     from .analyses.saturation import DEFAULT_LAYERS
     from .data import load_dataset
@@ -503,8 +501,7 @@ def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
     from .models import load_model
     from .results import is_complete
 
-    dtypes = {"float32": torch.float32, "float64": torch.float64}
-    if config["dtype"] not in dtypes:
+    if config["dtype"] not in ("float32", "float64"):
         raise ConfigError(f"dtype={config['dtype']!r}: use float32 or float64")
     try:
         check_options(config["C"], config["dtype"], 1000, 1e-6)
@@ -521,7 +518,7 @@ def _probes(config: dict[str, Any], target: Path, progress: bool) -> None:
     table = probes(model, load_dataset(config["dataset"], "train", **options),
                    load_dataset(config["dataset"], "test", **options),
                    config.get("layers") or list(DEFAULT_LAYERS), downsample=config["downsample"],
-                   out=features, C=config["C"], dtype=dtypes[config["dtype"]],
+                   out=features, C=config["C"], dtype=config["dtype"],
                    batch_size=config["batch_size"], device=config["device"], overwrite=True)
     write_table_run(target, "probes", table, config, features=features)
 
