@@ -73,6 +73,20 @@ def test_json_config_must_be_an_object(tmp_path):
         run_config(cfg, out=tmp_path / "runs", progress=False)
 
 
+def refused_before_work(tmp_path, monkeypatch, module, name, text, message):
+    """Run the config ``text`` with ``module.name`` (the first costly step) made to fail: the run
+    must stop with a ConfigError holding ``message`` before it, and leave no run directory."""
+    def costly(*args, **kwargs):
+        raise AssertionError(f"{name} ran before the settings were checked")
+
+    monkeypatch.setattr(module, name, costly)
+    cfg = write(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError) as info:
+        run_config(cfg, out=tmp_path / "runs", progress=False)
+    assert message in str(info.value)
+    assert not (tmp_path / "runs").exists()
+
+
 PROBES = 'experiment = "probes"\nmodel = "digits-cnn"\ndataset = "digits"\nlayers = ["fc"]\ndownsample = 1\n'
 
 
@@ -84,15 +98,8 @@ PROBES = 'experiment = "probes"\nmodel = "digits-cnn"\ndataset = "digits"\nlayer
 def test_bad_probe_options_fail_before_any_work(tmp_path, monkeypatch, extra, message):
     import unitscope.features
 
-    def no_extraction(*args, **kwargs):
-        raise AssertionError("features were extracted before the options were checked")
-
-    monkeypatch.setattr(unitscope.features, "extract_features", no_extraction)
-    cfg = write(tmp_path / "pr.toml", PROBES.replace("downsample = 1\n", "") + extra)
-    with pytest.raises(ConfigError) as info:
-        run_config(cfg, out=tmp_path / "runs", progress=False)
-    assert message in str(info.value)
-    assert not (tmp_path / "runs").exists()
+    refused_before_work(tmp_path, monkeypatch, unitscope.features, "extract_features",
+                        PROBES.replace("downsample = 1\n", "") + extra, message)
 
 
 def with_weights(tmp_path):
@@ -203,12 +210,4 @@ STUDY = 'experiment = "coverage-study"\nmodel = "digits-cnn"\ndataset = "digits"
 def test_bad_coverage_study_settings_fail_before_any_work(tmp_path, monkeypatch, extra, message):
     from unitscope.analyses import studies
 
-    def no_fit(*args, **kwargs):
-        raise AssertionError("a coverage meter was fitted before the settings were checked")
-
-    monkeypatch.setattr(studies, "CoverageMeter", no_fit)
-    cfg = write(tmp_path / "st.toml", STUDY + extra)
-    with pytest.raises(ConfigError) as info:
-        run_config(cfg, out=tmp_path / "runs", progress=False)
-    assert message in str(info.value)
-    assert not (tmp_path / "runs").exists()
+    refused_before_work(tmp_path, monkeypatch, studies, "CoverageMeter", STUDY + extra, message)
