@@ -198,6 +198,21 @@ def test_cuda_pass_equals_cpu_pass(digits_model, digits_test):
     assert_tables_close(gpu.table("moments"), cpu.table("moments"), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pass_leaves_results_and_models_on_the_cpu(digits_model, digits_test):
+    """Arrays and states are host tensors whatever device the pass ran on, as a loaded run's are,
+    and CKA's other model goes back where it was, as the analysed one does."""
+    other = unitscope.load_model("digits-cnn")
+    run = unitscope.analyze(digits_model, digits_test, layers="relu*", device="cuda", progress=False,
+                            analyses=[unitscope.Saturation(), unitscope.CKA(other=other)])
+    devices = {t.device.type for arrays in run.arrays.values() for t in arrays.values()}
+    devices |= {t.device.type for a in run.analyses for acc in a.accumulators.values()
+                for t in acc.state_dict().values() if isinstance(t, torch.Tensor)}
+    assert devices == {"cpu"}
+    assert next(other.parameters()).device.type == "cpu"
+
+
 def test_state_size_does_not_grow_with_the_data(digits_model, digits_test):
     small = unitscope.analyze(digits_model, torch.utils.data.Subset(digits_test, range(10)),
                               layers="relu*", progress=False)
@@ -243,3 +258,20 @@ def test_a_cpu_allocation_failure_is_not_called_an_input_error():
     with pytest.raises(RuntimeError, match="can't allocate memory") as info:
         unitscope.analyze(Hungry(), data, progress=False)
     assert not isinstance(info.value, InputError)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_pass_sets_tf32_as_asked_and_restores_it(digits_model, digits_test, tf32):
+    """PyTorch convolves in TF32 on recent GPUs by default; a pass turns that off unless asked."""
+    seen = []
+    handle = digits_model.register_forward_hook(
+        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        run = unitscope.analyze(digits_model, digits_test, layers="fc", batch_size=180, progress=False,
+                                tf32=tf32)
+    finally:
+        handle.remove()
+    assert seen == [(tf32, tf32)] * 2
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    assert run.manifest["tf32"] is tf32

@@ -113,9 +113,9 @@ def _bright_windows(n: int = 6, side: int = 20, seed: int = 0) -> ArrayDataset:
 @pytest.mark.parametrize("local", [True, False])
 def test_window_sum_unit_rf_is_exactly_the_window_grown_by_the_occluder(local):
     data, model, k = _bright_windows(), window_sum_model(), 3
-    run = unitscope.analyze(model, data, layers="conv", analyses=[TopK(k=4)], progress=False)
+    run = unitscope.analyze(model, data, layers="conv", analyses=[TopK(k=4)], progress=False, device="cpu")
     table, arrays = empirical_receptive_fields(model, data, "conv", [0, 1], run.table("topk"), k=4,
-                                               occluder=k, stride=1, fill=0.0, threshold=1e-12,
+                                               occluder=k, stride=1, fill=0.0, threshold=1e-6,
                                                local=local, device="cpu")
     side = B + 2 * (k - 1)
     rf = arrays["conv:0"]
@@ -123,7 +123,9 @@ def test_window_sum_unit_rf_is_exactly_the_window_grown_by_the_occluder(local):
     square = torch.zeros_like(rf, dtype=torch.bool)
     half = side // 2
     square[h - 1 - half:h + half, h - 1 - half:h + half] = True
-    support = torch.nan_to_num(rf) > 0
+    # an occluder on the window moves the sum by a bright pixel, at least 5 % of the maximum; away
+    # from it, float32 rounding of other batch sizes leaves about 1e-7 of it on some CPUs
+    support = torch.nan_to_num(rf) > 1e-6 * torch.nan_to_num(rf).max()
     assert torch.equal(support, square)  # exactly the grown window, never a pixel outside
     assert torch.equal(arrays["conv:0:mask"].bool(), square)
     assert table["rf_size_empirical"][0] == side and bool(table["centred"][0])
@@ -378,7 +380,8 @@ def test_units_on_one_image_share_a_sweep_with_the_same_result(layer, locs):
     for i in range(4):
         alone = occlusion_maps(model, layer, image[i:i + 1], units[i:i + 1],
                                None if locs is None else locs[i:i + 1], image_ids=torch.tensor([0]), **kw)
-        torch.testing.assert_close(shared.grid[i], alone.grid[0], rtol=1e-6, atol=1e-7)
+        # other batch sizes may round the float32 convolutions differently: a few ulps of 1
+        torch.testing.assert_close(shared.grid[i], alone.grid[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(shared.grid[1], shared.grid[3])  # the same unit twice
     assert not torch.equal(shared.grid[0], shared.grid[1])
 

@@ -69,7 +69,9 @@ def test_unpreconditioned_fit_reaches_same_optimum(digits_feats):
     x, y = tr.features("conv1", as_tensor=True).double(), tr.labels()
     a = fit_logreg(x, y, dtype=torch.float64)
     b = fit_logreg(x, y, dtype=torch.float64, precondition=False)
-    assert abs(a.objective - b.objective) / a.objective < 1e-7
+    # both stop once every gradient entry is below 1e-6, which bounds the gap to the optimum by
+    # about |g|² · C · n / 2 (strong convexity 1/(C·n)), not by 1e-7: another BLAS gave 1.09e-7
+    assert abs(a.objective - b.objective) / a.objective < 1e-6
 
 
 def test_one_hot_features_are_separable():

@@ -79,8 +79,24 @@ def test_paired_rows_see_the_same_image():
     assert (ids[:, 0] != ids[:, -1]).float().mean() > 0.9
 
 
+def test_pass_turns_tf32_off_unless_asked(shapes):
+    """Sobol' indices of two ranks differed from one process by 0.009 on a GPU in TF32."""
+    seen = []
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.backends.cudnn.allow_tf32)
+        return x.mean((1, 2, 3))[:, None]
+
+    for allowed in (False, True):
+        seen.clear()
+        run = sensitivity(unit_model(unit), list(shapes[:4]), ["brightness"], n=4, layers="unit",
+                          bootstrap=0, tf32=allowed)
+        assert set(seen) == {allowed} and run.manifest["tf32"] is allowed
+    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, restored
+
+
 def test_constant_unit_gives_nan_and_flag(shapes):
-    model = unit_model(lambda x: torch.stack([torch.zeros(len(x)), x.mean((1, 2, 3))], 1))
+    model = unit_model(lambda x: torch.stack([torch.zeros(len(x), device=x.device), x.mean((1, 2, 3))], 1))
     run = sensitivity(model, list(shapes[:4]), ["brightness"], n=32, layers="unit", bootstrap=4)
     t = run.table("sensitivity")
     dead = t[t.unit == 0]

@@ -15,10 +15,11 @@ from unitscope.experiments import run_config
 
 
 def _config(tmp_path, epochs: int = 3):
+    """A train config on the CPU: a GPU's training is not bitwise repeatable (cuDNN's atomics)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "t.toml"
     cfg.write_text(f'experiment = "train"\nmodel = "digits-cnn"\ndataset = "digits"\nepochs = {epochs}\n'
-                   'track_saturation = true\nlayers = ["conv1", "conv2"]\n')
+                   'track_saturation = true\nlayers = ["conv1", "conv2"]\ndevice = "cpu"\n')
     return cfg
 
 

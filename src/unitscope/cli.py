@@ -127,10 +127,25 @@ def _maybe_init_distributed() -> None:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus:
+            torch.cuda.set_device(local_rank % gpus)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        dist.init_process_group(backend=distributed_backend(gpus, local_ranks))
+
+
+def distributed_backend(gpus: int, local_ranks: int) -> str:
+    """NCCL when every rank on this node has a GPU of its own, else gloo.
+
+    NCCL refuses two ranks on one GPU, so ``torchrun --nproc_per_node 2`` on a one-GPU machine
+    shares the GPU (ranks take ``LOCAL_RANK % gpus``) and talks over gloo.
+
+    Example:
+        >>> distributed_backend(1, 2), distributed_backend(2, 2), distributed_backend(0, 2)
+        ('gloo', 'nccl', 'gloo')
+    """
+    return "nccl" if gpus >= max(local_ranks, 1) else "gloo"
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from .analyses.moments import Moments
 from .capture import Capture, LayerSpec, StopForward, resolve_layers
 from .data.arrays import dataset_fingerprint
 from .models.info import forward_checked
-from .models.modes import preserved
+from .models.modes import preserved, tf32_allowed
 from .models.registry import model_fingerprint
 from .results import Run, check_replaceable
 from .stats.base import load_states, save_states
@@ -96,7 +97,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
             device: str | torch.device = "auto", num_workers: int = 0, seed: int = 0,
             progress: bool = True, calls: str = "error", shard: tuple[int, int] | None = None,
             out: str | Path | None = None, checkpoint_every: int | None = None,
-            config: dict[str, Any] | None = None) -> Run:
+            config: dict[str, Any] | None = None, tf32: bool = False) -> Run:
     """Run one streaming pass of ``model`` over ``data`` and feed every analysis.
 
     Args:
@@ -120,6 +121,8 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
             ``OUT.partial/`` during the pass, and an interrupted pass resumes from them.
         checkpoint_every: checkpoint after this many batches (default: every 30 seconds).
         config: the resolved configuration to record in the manifest (the CLI passes it).
+        tf32: let a GPU convolve and multiply float32 in TF32 (faster; about 1e-3 relative error,
+            and shards no longer equal one pass). Off by default, unlike PyTorch's convolutions.
 
     Returns:
         A :class:`unitscope.Run`; ``run.table("moments")`` etc.
@@ -175,7 +178,9 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     nonfinite = {red: {name: resumed_nonfinite.get(red, {}).get(name, 0) for name in names}
                  for red, names in plan.items()}
     samples = 0
-    with preserved(model):
+    with preserved(model), ExitStack() as others, tf32_allowed(tf32):
+        for m in {id(m): m for a in analyses for m in a.models()}.values():
+            others.enter_context(preserved(m))  # a second model (CKA's other) goes back too
         model.eval().to(dev)
         first = start + done * batch_size
         subset = Subset(data, range(first, stop))
@@ -220,8 +225,9 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     pass_s = time.perf_counter() - t0
 
     if synced:
-        for a in analyses:
-            a.sync()
+        with torch.inference_mode():  # the states are inference tensors, written in place
+            for a in analyses:
+                a.sync()
     t1 = time.perf_counter()
     counts = _total_nonfinite(nonfinite, synced)
     for layer, count in counts.items():
@@ -230,6 +236,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
                         "'nonfinite' columns and left out of every statistic", layer, count)
     manifest = _manifest(model, data, analyses, all_layers, fingerprints, dev, seed, batch_size,
                          (rank, world, synced), (start, stop), counts, config)
+    manifest["tf32"] = tf32
     run = Run(analyses, manifest)
     manifest["timings"] = {"pass_s": pass_s, "compute_s": time.perf_counter() - t1,
                            "samples": samples, "batches": batches - done,

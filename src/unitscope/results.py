@@ -41,6 +41,9 @@ class RunError(ValueError):
 class Run:
     """The results of one pass: tidy tables, arrays, accumulator states and a manifest.
 
+    Tables are computed where the pass ran (a GPU's eigendecompositions stay there); the arrays and
+    the analyses' states are then moved to the CPU, whatever the pass's device.
+
     Example:
         >>> import tempfile, unitscope
         >>> run = unitscope.analyze(unitscope.load_model("digits-cnn"),
@@ -62,8 +65,10 @@ class Run:
             for a in analyses:
                 tables.update(a.tables())
         if arrays is None:
-            arrays = {a.name: a.arrays() for a in analyses}
+            arrays = {a.name: {k: t.detach().cpu() for k, t in a.arrays().items()} for a in analyses}
             arrays = {k: v for k, v in arrays.items() if v}
+        for a in analyses:  # results live on the host, as a loaded run's do, and free the GPU
+            a.to("cpu")
         self.tables = tables
         self.arrays = arrays
 

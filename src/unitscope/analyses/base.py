@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 import torch
+from torch import nn
 
 from ..capture import LayerSpec, Reduction
 from ..registry import Registry
@@ -96,6 +97,10 @@ class Analysis:
             else:
                 self.accumulators[key] = acc.clone()
         return self
+
+    def models(self) -> list[nn.Module]:
+        """Models besides the analysed one that the analysis runs (the engine restores them)."""
+        return []
 
     def sync(self) -> None:
         """All-reduce every accumulator over the initialised process group (no-op otherwise)."""

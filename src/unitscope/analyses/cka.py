@@ -40,8 +40,8 @@ class CKA(Analysis):
 
     Args:
         other: a second model, run in eval mode on every batch of the pass (``None``: compare the
-            layers of the analysed model with each other). It is moved to the pass's device and
-            stays there; its train/eval mode is restored after every batch.
+            layers of the analysed model with each other). It is moved to the pass's device for
+            the pass and back after it; its train/eval mode is restored after every batch.
         kernel: ``"linear"`` or ``"rbf"`` (RBF bandwidth per batch, see ``sigma``).
         estimator: ``"biased"`` (with the linear kernel: exact over the whole dataset) or
             ``"unbiased"`` (the minibatch HSIC₁ estimator, batches of at least 4).
@@ -142,6 +142,10 @@ class CKA(Analysis):
             self.accumulators[KEY].update(xs, ys)
         else:
             self.accumulators[KEY].update_grams(xs, ys)
+
+    def models(self) -> list[nn.Module]:
+        """The other model, which the pass moves to its device."""
+        return [self.other] if self.other is not None else []
 
     def _other_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         other = self.other

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..augment import Augmenter, VariableSpec
 from ..capture import Capture, LayerSpec, StopForward, resolve_layers
-from ..models.modes import preserved, restores_model
+from ..models.modes import preserved, restores_model, tf32_allowed
 from ..stats.base import Accumulator
 from ..stats.sobol import SobolAccumulator, saltelli_sample
 from .base import Analysis, Batch
@@ -279,7 +279,8 @@ def sensitivity(model: nn.Module, data: Any,
                 reduce: str = "mean", second_order: bool = False, bootstrap: int = 100, seed: int = 0,
                 batch_size: int = 256, device: str | torch.device = "auto",
                 progress: bool = False, shard: tuple[int, int] | None = None,
-                config: dict[str, Any] | None = None, checkpoint: str | Path | None = None) -> Any:
+                config: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
+                tf32: bool = False) -> Any:
     """Sobol' indices of every unit of ``layers`` to augmentation ``variables`` and the image.
 
     Streams the Saltelli design in chunks of base samples: for each chunk, the images of its A and
@@ -306,6 +307,7 @@ def sensitivity(model: nn.Module, data: Any,
         checkpoint: a file to keep the accumulators in, every 30 seconds, when Ctrl-C stops the
             pass between chunks, and at its end. A call with the same model, data, design, layers,
             chunking and range resumes from it (another configuration starts over, with a warning).
+        tf32: let a GPU convolve in TF32 (see :func:`unitscope.analyze`; off by default).
 
     Returns:
         A :class:`unitscope.Run` with the tables of :meth:`Sensitivity.tables`.
@@ -358,7 +360,7 @@ def sensitivity(model: nn.Module, data: Any,
         run_key = _run_key(fingerprints, [a], {0: names}, chunk, start, stop, a.seed)
         done, _ = _resume([a], ckpt, run_key)  # base samples already folded in
     a.to(dev)
-    with preserved(model):  # every module's train/eval flag and the device come back
+    with preserved(model), tf32_allowed(tf32):  # flags, device and TF32 switches come back
         model.eval()
         model.to(dev)
         bar = None
@@ -398,10 +400,12 @@ def sensitivity(model: nn.Module, data: Any,
             if bar is not None:
                 bar.close()
     if world > 1:
-        a.sync()
+        with torch.inference_mode():  # the states are inference tensors, written in place
+            a.sync()
         start, stop = 0, total
     manifest = _manifest(model, data, a, names, dev, (start, stop), total, time.perf_counter() - t0,
                          shard, config, world)
+    manifest["tf32"] = tf32
     return Run([a], manifest)
 
 

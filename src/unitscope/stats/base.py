@@ -157,11 +157,14 @@ class Accumulator:
             return self
         if dist.get_world_size(group) == 1:
             return self
-        device = self.device or _collective_device(group)
-        flag = torch.tensor([1 if self.initialized else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        if flag.item() == 0 or not self._sync_states(group):
-            self._sync_by_gather(group)
+        # states made in a pass under inference_mode are inference tensors: a collective that
+        # writes them in place (gloo on CUDA tensors does) is refused outside inference mode
+        with torch.inference_mode():
+            device = self.device or _collective_device(group)
+            flag = torch.tensor([1 if self.initialized else 0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+            if flag.item() == 0 or not self._sync_states(group):
+                self._sync_by_gather(group)
         return self
 
     def _sync_states(self, group: Any) -> bool:
