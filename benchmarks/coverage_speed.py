@@ -45,7 +45,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--device", default="cpu", help="where the passes run (training stays on the CPU)")
     args = ap.parse_args()
+    dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = unitscope.load_model("digits-cnn")
@@ -58,14 +60,14 @@ def main() -> None:
         print(f"digits-cnn trained {args.epochs} epochs: test acc {acc:.4f}")
     else:
         print("digits-cnn with random weights (surprise criteria use labels)")
-    model.eval()
+    model.eval().to(dev)
     source = "pred" if args.epochs else "label"
-    cov = Coverage(DEFAULT_CRITERIA, layers=LAYERS, class_source=source).fit(model, tr, device="cpu",
+    cov = Coverage(DEFAULT_CRITERIA, layers=LAYERS, class_source=source).fit(model, tr, device=dev,
                                                                             progress=False)
     # fit() froze the profiles (variance masks, KDE factors, bounds); clones share that preparation
-    fitted = {k: c.clone() for k, c in cov.criteria.items()}
-    x_all = torch.stack([te[i][0] for i in range(len(te))])
-    y_all = torch.tensor([int(te[i][1]) for i in range(len(te))])
+    fitted = {k: c.clone().to(dev) for k, c in cov.criteria.items()}
+    x_all = torch.stack([te[i][0] for i in range(len(te))]).to(dev)
+    y_all = torch.tensor([int(te[i][1]) for i in range(len(te))]).to(dev)
     batches = list(zip(x_all.split(args.batch_size), y_all.split(args.batch_size)))
 
     def classes(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,6 +77,8 @@ def main() -> None:
         with torch.inference_mode():
             for x, _ in batches:
                 model(x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     per_criterion_time = {k: [] for k in DEFAULT_CRITERIA}
 
@@ -109,7 +113,7 @@ def main() -> None:
         again = Coverage(DEFAULT_CRITERIA, layers=LAYERS, class_source=source)
         for k in again.names:
             again.accumulators[k] = fitted[k].clone()
-        unitscope.analyze(model, te, analyses=[again], batch_size=args.batch_size, device="cpu",
+        unitscope.analyze(model, te, analyses=[again], batch_size=args.batch_size, device=dev,
                           progress=False)
 
     methods = {"forward": plain, "unitscope": one_pass, "per-criterion": per_criterion, "analyze": end_to_end,
@@ -132,7 +136,8 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
-    print(f"\n{len(te)} test inputs, batch {args.batch_size}, threads {args.threads}, rounds {args.rounds} "
+    print(f"\n{len(te)} test inputs on {dev}, batch {args.batch_size}, threads {args.threads}, "
+          f"rounds {args.rounds} "
           "(median and minimum; on a shared machine the minimum is the steadier estimate):")
     for k in med:
         print(f"  {k:14s} median {med[k] * 1e3:8.2f} ms ({med[k] / med['forward']:5.2f}x forward)   "

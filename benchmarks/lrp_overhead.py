@@ -12,6 +12,9 @@ minima are the least disturbed).
 The two relevance maps are checked to be identical first (exit status 1 if not).
 Target: ratio <= 1.05.
 
+On a GPU, relevance that differs from zennit's by no more than zennit's own call-to-call
+difference (or 1e-9 of the largest relevance) counts as the same.
+
 Run:  python benchmarks/lrp_overhead.py [--reps 5] [--batch 8] [--threads 2] [--device cpu]
 """
 
@@ -71,8 +74,12 @@ def main() -> int:
     print(f"vgg11 random weights, batch {args.batch}x3x224x224, device {dev}, threads {args.threads}; "
           f"identical relevance: {same}")
     if not same:
-        print(f"max abs difference {(results['zennit'] - results['unitscope']).abs().max():.3g}")
-        return 1
+        diff = float((results["zennit"] - results["unitscope"]).abs().max())
+        # a GPU's convolution backward need not repeat bit for bit: zennit against itself is the floor
+        floor = float((zennit_direct() - results["zennit"]).abs().max())
+        print(f"max abs difference {diff:.3g}; zennit against its own second call {floor:.3g}")
+        if dev.type != "cuda" or diff > max(floor, 1e-9 * float(results["zennit"].abs().max())):
+            return 1
     times: dict[str, list[float]] = {k: [] for k in methods}
     for r in range(args.reps):
         order = list(methods) if r % 2 == 0 else list(methods)[::-1]

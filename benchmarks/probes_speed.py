@@ -16,7 +16,10 @@ and relu3 are already 4×4). Each round fits one probe per layer with both metho
 Reported: median total fit seconds over rounds, their ratio, per-layer test accuracies, and the
 objective of each solution (computed in float64 by ``unitscope.stats.logreg.objective``).
 
-Run:  python benchmarks/probes_speed.py [--rounds 5] [--threads 2] [--epochs 10]
+With ``--device cuda`` unitscope fits on the GPU (features copied there and weights back inside the
+timed region, as ``unitscope.probes`` does with ``device="auto"``); scikit-learn stays on the CPU.
+
+Run:  python benchmarks/probes_speed.py [--rounds 5] [--threads 2] [--epochs 10] [--device cpu]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--tol", type=float, default=1e-6,
                     help="unitscope's gradient tolerance (its default 1e-6; sklearn's tol is 1e-4)")
+    ap.add_argument("--device", default="cpu", help="where unitscope fits (cpu, cuda)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from sklearn.exceptions import ConvergenceWarning
@@ -60,7 +64,8 @@ def main() -> None:
         s_te = extract_features(model, te, LAYERS, 4, out=out, split="test", device="cpu")
         data = {la: (s_tr.features(la, as_tensor=True), s_te.features(la, as_tensor=True)) for la in LAYERS}
         y_tr, y_te = s_tr.labels(), s_te.labels()
-    print(f"digits-cnn trained {args.epochs} epochs: test acc {model_acc:.4f}; threads {args.threads}")
+    print(f"digits-cnn trained {args.epochs} epochs: test acc {model_acc:.4f}; threads {args.threads}; "
+          f"unitscope on {args.device}")
 
     def fit_sklearn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         with warnings.catch_warnings():
@@ -70,16 +75,16 @@ def main() -> None:
         return torch.from_numpy(m.coef_), torch.from_numpy(m.intercept_), int(m.n_iter_[0])
 
     def fit_ours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        r = fit_logreg(x, y_tr, 1.0, num_classes=10, tol=args.tol)
+        r = fit_logreg(x, y_tr, 1.0, num_classes=10, tol=args.tol, device=args.device)
         if not r.converged:
             raise RuntimeError("unitscope probe did not converge")
-        return r.weight, r.bias, r.n_iter
+        return r.weight.cpu(), r.bias.cpu(), r.n_iter
 
     def fit_joint(xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        rs = fit_logreg_many(xs, y_tr, 1.0, num_classes=10, tol=args.tol)
+        rs = fit_logreg_many(xs, y_tr, 1.0, num_classes=10, tol=args.tol, device=args.device)
         if not all(r.converged for r in rs):
             raise RuntimeError("unitscope joint probes did not converge")
-        return [(r.weight, r.bias, r.n_iter) for r in rs]
+        return [(r.weight.cpu(), r.bias.cpu(), r.n_iter) for r in rs]
 
     def one_by_one(fit):
         return lambda xs: [fit(x) for x in xs]

@@ -8,8 +8,11 @@ SaturationTracker (same layers, channelwise, lsat + idim, CSV writer to a tempor
 Reports median seconds and three ratios to no tracking: of the medians, the median of each
 round's own ratio, and of the minima (the least disturbed run of each, on a shared machine).
 
+With ``--device cuda`` the training and both trackers run on the GPU (the tracker's own time is then
+timed without synchronising, so it reads low).
+
 Run:  python benchmarks/saturation_tracking.py [--rounds 5] [--epochs 3] [--threads N] [--batch-size 32]
-      (needs the bench extra: delve)
+      [--device cpu]   (needs the bench extra: delve)
 """
 
 from __future__ import annotations
@@ -94,11 +97,11 @@ class TimedTracker(unitscope.SaturationTracker):
 class DelveCallback(Callback):
     """Adapter: delve's tracker hooks the model; add_saturations() at every epoch end, as phd-lab did."""
 
-    def __init__(self, model: nn.Module, folder: str) -> None:
+    def __init__(self, model: nn.Module, folder: str, device: str = "cpu") -> None:
         from delve import SaturationTracker
 
         self.tracker = SaturationTracker(folder, save_to="csv", modules=model, stats=["lsat", "idim"],
-                                         device="cpu", conv_method="channelwise", verbose=False)
+                                         device=device, conv_method="channelwise", verbose=False)
 
     def on_epoch_end(self, state, metrics) -> None:
         self.tracker.add_saturations()
@@ -110,7 +113,7 @@ class DelveCallback(Callback):
 OWN: list[float] = []  # the tracker's own seconds in each "unitscope" run
 
 
-def one(method: str, epochs: int, data, batch_size: int = 32) -> float:
+def one(method: str, epochs: int, data, batch_size: int = 32, device: str = "cpu") -> float:
     torch.manual_seed(0)
     model = unitscope.load_model("digits-cnn")
     callbacks = []
@@ -122,10 +125,12 @@ def one(method: str, epochs: int, data, batch_size: int = 32) -> float:
     elif method == "unitscope hooks only":
         callbacks = [CaptureOnly(model, (nn.Conv2d, nn.Linear))]
     elif method == "delve":
-        callbacks = [DelveCallback(model, tmp.name)]
+        callbacks = [DelveCallback(model, tmp.name, device)]
     start = time.perf_counter()
-    train(model, data, epochs=epochs, lr=5e-3, batch_size=batch_size, seed=0, device="cpu",
+    train(model, data, epochs=epochs, lr=5e-3, batch_size=batch_size, seed=0, device=device,
           callbacks=callbacks)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     if method == "delve":
         callbacks[0].close()
@@ -142,19 +147,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch-size", type=int, default=32,
                         help="training batch (32: the demo's for digits-cnn; unitscope.train's default: 64)")
+    parser.add_argument("--device", default="cpu", help="where training and tracking run (cpu, cuda)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.getLogger("delve").setLevel(logging.WARNING)
     data = unitscope.load_dataset("digits", "train")
     methods = ["plain", "unitscope", "unitscope float64 products", "unitscope hooks only", "delve"]
-    one("plain", 1, data, args.batch_size)  # warm-up
+    one("plain", 1, data, args.batch_size, args.device)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.rounds):
         for m in methods:
-            times[m].append(one(m, args.epochs, data, args.batch_size))
+            times[m].append(one(m, args.epochs, data, args.batch_size, args.device))
     base = statistics.median(times["plain"])
     print(f"digits-cnn, {len(data)} training images, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.rounds} interleaved rounds, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"on {args.device}")
     print("| method | median s | ratio of medians | median of paired ratios | ratio of minima |")
     print("|---|---:|---:|---:|---:|")
     for m in methods:
