@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .units import UnitLayout
+
 LayerSpec = str | type | Sequence[str | type]
 Reduction = str | Callable[[torch.Tensor], torch.Tensor]
 
@@ -174,7 +176,9 @@ class Capture:
     """Forward hooks on the selected layers that store reduced outputs of the latest forward.
 
     ``outputs[reduction_name][key]`` holds the reduced output of module ``key`` from the most
-    recent forward of ``model``. ``key`` is the module name; with ``calls="all"`` the second and
+    recent forward of ``model``, with the units on dim 1: an output whose units are on its last
+    axis (a ``Linear`` on tokens ``(N, T, D)``, a channels-last block) is seen as ``(N, D, T)``
+    (see :class:`unitscope.units.UnitLayout`). ``key`` is the module name; with ``calls="all"`` the second and
     later calls of a module within one forward are keyed ``name#1``, ``name#2``.
 
     Args:
@@ -208,6 +212,7 @@ class Capture:
                    if targets is None or name in targets.get(red, ())]
             for name in self.layers
         }
+        self.units = UnitLayout(model)
         self._counts: dict[str, int] = {}
         self._handles: list[Any] = []
 
@@ -250,7 +255,7 @@ class Capture:
                 if self.calls == "first":
                     return
             key = f"{name}#{calls}" if calls and self.calls == "all" else name
-            tensor = _first_tensor(output, name).detach()
+            tensor = self.units.first(name, _first_tensor(output, name).detach())
             for red_name, fn in self._per_layer[name]:
                 self.outputs[red_name][key] = fn(tensor)
             if self.stop and len(self._counts) == len(self.layers):
@@ -274,7 +279,8 @@ def capture(model: nn.Module, layers: LayerSpec | None, reduce: Reduction = "non
             calls: str = "error", stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Record the (reduced) outputs of the selected layers during ``model``'s forwards.
 
-    Yields a dict that, after each forward, holds every selected layer's output of that forward.
+    Yields a dict that, after each forward, holds every selected layer's output of that forward,
+    units on dim 1 (a token map ``(N, T, D)`` is given as ``(N, D, T)``, see :class:`Capture`).
     All hooks are removed on exit, also after an exception. With ``stop=True`` and
     ``calls="first"`` the forward is cut short after the last selected layer and the ``with``
     block ends there (with the other ``calls`` modes a selected module may run again later, so

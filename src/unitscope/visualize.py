@@ -41,6 +41,7 @@ from torch import nn
 
 from .capture import LayerError, StopForward, resolve_layers
 from .models.modes import preserved
+from .units import UnitLayout
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ class _ObjectiveHooks:
         for i, t in enumerate(targets):
             self.by_layer.setdefault(t.layer, []).append((i, t))
         self.model, self.objective, self.n = model, objective, len(targets)
+        self.units = UnitLayout(model)
         self.values: dict[int, torch.Tensor] = {}
         self.handles: list[Any] = []
 
@@ -283,6 +285,7 @@ class _ObjectiveHooks:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, (tuple, list)):
                 output = output[0]
+            output = self.units.first(layer, output)  # channels of a token map are its last axis
             values = _values(output, self.by_layer[layer], self.objective, layer)
             for (i, _), v in zip(self.by_layer[layer], values):
                 self.values[i] = v

@@ -39,6 +39,7 @@ from ..attribution import lrp
 from ..capture import Capture, resolve_layers
 from ..coverage.idc import IDC
 from ..models.modes import model_device, preserved
+from ..units import UnitLayout
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
     model.to(dev)
     total: dict[str, torch.Tensor] = {}
     per_class: dict[int, dict[str, torch.Tensor]] = {}
+    units = UnitLayout(model)
     kept, seen, start = [], 0, 0
     try:
         for item in batches(data, batch_size):
@@ -122,7 +124,7 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
                 continue
             yk = y[idx].cpu()
             for layer, r in rel.items():
-                r = r[idx].double()
+                r = units.first(layer, r[idx].double())
                 r = r.sum(tuple(range(2, r.dim()))) if r.dim() > 2 else r
                 r = r.abs().cpu() if absolute else r.cpu()  # absolute: sums of |r| per input
                 total[layer] = total.get(layer, 0) + r.sum(0)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..models.modes import restores_model
+from ..units import UnitLayout
 
 COLUMNS = ["inputs", "variable", "layer", "selection", "units_masked", "accuracy", "agreement",
            "accuracy_intact"]
@@ -32,7 +33,10 @@ COLUMNS = ["inputs", "variable", "layer", "selection", "units_masked", "accuracy
 
 @contextlib.contextmanager
 def masked(model: nn.Module, masks: dict[str, torch.Tensor | Sequence[int]]) -> Iterator[None]:
-    """Multiply the channels (dim 1) of each named layer's output by ``masks[layer]``.
+    """Multiply the units of each named layer's output by ``masks[layer]``.
+
+    Units are channels (dim 1), or the last axis where the layer keeps them there (a ``Linear``
+    on tokens, see :class:`unitscope.units.UnitLayout`).
 
     A mask is a ``(C,)`` tensor of channel factors, or a list of channel indices to zero (the
     others keep their value). The hooks are removed on exit, also after an exception; the
@@ -50,20 +54,24 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor | Sequence[int]]) -> 
         True
     """
     modules = dict(model.named_modules())
+    units = UnitLayout(model)
     handles = []
 
-    def hook_for(m: torch.Tensor | Sequence[int]) -> Any:
+    def hook_for(name: str, m: torch.Tensor | Sequence[int]) -> Any:
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            axis = units.axis(name, out)
             if isinstance(m, torch.Tensor):
                 factors = m.to(out.device, out.dtype)
             else:
-                factors = torch.ones(out.shape[1], device=out.device, dtype=out.dtype)
+                factors = torch.ones(out.shape[axis], device=out.device, dtype=out.dtype)
                 factors[list(m)] = 0
-            return out * factors.view((1, -1) + (1,) * (out.dim() - 2))
+            shape = [1] * out.dim()
+            shape[axis] = -1
+            return out * factors.view(shape)
         return hook
     try:
         for name, m in masks.items():
-            handles.append(modules[name].register_forward_hook(hook_for(m)))
+            handles.append(modules[name].register_forward_hook(hook_for(name, m)))
         yield
     finally:
         for h in handles:

@@ -38,6 +38,7 @@ from torch import nn
 from ..capture import StopForward, resolve_layers
 from ..models.info import probe_dtype_device
 from ..models.modes import preserved
+from ..units import UnitLayout
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ def truncated_forward(model: nn.Module, layer: str, x: torch.Tensor,
                       select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Run ``model`` on ``x`` only up to ``layer`` and return that layer's output.
 
-    A forward hook on ``layer`` reads the output (through ``select`` when given, e.g. to keep
-    one value per input) and raises :class:`unitscope.capture.StopForward`, so nothing after the
+    A forward hook on ``layer`` reads the output, units on dim 1 (a channels-last map is moved,
+    see :class:`unitscope.units.UnitLayout`), through ``select`` when given (e.g. to keep
+    one value per input), and raises :class:`unitscope.capture.StopForward`, so nothing after the
     layer is computed. The hook is removed in every case. A module called several times returns
     its first call.
 
@@ -79,10 +81,11 @@ def truncated_forward(model: nn.Module, layer: str, x: torch.Tensor,
         (5, 4)
     """
     module = layer_module(model, layer)
+    units = UnitLayout(model)
     box: dict[str, torch.Tensor] = {}
 
     def hook(mod: nn.Module, args: Any, output: Any) -> None:
-        t = output if isinstance(output, torch.Tensor) else output[0]
+        t = units.first(layer, output if isinstance(output, torch.Tensor) else output[0])
         box["out"] = select(t) if select is not None else t.detach().clone()
         raise StopForward
 

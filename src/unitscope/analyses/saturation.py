@@ -33,6 +33,7 @@ from ..stats.saturation import (
     saturation,
 )
 from ..train import Callback
+from ..units import UnitLayout
 from .base import Analysis
 
 log = logging.getLogger(__name__)
@@ -335,6 +336,7 @@ def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset
              "sum_k": sum(int(s.cov.shape[0]) for s in stats.values()),
              "sum_width": sum(int(s.cov.shape[0]) for s in stats.values()), "mean_saturation": 1.0}]
     modules = dict(model.named_modules())
+    units = UnitLayout(model)
     spectra = {key: eigenvalues(s.cov) for key, s in stats.items()}
     for delta in deltas:
         handles, ks, widths = [], [], []
@@ -344,7 +346,7 @@ def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset
                 p = projection(s.cov, k)
                 ks.append(k)
                 widths.append(int(s.cov.shape[0]))
-                handles.append(modules[key].register_forward_hook(_projector(s.mean, p)))
+                handles.append(modules[key].register_forward_hook(_projector(s.mean, p, units, key)))
             m = evaluate(model, test_data, batch_size=batch_size, device=dev)
         finally:
             for h in handles:
@@ -355,14 +357,13 @@ def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset
     return pd.DataFrame(rows)
 
 
-def _projector(mean: torch.Tensor, proj: torch.Tensor):
+def _projector(mean: torch.Tensor, proj: torch.Tensor, units: UnitLayout, key: str):
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         mu = mean.to(output.device, output.dtype)
         p = proj.to(output.device, output.dtype)
-        if output.dim() == 2:
-            return mu + (output - mu) @ p
-        x = output.movedim(1, -1)
-        return (mu + (x - mu) @ p).movedim(-1, 1).contiguous()
+        axis = units.axis(key, output)  # the units' axis, 1 or the last
+        x = output.movedim(axis, -1)
+        return (mu + (x - mu) @ p).movedim(-1, axis).contiguous()
     return hook
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..units import UnitLayout
 from .modes import preserved
 
 
@@ -113,6 +114,9 @@ def forward_checked(model: nn.Module, x: torch.Tensor, hint: str | None = None) 
 def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> pd.DataFrame:
     """A table of ``model``'s modules: name, type, input and output shape, channels, parameters.
 
+    ``channels`` counts the units: dim 1 of a convolution's output, the last axis of a token map
+    or channels-last block (see :class:`unitscope.units.UnitLayout`).
+
     Output shapes come from one forward of a zero batch of ``input_shape`` (channels, height,
     width), or of ``model.input_shape`` when the model declares it; without either they are empty.
 
@@ -132,15 +136,17 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
         input_shape = check_input_shape(model, input_shape)
     else:
         input_shape = getattr(model, "input_shape", None)
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], int | None]] = {}
     if input_shape is not None:
         handles = []
+        units = UnitLayout(model)
 
         def make(name: str):
             def hook(module: nn.Module, args: tuple, output: object) -> None:
                 if name not in shapes and isinstance(output, torch.Tensor) and args \
                         and isinstance(args[0], torch.Tensor):
-                    shapes[name] = (tuple(args[0].shape[1:]), tuple(output.shape[1:]))
+                    width = int(output.shape[units.axis(name, output)]) if output.dim() > 1 else None
+                    shapes[name] = (tuple(args[0].shape[1:]), tuple(output.shape[1:]), width)
             return hook
 
         try:
@@ -165,7 +171,7 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
             "type": type(module).__name__,
             "input_shape": str(shape[0]) if shape else "",
             "output_shape": str(shape[1]) if shape else "",
-            "channels": shape[1][0] if shape and shape[1] else None,
+            "channels": shape[2] if shape else None,
             "parameters": sum(p.numel() for p in module.parameters(recurse=False)),
             "leaf": not any(True for _ in module.children()),
         })

@@ -1,0 +1,174 @@
+"""Units on the last axis (token maps, channels-last blocks) are read as units, not positions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.models.convnext import CNBlock
+from torchvision.models.vision_transformer import VisionTransformer
+
+import unitscope
+from unitscope.analyses.masking import masked
+from unitscope.data import ArrayDataset
+from unitscope.units import UnitLayout
+
+D, T, HIDDEN = 12, 4, 20  # distinct sizes, so an axis mix-up cannot pass by coincidence
+
+
+class TinyViT(nn.Module):
+    """Patches by a convolution, tokens by a functional transpose, then token-wise layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, D, 4, 4)  # 8×8 images: 2×2 = T patches
+        self.drop = nn.Dropout(0.0)
+        self.block = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(D, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, D))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.drop(self.patch(x).flatten(2).transpose(1, 2))
+        t = self.block(t)
+        t = t + self.mlp(t)
+        return self.head(self.norm(t).mean(1))
+
+
+def _raw(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    box = {}
+    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: box.update(o=o.detach()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return box["o"]
+
+
+@pytest.fixture(scope="module")
+def vit() -> TinyViT:
+    torch.manual_seed(0)
+    return TinyViT().eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_layout_of_a_token_model(vit, images):
+    layout = UnitLayout(vit)
+    axes = {name: layout.axis(name, _raw(vit, name, images))
+            for name in ("patch", "drop", "block", "block.linear1", "mlp.0", "mlp.1", "norm", "head")}
+    # the dropout after the functional transpose follows the conv's count (12), found on the last axis
+    assert axes == {"patch": 1, "drop": 2, "block": 2, "block.linear1": 2, "mlp.0": 2, "mlp.1": 2,
+                    "norm": 2, "head": 1}
+
+
+def test_capture_reductions_take_units_from_the_last_axis(vit, images):
+    raw = _raw(vit, "mlp.1", images)  # (N, T, HIDDEN)
+    for reduce, want in (("mean", raw.mean(1)), ("max", raw.amax(1)),
+                         ("channelwise", raw.reshape(-1, HIDDEN)), ("none", raw.transpose(1, 2))):
+        with unitscope.capture(vit, "mlp.1", reduce=reduce) as acts, torch.no_grad():
+            vit(images)
+        torch.testing.assert_close(acts["mlp.1"], want, rtol=0, atol=0)
+
+
+def test_saturation_of_a_token_layer_is_over_its_units(vit, images):
+    data = ArrayDataset(images, torch.zeros(len(images), dtype=torch.int64))
+    run = unitscope.analyze(vit, data, layers=["mlp.0", "mlp.1"], analyses=[unitscope.Saturation()],
+                            batch_size=4, progress=False, device="cpu")
+    table = run.table("saturation").set_index("layer")
+    assert table.loc["mlp.1", "width"] == HIDDEN and table.loc["mlp.1", "samples"] == len(images) * T
+    rows = _raw(vit, "mlp.1", images).reshape(-1, HIDDEN).double().numpy()
+    cov = run.analysis("saturation").accumulators["mlp.1"].compute(ddof=0).cov.numpy()
+    np.testing.assert_allclose(cov, np.cov(rows, rowvar=False, bias=True), rtol=1e-9, atol=1e-12)
+
+
+def test_masking_a_token_unit_zeroes_that_unit_on_every_token(vit, images):
+    before = _raw(vit, "mlp.0", images)
+    with masked(vit, {"mlp.0": [3]}):
+        after = _raw(vit, "mlp.0", images)
+    assert (after[..., 3] == 0).all() and (before[..., 3] != 0).all()
+    keep = [u for u in range(HIDDEN) if u != 3]
+    torch.testing.assert_close(after[..., keep], before[..., keep], rtol=0, atol=0)
+
+
+def test_projection_of_a_token_layer_at_delta_one_keeps_the_accuracy(vit, images):
+    y = torch.arange(len(images)) % 3
+    data = ArrayDataset(images, y)
+    table = unitscope.projected_accuracy(vit, data, data, layers=["mlp.0"], deltas=[1.0], device="cpu")
+    assert table["test_acc"].iloc[1] == table["test_acc"].iloc[0]
+    assert table["sum_width"].iloc[1] == HIDDEN
+
+
+def test_channels_last_block_inside_and_channel_first_outside():
+    torch.manual_seed(0)
+    c = 6
+    net = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), CNBlock(c, 1e-6, 0.0), nn.ReLU()).eval()
+    x = torch.rand(2, 3, 5, 5)
+    layout = UnitLayout(net)
+    assert [layout.axis(n, _raw(net, n, x)) for n in ("1.block.2", "1.block.4", "1", "2")] == [3, 3, 1, 1]
+    gelu = _raw(net, "1.block.4", x)  # (N, H, W, 4c)
+    with unitscope.capture(net, "1.block.4", reduce="mean") as acts, torch.no_grad():
+        net(x)
+    torch.testing.assert_close(acts["1.block.4"], gelu.mean((1, 2)), rtol=0, atol=0)
+
+
+def test_torchvision_vision_transformer_layers():
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=10,
+                            mlp_dim=14, num_classes=3).eval()
+    x = torch.rand(2, 3, 16, 16)
+    layout = UnitLayout(vit)
+    names = ["conv_proj", "encoder.dropout", "encoder.layers.encoder_layer_0.mlp.1", "encoder.ln"]
+    assert [layout.axis(n, _raw(vit, n, x)) for n in names] == [1, 2, 2, 2]
+    run = unitscope.analyze(vit, ArrayDataset(x, torch.zeros(2, dtype=torch.int64)), layers=names[1:],
+                            progress=False, device="cpu")
+    widths = run.table("moments").groupby("layer").size().to_dict()
+    assert widths == {"encoder.dropout": 10, "encoder.layers.encoder_layer_0.mlp.1": 14, "encoder.ln": 10}
+
+
+def test_feature_visualisation_objective_reads_a_token_unit(vit, images):
+    from unitscope.visualize import _ObjectiveHooks, _parse_targets
+
+    targets = _parse_targets(vit, ["mlp.1:5", "mlp.1:17"], "channel")  # units 5, 17 > T - 1
+    with torch.no_grad(), _ObjectiveHooks(vit, targets, "channel") as hooks:
+        got = hooks.run(images[:2])
+    raw = _raw(vit, "mlp.1", images[:2])
+    torch.testing.assert_close(got, torch.stack([raw[0, :, 5].mean(), raw[1, :, 17].mean()]))
+
+
+def test_unit_relevance_of_a_token_layer_sums_over_tokens():
+    from unitscope.analyses.importance import unit_relevance
+
+    torch.manual_seed(0)
+
+    class TokenMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, D, 4, 4)
+            self.fc = nn.Linear(D, HIDDEN)
+            self.act = nn.ReLU()
+            self.head = nn.Linear(HIDDEN, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.act(self.fc(self.patch(x).flatten(2).transpose(1, 2))).mean(1))
+
+    model = TokenMLP().eval()
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(5) % 3
+    rel = unit_relevance(model, ArrayDataset(x, y), ["act"], train_filter="all", batch_size=5)
+    want = unitscope.attribute(model, x, y, method="lrp", layer="act").double()  # (N, T, HIDDEN)
+    assert rel.total["act"].shape == (HIDDEN,)
+    torch.testing.assert_close(rel.total["act"], want.sum((0, 1)))
+
+
+def test_layer_info_counts_the_units_of_token_layers(vit):
+    from unitscope.models.info import layer_info
+
+    info = layer_info(vit, (3, 8, 8)).set_index("name")
+    assert info.loc["patch", "channels"] == D and info.loc["mlp.1", "channels"] == HIDDEN
+    assert info.loc["mlp.1", "output_shape"] == f"({T}, {HIDDEN})"
