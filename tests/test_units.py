@@ -172,3 +172,75 @@ def test_layer_info_counts_the_units_of_token_layers(vit):
     info = layer_info(vit, (3, 8, 8)).set_index("name")
     assert info.loc["patch", "channels"] == D and info.loc["mlp.1", "channels"] == HIDDEN
     assert info.loc["mlp.1", "output_shape"] == f"({T}, {HIDDEN})"
+
+
+class SharedReluCNN(nn.Module):
+    """One ReLU after convolutions of two widths, an activation and dropout defined after the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.relu = nn.ReLU()  # defined after conv2 (32 wide), first called after conv1 (16 wide)
+        self.fc = nn.Linear(32, 10)
+        self.act, self.drop = nn.GELU(), nn.Dropout(0.0)  # defined after fc, used on conv maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.conv1(x)))
+        x = self.relu(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_modules_defined_out_of_order_keep_convolution_units():
+    """A 32-wide map (32×32) after a ReLU defined after a 32-channel conv; a GELU defined after
+    Linear(32, 10): definition order alone gave the width axis for both."""
+    net = SharedReluCNN().eval()
+    x = torch.rand(2, 3, 32, 32)
+    with unitscope.capture(net, ["act", "drop", "relu"], reduce="mean") as acts, torch.no_grad():
+        net(x)
+    assert {k: tuple(v.shape) for k, v in acts.items()} == {"act": (2, 16), "drop": (2, 16), "relu": (2, 32)}
+
+
+def test_layernorm2d_recurrent_and_square_token_layers():
+    from torchvision.models.convnext import LayerNorm2d
+
+    torch.manual_seed(0)
+    ln = nn.Sequential(nn.Conv2d(3, 6, 3), LayerNorm2d(6), nn.GELU()).eval()  # channels-first norm
+    with unitscope.capture(ln, ["1", "2"], reduce="mean") as acts, torch.no_grad():
+        ln(torch.rand(2, 3, 9, 9))
+    assert {k: v.shape[1] for k, v in acts.items()} == {"1": 6, "2": 6}
+
+    class CRNN(nn.Module):  # conv columns as time steps, then an LSTM
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.rnn = nn.LSTM(8 * 6, 24, batch_first=True, bidirectional=True)
+            self.drop = nn.Dropout()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seq = self.conv(x).flatten(1, 2).transpose(1, 2)  # (N, W, C·H)
+            return self.drop(self.rnn(seq)[0])
+
+    crnn = CRNN().eval()
+    with unitscope.capture(crnn, ["rnn", "drop"], reduce="mean") as acts, torch.no_grad():
+        crnn(torch.rand(2, 1, 6, 25))
+    assert {k: v.shape[1] for k, v in acts.items()} == {"rnn": 48, "drop": 48}
+
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=1, hidden_dim=17,
+                            mlp_dim=8, num_classes=3).eval()  # 16 patches + class token: 17 × 17
+    x = torch.rand(2, 3, 32, 32)
+    with unitscope.capture(vit, "encoder.dropout") as acts, torch.no_grad():
+        vit(x)
+    torch.testing.assert_close(acts["encoder.dropout"], _raw(vit, "encoder.dropout", x).transpose(1, 2))
+
+
+def test_swin_v2_attention_that_calls_its_weights_functionally():
+    """torchvision's Swin V2 attention runs only its position-bias MLP (3 units) as modules."""
+    from torchvision.models import swin_v2_t
+
+    torch.manual_seed(0)
+    swin = swin_v2_t().eval()
+    x = torch.rand(1, 3, 64, 64)
+    name = "features.1.0.attn"
+    with unitscope.capture(swin, name, reduce="mean", calls="first") as acts, torch.no_grad():
+        swin(x)
+    torch.testing.assert_close(acts[name], _raw(swin, name, x).mean((1, 2)))

@@ -220,6 +220,7 @@ class Capture:
         modules = dict(self.model.named_modules())
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._start_forward))
+            self._handles.append(self.units.watch(self.layers))
             for name in self.layers:
                 self._handles.append(modules[name].register_forward_hook(self._make_hook(name)))
         except BaseException:

@@ -15,7 +15,9 @@ takes dim 1. A 2-D output ``(N, D)`` has its units on dim 1 either way.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +30,8 @@ _FIRST: tuple[type, ...] = (
     nn.ChannelShuffle,
 )
 _LAST: tuple[type, ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.EmbeddingBag,
-                           nn.MultiheadAttention) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+                           nn.MultiheadAttention, nn.RNNBase)
+_LAST += (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,16 @@ class _Layout:
     last: bool  # units on the last axis (else on dim 1)
     count: int | None  # how many units the defining module makes (None: unknown)
     fixed: bool  # the module itself fixes the layout (no guessing from the shape)
+    ndim: int | None = None  # the defining module's output dimensions, where its type fixes them
 
 
 _DEFAULT = _Layout(last=False, count=None, fixed=False)
 
 
 def _count(module: nn.Module) -> int | None:
+    if isinstance(module, nn.RNNBase):
+        width = module.proj_size or module.hidden_size
+        return width * (2 if module.bidirectional else 1)
     for attr in ("out_channels", "out_features", "num_features", "num_channels", "embedding_dim",
                  "embed_dim"):
         value = getattr(module, attr, None)
@@ -53,31 +60,62 @@ def _count(module: nn.Module) -> int | None:
     return None
 
 
+def _conv_ndim(module: nn.Module) -> int | None:
+    """Output dimensions of an N-d convolution, norm or pool (N + 2), where the class says N."""
+    for n in (1, 2, 3):
+        if type(module).__name__.endswith(f"{n}d"):
+            return n + 2
+    return None
+
+
 def _permute_dims(module: nn.Module) -> list[int] | None:
     dims = getattr(module, "dims", None)
     if type(module).__name__ == "Permute" and isinstance(dims, (list, tuple)) and len(dims) >= 2 \
             and all(isinstance(d, int) for d in dims):
-        return list(dims)
+        return [d % len(dims) for d in dims]
     return None
 
 
 def _own(module: nn.Module, before: _Layout) -> _Layout | None:
     """The layout ``module`` fixes by itself, given the layout of its input; None if it fixes none."""
+    if isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward:
+        # a subclass with its own forward (torchvision's LayerNorm2d normalises channels-first):
+        # its unit count is known, its layout is read off the output
+        return _Layout(False, _count(module), False)
     if isinstance(module, _LAST):
         return _Layout(True, _count(module), True)
     if isinstance(module, _FIRST):
-        return _Layout(False, _count(module) or before.count, True)
+        return _Layout(False, _count(module) or before.count, True, _conv_ndim(module))
     dims = _permute_dims(module)
     if dims is not None:
         n = len(dims)
         src = n - 1 if before.last else 1
-        dst = dims.index(src) if src in dims else 1
-        return _Layout(dst == n - 1 and dst != 1, before.count, True)
+        dst = dims.index(src)
+        return _Layout(dst == n - 1 and dst != 1, before.count, True, n)
     return None
+
+
+class Watch:
+    """What :meth:`UnitLayout.watch` returns: ``remove()`` (or a call) stops the watching."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        self._stop()
+
+    __call__ = remove
 
 
 class UnitLayout:
     """Per module of ``model``: the axis of its output that holds the units.
+
+    While :meth:`watch` is on, hooks on the modules that define a layout record the last one that
+    ran, and a module that defines none follows it: the module that ran before it, in execution
+    order. Without watching it follows the module defined before it (definition order), which
+    differs where ``__init__`` defines modules out of order (a ReLU shared by two convolutions, a
+    norm defined after the layer it precedes).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(2), nn.Linear(36, 5), nn.GELU())
@@ -90,8 +128,22 @@ class UnitLayout:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self._layouts: dict[str, _Layout] = {}
+        self._own: dict[str, _Layout] = {}  # the modules that define a layout (or a unit count)
+        self._live: _Layout | None = None
         self._walk(model, "", _DEFAULT)
+        # unit counts of the layers inside each module, by layout: a module that calls its layers'
+        # weights functionally (torchvision's Swin V2 attention) runs none of them as modules
+        by_module = {m: n for n, m in model.named_modules()}
+        self._inner: dict[str, tuple[set[int], set[int]]] = {}
+        for name, module in model.named_modules():
+            last, first = set(), set()
+            for sub in module.modules():
+                own = self._own.get(by_module.get(sub, ""))
+                if own is not None and own.fixed and own.count is not None:
+                    (last if own.last else first).add(own.count)
+            self._inner[name] = (last, first)
 
     def _walk(self, module: nn.Module, name: str, before: _Layout) -> _Layout:
         own = _own(module, before)
@@ -99,22 +151,75 @@ class UnitLayout:
         for child_name, child in module.named_children():
             after = self._walk(child, f"{name}.{child_name}" if name else child_name, after)
         if own is not None:
-            after = own
+            after = self._own[name] = own
         elif after.fixed or after is not before:
-            after = _Layout(after.last, after.count, False)  # follows what ran before it
+            after = _Layout(after.last, after.count, False, after.ndim)  # follows what ran before it
         self._layouts[name] = after
         return after
 
+    def watch(self, names: Sequence[str] | None = None) -> Watch:
+        """Follow the execution order in the forwards to come; returns the handle that stops it.
+
+        Only needed for the modules of ``names`` (default: all) that define no layout of their
+        own; when there are none, nothing is hooked.
+        """
+        if names is not None and all(n in self._own and self._own[n].fixed for n in names):
+            return Watch(lambda: None)
+        modules = dict(self.model.named_modules())
+        handles = [self.model.register_forward_pre_hook(self._reset)]
+        try:
+            for name in self._own:
+                handles.append(modules[name].register_forward_hook(self._saw))
+        except BaseException:
+            for h in handles:
+                h.remove()
+            raise
+
+        def stop() -> None:
+            while handles:
+                handles.pop().remove()
+            self._live = None
+        return Watch(stop)
+
+    def _reset(self, module: nn.Module, args: Any) -> None:
+        self._live = None
+
+    def _saw(self, module: nn.Module, args: Any, output: Any) -> None:
+        own = _own(module, self._live or _DEFAULT)
+        out = output if isinstance(output, torch.Tensor) else (
+            output[0] if isinstance(output, (tuple, list)) and output else None)
+        if own is not None:
+            ndim = out.dim() if isinstance(out, torch.Tensor) else own.ndim
+            self._live = _Layout(own.last, own.count, True, ndim)
+
     def axis(self, name: str, t: torch.Tensor) -> int:
-        """The axis of ``t`` (module ``name``'s output) that holds the units: 1 or ``t.dim() - 1``."""
+        """The axis of ``t`` (module ``name``'s output) that holds the units: 1 or ``t.dim() - 1``.
+
+        A module that does not fix its layout takes the axis that the module before it uses, if
+        that axis has the expected unit count. An output with other dimensions than that module
+        made (a convolution's map flattened into tokens) tries the last axis first. Else the last
+        axis of a 3-D output with the expected count, or the last axis if its size is the unit
+        count of a last-axis layer inside the module; else dim 1, the convolutions' layout.
+        """
         if t.dim() < 3:
             return 1
-        layout = self._layouts.get(name, _DEFAULT)
+        own = self._own.get(name)
+        if own is not None and own.fixed:
+            return t.dim() - 1 if own.last else 1
+        layout = own or self._live or self._layouts.get(name, _DEFAULT)
         last = t.dim() - 1
-        preferred, other = (last, 1) if layout.last else (1, last)
-        if layout.fixed or layout.count is None or t.shape[preferred] == layout.count:
+        if layout.count is None:
+            return last if layout.last else 1
+        reshaped = layout.ndim is not None and t.dim() != layout.ndim
+        preferred = last if layout.last != reshaped else 1
+        if t.shape[preferred] == layout.count:
             return preferred
-        return other if t.shape[other] == layout.count else preferred
+        if t.dim() == 3 and t.shape[last] == layout.count:
+            return last
+        inner_last, inner_first = self._inner.get(name, (set(), set()))
+        if t.shape[last] in inner_last and t.shape[1] not in inner_first:
+            return last
+        return 1
 
     def first(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` with the units on dim 1 (a view)."""

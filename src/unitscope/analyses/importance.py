@@ -109,6 +109,13 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
     total: dict[str, torch.Tensor] = {}
     per_class: dict[int, dict[str, torch.Tensor]] = {}
     units = UnitLayout(model)
+    axes: dict[str, int] = {}  # decided in the forward, where the module's place is known
+    modules = dict(model.named_modules())
+    handles: list[Any] = [units.watch(list(layers))]
+    for name in layers:
+        def record(m: nn.Module, a: Any, o: Any, name: str = name) -> None:
+            axes[name] = units.axis(name, o if torch.is_tensor(o) else o[0])
+        handles.append(modules[name].register_forward_hook(record))
     kept, seen, start = [], 0, 0
     try:
         for item in batches(data, batch_size):
@@ -124,7 +131,7 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
                 continue
             yk = y[idx].cpu()
             for layer, r in rel.items():
-                r = units.first(layer, r[idx].double())
+                r = r[idx].double().movedim(axes.get(layer, 1), 1)
                 r = r.sum(tuple(range(2, r.dim()))) if r.dim() > 2 else r
                 r = r.abs().cpu() if absolute else r.cpu()  # absolute: sums of |r| per input
                 total[layer] = total.get(layer, 0) + r.sum(0)
@@ -134,6 +141,8 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
                     per[layer] = per.get(layer, 0) + sums[c]
     finally:
         model.to(home)
+        for h in handles:
+            h.remove()
     kept_idx = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
     if not len(kept_idx):
         raise NoCorrectInputError(f"none of the {seen} training inputs is classified correctly, so no unit "

@@ -69,6 +69,7 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor | Sequence[int]]) -> 
             shape[axis] = -1
             return out * factors.view(shape)
         return hook
+    unwatch = units.watch(list(masks))
     try:
         for name, m in masks.items():
             handles.append(modules[name].register_forward_hook(hook_for(name, m)))
@@ -76,6 +77,7 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor | Sequence[int]]) -> 
     finally:
         for h in handles:
             h.remove()
+        unwatch()
 
 
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:

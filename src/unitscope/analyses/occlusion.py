@@ -90,6 +90,7 @@ def truncated_forward(model: nn.Module, layer: str, x: torch.Tensor,
         raise StopForward
 
     handle = module.register_forward_hook(hook)
+    unwatch = units.watch([layer])
     try:
         with torch.inference_mode():
             model(x)
@@ -97,6 +98,7 @@ def truncated_forward(model: nn.Module, layer: str, x: torch.Tensor,
         pass
     finally:
         handle.remove()
+        unwatch()
     if "out" not in box:
         raise UnreachableLayerError(
             f"layer {layer!r} ({type(module).__name__}) never ran in the forward of "

@@ -149,6 +149,7 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
                     shapes[name] = (tuple(args[0].shape[1:]), tuple(output.shape[1:]), width)
             return hook
 
+        unwatch = units.watch()
         try:
             for name, module in model.named_modules():
                 if name:
@@ -161,6 +162,7 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
         finally:
             for h in handles:
                 h.remove()
+            unwatch()
     rows = []
     for name, module in model.named_modules():
         if not name:
