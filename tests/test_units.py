@@ -84,7 +84,10 @@ def test_saturation_of_a_token_layer_is_over_its_units(vit, images):
     assert table.loc["mlp.1", "width"] == HIDDEN and table.loc["mlp.1", "samples"] == len(images) * T
     rows = _raw(vit, "mlp.1", images).reshape(-1, HIDDEN).double().numpy()
     cov = run.analysis("saturation").accumulators["mlp.1"].compute(ddof=0).cov.numpy()
-    np.testing.assert_allclose(cov, np.cov(rows, rowvar=False, bias=True), rtol=1e-9, atol=1e-12)
+    # float32 activations of another forward: equal to a few ulps (the H100 machine's CPU differed
+    # by 1e-8 on entries of 1e-2 between analyze's forward and a plain one of the same batch)
+    np.testing.assert_allclose(cov, np.cov(rows, rowvar=False, bias=True), rtol=1e-5,
+                               atol=1e-5 * np.abs(cov).max())
 
 
 def test_masking_a_token_unit_zeroes_that_unit_on_every_token(vit, images):
@@ -244,3 +247,17 @@ def test_swin_v2_attention_that_calls_its_weights_functionally():
     with unitscope.capture(swin, name, reduce="mean", calls="first") as acts, torch.no_grad():
         swin(x)
     torch.testing.assert_close(acts[name], _raw(swin, name, x).mean((1, 2)))
+
+
+def test_watching_leaves_a_transformer_layer_on_its_fused_path():
+    """torch runs a TransformerEncoderLayer fused only when none of its modules has a hook."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+    net = nn.Sequential(nn.Linear(8, 16), layer, nn.GELU())
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        ref = net(x)
+    with unitscope.capture(net, "2") as acts, torch.no_grad():  # a follower: layouts are watched
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
+        out = net(x)
+    assert torch.equal(out, ref) and acts["2"].shape == (2, 16, 5)

@@ -166,14 +166,16 @@ class UnitLayout:
         if names is not None and all(n in self._own and self._own[n].fixed for n in names):
             return Watch(lambda: None)
         modules = dict(self.model.named_modules())
-        handles = [self.model.register_forward_pre_hook(self._reset)]
-        try:
-            for name in self._own:
-                handles.append(modules[name].register_forward_hook(self._saw))
-        except BaseException:
-            for h in handles:
-                h.remove()
-            raise
+        watched = {id(modules[name]) for name in self._own}
+
+        def saw(module: nn.Module, args: Any, output: Any) -> None:
+            if id(module) in watched:
+                self._saw(module, args, output)
+
+        # one global hook, not a hook per module: torch's fused transformer path is switched off
+        # by any hook on a submodule of the layer
+        handles = [self.model.register_forward_pre_hook(self._reset),
+                   nn.modules.module.register_module_forward_hook(saw)]
 
         def stop() -> None:
             while handles:
