@@ -260,18 +260,31 @@ def test_a_cpu_allocation_failure_is_not_called_an_input_error():
     assert not isinstance(info.value, InputError)
 
 
-@pytest.mark.parametrize("tf32", [False, True])
-def test_pass_sets_tf32_as_asked_and_restores_it(digits_model, digits_test, tf32):
-    """PyTorch convolves in TF32 on recent GPUs by default; a pass turns that off unless asked."""
-    seen = []
-    handle = digits_model.register_forward_hook(
-        lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
-    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+def test_cpu_pass_leaves_precision_settings_alone_and_records_tf32(digits_model, digits_test):
+    """Reading torch's legacy TF32 flags raises once its fp32_precision settings were used."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without fp32_precision settings")
+    before = matmul.fp32_precision
     try:
-        run = unitscope.analyze(digits_model, digits_test, layers="fc", batch_size=180, progress=False,
-                                tf32=tf32)
+        matmul.fp32_precision = "tf32"
+        run = unitscope.analyze(digits_model, digits_test, layers="fc", progress=False, device="cpu",
+                                tf32=False)
+        assert matmul.fp32_precision == "tf32" and run.manifest["tf32"] is False
     finally:
-        handle.remove()
-    assert seen == [(tf32, tf32)] * 2
-    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
-    assert run.manifest["tf32"] is tf32
+        matmul.fp32_precision = before
+
+
+def test_tf32_switch_for_cuda_is_restored_after_an_error():
+    from unitscope.models.modes import tf32_allowed
+
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")
+    read = (lambda: matmul.fp32_precision) if new_api else (lambda: matmul.allow_tf32)
+    before = read()
+    with pytest.raises(RuntimeError, match="boom"), tf32_allowed(False, "cuda"):
+        assert read() in ("ieee", False)
+        raise RuntimeError("boom")
+    with tf32_allowed(True, "cuda"):
+        assert read() in ("tf32", True)
+    assert read() == before

@@ -261,3 +261,33 @@ def test_watching_leaves_a_transformer_layer_on_its_fused_path():
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules())
         out = net(x)
     assert torch.equal(out, ref) and acts["2"].shape == (2, 16, 5)
+
+
+def test_functional_permute_to_channels_last_reads_the_last_axis():
+    class ToChannelsLast(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.permute(0, 2, 3, 1)
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), ToChannelsLast(), nn.GELU()).eval()
+    x = torch.rand(2, 3, 12, 12)
+    with unitscope.capture(net, ["1", "2"], reduce="mean") as acts, torch.no_grad():
+        net(x)
+    assert {k: v.shape[1] for k, v in acts.items()} == {"1": 8, "2": 8}
+
+
+def test_interrupted_training_leaves_no_tracker_hooks():
+    from unitscope.train import Callback, train
+
+    class Stop(Callback):
+        def on_batch_end(self, state) -> None:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    model = unitscope.load_model("digits-cnn")
+    tracker = unitscope.SaturationTracker(model, ["relu1", "conv2"])  # a follower: layouts are watched
+    global_hooks = dict(nn.modules.module._global_forward_hooks)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, unitscope.load_dataset("digits", "train"), epochs=1, callbacks=[tracker, Stop()],
+              device="cpu")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert dict(nn.modules.module._global_forward_hooks) == global_hooks

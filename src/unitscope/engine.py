@@ -178,7 +178,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     nonfinite = {red: {name: resumed_nonfinite.get(red, {}).get(name, 0) for name in names}
                  for red, names in plan.items()}
     samples = 0
-    with preserved(model), ExitStack() as others, tf32_allowed(tf32):
+    with preserved(model), ExitStack() as others, tf32_allowed(tf32, dev):
         for m in {id(m): m for a in analyses for m in a.models()}.values():
             others.enter_context(preserved(m))  # a second model (CKA's other) goes back too
         model.eval().to(dev)

@@ -74,6 +74,9 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take back what :meth:`state_dict` returned, when training resumes from a checkpoint."""
 
+    def close(self) -> None:
+        """When training ends or stops on an exception: release hooks and the like."""
+
 
 def _batches(data: Dataset, batch_size: int, num_workers: int = 0,
              generator: torch.Generator | None = None) -> DataLoader:
@@ -177,46 +180,50 @@ def train(model: nn.Module, train_data: Dataset, test_data: Dataset | None = Non
             model.eval()
             return history[:epochs]
     loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(start, epochs + 1):
-        model.train()
-        state = TrainState(model=model, optimizer=opt, epoch=epoch)
+    try:
+        for epoch in range(start, epochs + 1):
+            model.train()
+            state = TrainState(model=model, optimizer=opt, epoch=epoch)
+            for cb in callbacks:
+                cb.on_epoch_start(state)
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            total_loss, correct, seen = 0.0, 0, 0
+            for b, item in enumerate(_progress(_batches(train_data, batch_size, num_workers, gen),
+                                               progress, f"epoch {epoch}/{epochs}")):
+                x, y = _xy(item)
+                x, y = x.to(dev), y.to(dev)
+                opt.zero_grad()
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                loss.backward()
+                opt.step()
+                total_loss += float(loss.detach()) * len(y)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += len(y)
+                if callbacks:
+                    state.batch, state.x, state.y = b, x, y
+                    state.logits, state.loss = logits.detach(), loss.detach()
+                    for cb in callbacks:
+                        cb.on_batch_end(state)
+            row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                                   "train_loss": total_loss / seen, "train_acc": correct / seen}
+            if sched is not None:
+                sched.step()
+            if test_data is not None:
+                m = evaluate(model, test_data, device=dev)
+                row.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"], test_mcc=m["mcc"])
+            history.append(row)
+            log.info("epoch %d/%d: %s", epoch, epochs, ", ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr")))
+            model.eval()
+            for cb in callbacks:
+                cb.on_epoch_end(state, row)
+            if ckpt_dir is not None:
+                _save_checkpoint(ckpt_dir, epoch, model, opt, sched, history, identity,
+                                 _callback_states(callbacks))
+    finally:
         for cb in callbacks:
-            cb.on_epoch_start(state)
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        total_loss, correct, seen = 0.0, 0, 0
-        for b, item in enumerate(_progress(_batches(train_data, batch_size, num_workers, gen),
-                                           progress, f"epoch {epoch}/{epochs}")):
-            x, y = _xy(item)
-            x, y = x.to(dev), y.to(dev)
-            opt.zero_grad()
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            loss.backward()
-            opt.step()
-            total_loss += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-            if callbacks:
-                state.batch, state.x, state.y = b, x, y
-                state.logits, state.loss = logits.detach(), loss.detach()
-                for cb in callbacks:
-                    cb.on_batch_end(state)
-        row: dict[str, Any] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
-                               "train_loss": total_loss / seen, "train_acc": correct / seen}
-        if sched is not None:
-            sched.step()
-        if test_data is not None:
-            m = evaluate(model, test_data, device=dev)
-            row.update(test_loss=m["loss"], test_acc=m["acc"], test_top5=m["top5"], test_mcc=m["mcc"])
-        history.append(row)
-        log.info("epoch %d/%d: %s", epoch, epochs, ", ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "lr")))
-        model.eval()
-        for cb in callbacks:
-            cb.on_epoch_end(state, row)
-        if ckpt_dir is not None:
-            _save_checkpoint(ckpt_dir, epoch, model, opt, sched, history, identity,
-                             _callback_states(callbacks))
+            cb.close()  # also after an interruption: hooks must not outlive the training
     model.eval()
     return history
 

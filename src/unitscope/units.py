@@ -200,8 +200,8 @@ class UnitLayout:
         A module that does not fix its layout takes the axis that the module before it uses, if
         that axis has the expected unit count. An output with other dimensions than that module
         made (a convolution's map flattened into tokens) tries the last axis first. Else the last
-        axis of a 3-D output with the expected count, or the last axis if its size is the unit
-        count of a last-axis layer inside the module; else dim 1, the convolutions' layout.
+        axis if only it has the expected count, or if its size is the unit count of a last-axis
+        layer inside the module; else dim 1, the convolutions' layout.
         """
         if t.dim() < 3:
             return 1
@@ -216,8 +216,8 @@ class UnitLayout:
         preferred = last if layout.last != reshaped else 1
         if t.shape[preferred] == layout.count:
             return preferred
-        if t.dim() == 3 and t.shape[last] == layout.count:
-            return last
+        if t.shape[last] == layout.count and t.shape[1] != layout.count:
+            return last  # moved there by functional code (a permute, a flatten and transpose)
         inner_last, inner_first = self._inner.get(name, (set(), set()))
         if t.shape[last] in inner_last and t.shape[1] not in inner_first:
             return last

@@ -111,13 +111,14 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
     units = UnitLayout(model)
     axes: dict[str, int] = {}  # decided in the forward, where the module's place is known
     modules = dict(model.named_modules())
-    handles: list[Any] = [units.watch(list(layers))]
-    for name in layers:
-        def record(m: nn.Module, a: Any, o: Any, name: str = name) -> None:
-            axes[name] = units.axis(name, o if torch.is_tensor(o) else o[0])
-        handles.append(modules[name].register_forward_hook(record))
+    handles: list[Any] = []
     kept, seen, start = [], 0, 0
     try:
+        for name in layers:
+            def record(m: nn.Module, a: Any, o: Any, name: str = name) -> None:
+                axes[name] = units.axis(name, o if torch.is_tensor(o) else o[0])
+            handles.append(modules[name].register_forward_hook(record))
+        handles.append(units.watch(list(layers)))
         for item in batches(data, batch_size):
             x, y = _xy(item)
             x, y = x.to(dev), y.to(dev)

@@ -264,6 +264,12 @@ class SaturationTracker(Callback):
                                 targets={key: {key} for key in self.layers})
         self._capture.__enter__()
 
+    def close(self) -> None:
+        """Remove the hooks of an epoch that an exception cut short (nothing after a full epoch)."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
     def on_batch_end(self, state: Any) -> None:
         """Keep this batch's rows (folded into the covariances whenever a block is full)."""
         if self._capture is not None:

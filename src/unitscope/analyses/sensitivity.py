@@ -360,7 +360,7 @@ def sensitivity(model: nn.Module, data: Any,
         run_key = _run_key(fingerprints, [a], {0: names}, chunk, start, stop, a.seed)
         done, _ = _resume([a], ckpt, run_key)  # base samples already folded in
     a.to(dev)
-    with preserved(model), tf32_allowed(tf32):  # flags, device and TF32 switches come back
+    with preserved(model), tf32_allowed(tf32, dev):  # flags, device and TF32 switches come back
         model.eval()
         model.to(dev)
         bar = None

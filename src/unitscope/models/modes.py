@@ -58,30 +58,45 @@ def preserved(model: nn.Module, device: bool = True) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def tf32_allowed(allowed: bool) -> Iterator[None]:
+def tf32_allowed(allowed: bool, device: torch.device | str | None = None) -> Iterator[None]:
     """Let CUDA convolutions and float32 matrix products use TF32 (``allowed``) or not; restore after.
 
     PyTorch convolves in TF32 by default on Ampere and later GPUs: about 1e-3 relative error, and
     results that change with the batch's shape. Sobol' indices of two ranks then differed from one
-    process's by 0.009 (0.2 relative) on an H100; with TF32 off they agree to 1e-9. The CPU ignores
-    both flags.
+    process's by 0.009 (0.2 relative) on an H100; with TF32 off they agree to 1e-9. A ``device``
+    other than CUDA changes nothing. torch's ``fp32_precision`` settings are used where they exist
+    (torch >= 2.9; reading the legacy ``allow_tf32`` flags after a user set them raises), else the
+    legacy flags.
 
     Example:
         >>> import torch
-        >>> before = torch.backends.cudnn.allow_tf32
-        >>> with tf32_allowed(False):
-        ...     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        (False, False)
-        >>> torch.backends.cudnn.allow_tf32 == before
+        >>> matmul = torch.backends.cuda.matmul
+        >>> before = getattr(matmul, "fp32_precision", None)
+        >>> with tf32_allowed(False, "cuda"):
+        ...     getattr(matmul, "fp32_precision", "ieee") == "ieee" and not matmul.allow_tf32
+        True
+        >>> getattr(matmul, "fp32_precision", None) == before
         True
     """
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32
+    if device is not None and torch.device(device).type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        before = matmul.fp32_precision, conv.fp32_precision
+        matmul.fp32_precision = conv.fp32_precision = "tf32" if allowed else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = before
+        return
+    cudnn = torch.backends.cudnn
+    legacy = cudnn.allow_tf32, matmul.allow_tf32
     cudnn.allow_tf32 = matmul.allow_tf32 = allowed
     try:
         yield
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        cudnn.allow_tf32, matmul.allow_tf32 = legacy
 
 
 def restores_model(fn: F) -> F:
