@@ -131,7 +131,8 @@ def _maybe_init_distributed() -> None:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus:
             torch.cuda.set_device(local_rank % gpus)
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # launchers other than torchrun may not say how many ranks share this node: assume all
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         dist.init_process_group(backend=distributed_backend(gpus, local_ranks))
 
 

@@ -368,9 +368,13 @@ def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset
 
 
 def _projector(mean: torch.Tensor, proj: torch.Tensor, units: UnitLayout, key: str):
+    cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        mu = mean.to(output.device, output.dtype)
-        p = proj.to(output.device, output.dtype)
+        where = (output.device, output.dtype)
+        if where not in cast:  # once, not a host-to-device copy per batch
+            cast[where] = (mean.to(*where), proj.to(*where))
+        mu, p = cast[where]
         axis = units.axis(key, output)  # the units' axis, 1 or the last
         x = output.movedim(axis, -1)
         return (mu + (x - mu) @ p).movedim(-1, axis).contiguous()
