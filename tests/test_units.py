@@ -291,3 +291,20 @@ def test_interrupted_training_leaves_no_tracker_hooks():
               device="cpu")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert dict(nn.modules.module._global_forward_hooks) == global_hooks
+
+
+def test_functional_ops_that_change_the_channels_keep_dim_one():
+    """A width equal to the conv's channel count must not pass for the units after a cat (CReLU),
+    a GLU or a pixel shuffle: only a rearrangement of the conv's values (a permute) may move them."""
+    class CReLU(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, -x], 1)
+
+    x = torch.rand(2, 3, 18, 18)
+    cases = {"crelu": (nn.Sequential(nn.Conv2d(3, 16, 3), CReLU(), nn.ReLU()), 32),
+             "glu": (nn.Sequential(nn.Conv2d(3, 16, 3), nn.GLU(dim=1), nn.ReLU()), 8),
+             "shuffle": (nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.PixelShuffle(2), nn.ReLU()), 4)}
+    for name, (net, units) in cases.items():  # every map is 16 wide
+        with unitscope.capture(net.eval(), "2", reduce="mean") as acts, torch.no_grad():
+            net(x)
+        assert acts["2"].shape[1] == units, name

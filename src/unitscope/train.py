@@ -222,10 +222,22 @@ def train(model: nn.Module, train_data: Dataset, test_data: Dataset | None = Non
                 _save_checkpoint(ckpt_dir, epoch, model, opt, sched, history, identity,
                                  _callback_states(callbacks))
     finally:
-        for cb in callbacks:
-            cb.close()  # also after an interruption: hooks must not outlive the training
+        _close(callbacks)
     model.eval()
     return history
+
+
+def _close(callbacks: list[Any]) -> None:
+    """Call every callback's ``close`` (callbacks need not subclass :class:`Callback`), also after an
+    interruption, so that no hook outlives the training; a failing close is logged, not raised."""
+    for cb in callbacks:
+        close = getattr(cb, "close", None)
+        if close is None:
+            continue
+        try:
+            close()
+        except Exception:  # the training's own exception, if any, is the one to see
+            log.exception("closing callback %s failed", type(cb).__name__)
 
 
 def _scheduler(opt: torch.optim.Optimizer, name: str, epochs: int) -> Any:

@@ -40,6 +40,7 @@ class _Layout:
     count: int | None  # how many units the defining module makes (None: unknown)
     fixed: bool  # the module itself fixes the layout (no guessing from the shape)
     ndim: int | None = None  # the defining module's output dimensions, where its type fixes them
+    size: int | None = None  # values per input of the defining module's output (seen in a forward)
 
 
 _DEFAULT = _Layout(last=False, count=None, fixed=False)
@@ -84,6 +85,10 @@ def _own(module: nn.Module, before: _Layout) -> _Layout | None:
         return _Layout(False, _count(module), False)
     if isinstance(module, _LAST):
         return _Layout(True, _count(module), True)
+    if isinstance(module, (nn.PixelShuffle, nn.PixelUnshuffle)) and before.count is not None:
+        r2 = (module.upscale_factor if isinstance(module, nn.PixelShuffle) else module.downscale_factor) ** 2
+        count = before.count // r2 if isinstance(module, nn.PixelShuffle) else before.count * r2
+        return _Layout(False, count, True, 4)
     if isinstance(module, _FIRST):
         return _Layout(False, _count(module) or before.count, True, _conv_ndim(module))
     dims = _permute_dims(module)
@@ -191,8 +196,10 @@ class UnitLayout:
         out = output if isinstance(output, torch.Tensor) else (
             output[0] if isinstance(output, (tuple, list)) and output else None)
         if own is not None:
-            ndim = out.dim() if isinstance(out, torch.Tensor) else own.ndim
-            self._live = _Layout(own.last, own.count, True, ndim)
+            seen = isinstance(out, torch.Tensor) and out.dim() > 0
+            ndim = out.dim() if seen else own.ndim
+            size = out[0].numel() if seen else None
+            self._live = _Layout(own.last, own.count, True, ndim, size)
 
     def axis(self, name: str, t: torch.Tensor) -> int:
         """The axis of ``t`` (module ``name``'s output) that holds the units: 1 or ``t.dim() - 1``.
@@ -200,8 +207,10 @@ class UnitLayout:
         A module that does not fix its layout takes the axis that the module before it uses, if
         that axis has the expected unit count. An output with other dimensions than that module
         made (a convolution's map flattened into tokens) tries the last axis first. Else the last
-        axis if only it has the expected count, or if its size is the unit count of a last-axis
-        layer inside the module; else dim 1, the convolutions' layout.
+        axis if only it has the expected count and the output holds as many values as that
+        module's (a permute or window partition, not a ``cat`` or ``GLU`` that changes the
+        channels), or if its size is the unit count of a last-axis layer inside the module; else
+        dim 1, the convolutions' layout.
         """
         if t.dim() < 3:
             return 1
@@ -216,8 +225,9 @@ class UnitLayout:
         preferred = last if layout.last != reshaped else 1
         if t.shape[preferred] == layout.count:
             return preferred
-        if t.shape[last] == layout.count and t.shape[1] != layout.count:
-            return last  # moved there by functional code (a permute, a flatten and transpose)
+        rearranged = layout.size is None or t[0].numel() == layout.size
+        if t.shape[last] == layout.count and t.shape[1] != layout.count and rearranged:
+            return last  # moved there by functional code that keeps the values (a permute, windows)
         inner_last, inner_first = self._inner.get(name, (set(), set()))
         if t.shape[last] in inner_last and t.shape[1] not in inner_first:
             return last

@@ -81,16 +81,22 @@ def tf32_allowed(allowed: bool, device: torch.device | str | None = None) -> Ite
     if device is not None and torch.device(device).type != "cuda":
         yield
         return
-    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
-    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
-        before = matmul.fp32_precision, conv.fp32_precision
-        matmul.fp32_precision = conv.fp32_precision = "tf32" if allowed else "ieee"
+    cudnn = torch.backends.cudnn
+    settings = [torch.backends.cuda.matmul, getattr(cudnn, "conv", None), getattr(cudnn, "rnn", None)]
+    if all(hasattr(s, "fp32_precision") for s in settings):
+        # convolutions and RNNs together: cuDNN settings that differ make torch refuse to read
+        # the legacy cudnn.allow_tf32 flag. The restore writes the values explicitly, so a later
+        # change of torch.backends.fp32_precision no longer reaches them.
+        before = [s.fp32_precision for s in settings]
+        for s in settings:
+            s.fp32_precision = "tf32" if allowed else "ieee"
         try:
             yield
         finally:
-            matmul.fp32_precision, conv.fp32_precision = before
+            for s, value in zip(settings, before):
+                s.fp32_precision = value
         return
-    cudnn = torch.backends.cudnn
+    matmul = torch.backends.cuda.matmul
     legacy = cudnn.allow_tf32, matmul.allow_tf32
     cudnn.allow_tf32 = matmul.allow_tf32 = allowed
     try:
