@@ -308,3 +308,29 @@ def test_functional_ops_that_change_the_channels_keep_dim_one():
         with unitscope.capture(net.eval(), "2", reduce="mean") as acts, torch.no_grad():
             net(x)
         assert acts["2"].shape[1] == units, name
+
+
+def test_sequence_first_layers_keep_one_row_per_input():
+    """batch_first=False attention gives (T, N, D): rows are inputs, not tokens."""
+    class SeqFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(6, D)
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0), 1,
+                                                 enable_nested_tensor=False)
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, T, 6)
+            return self.head(self.encoder(self.embed(x).transpose(0, 1)).mean(0))
+
+    torch.manual_seed(0)
+    net = SeqFirst().eval()
+    x = torch.randn(5, 7, 6)
+    layers = ["encoder", "encoder.layers.0.linear1"]
+    with unitscope.capture(net, layers, reduce="mean") as acts, torch.no_grad():
+        net(x)
+    for name in layers:
+        torch.testing.assert_close(acts[name], _raw(net, name, x).mean(0), rtol=0, atol=0)  # (N, units)
+    run = unitscope.analyze(net, ArrayDataset(x, torch.zeros(5, dtype=torch.int64)), layers=layers,
+                            progress=False, device="cpu")
+    assert (run.table("moments").groupby("layer")["count"].first() == 5).all()

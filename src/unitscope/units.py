@@ -137,6 +137,7 @@ class UnitLayout:
         self._layouts: dict[str, _Layout] = {}
         self._own: dict[str, _Layout] = {}  # the modules that define a layout (or a unit count)
         self._live: _Layout | None = None
+        self._batch: int | None = None  # the batch size of the forward being watched
         self._walk(model, "", _DEFAULT)
         # unit counts of the layers inside each module, by layout: a module that calls its layers'
         # weights functionally (torchvision's Swin V2 attention) runs none of them as modules
@@ -165,31 +166,33 @@ class UnitLayout:
     def watch(self, names: Sequence[str] | None = None) -> Watch:
         """Follow the execution order in the forwards to come; returns the handle that stops it.
 
-        Only needed for the modules of ``names`` (default: all) that define no layout of their
-        own; when there are none, nothing is hooked.
+        A pre-hook on the model records each forward's batch size (see :meth:`axes`). The global
+        hook that follows the layouts is only needed for the modules of ``names`` (default: all)
+        that define no layout of their own.
         """
-        if names is not None and all(n in self._own and self._own[n].fixed for n in names):
-            return Watch(lambda: None)
-        modules = dict(self.model.named_modules())
-        watched = {id(modules[name]) for name in self._own}
+        handles = [self.model.register_forward_pre_hook(self._reset)]
+        if names is None or not all(n in self._own and self._own[n].fixed for n in names):
+            modules = dict(self.model.named_modules())
+            watched = {id(modules[name]) for name in self._own}
 
-        def saw(module: nn.Module, args: Any, output: Any) -> None:
-            if id(module) in watched:
-                self._saw(module, args, output)
+            def saw(module: nn.Module, args: Any, output: Any) -> None:
+                if id(module) in watched:
+                    self._saw(module, args, output)
 
-        # one global hook, not a hook per module: torch's fused transformer path is switched off
-        # by any hook on a submodule of the layer
-        handles = [self.model.register_forward_pre_hook(self._reset),
-                   nn.modules.module.register_module_forward_hook(saw)]
+            # one global hook, not a hook per module: torch's fused transformer path is switched
+            # off by any hook on a submodule of the layer
+            handles.append(nn.modules.module.register_module_forward_hook(saw))
 
         def stop() -> None:
             while handles:
                 handles.pop().remove()
-            self._live = None
+            self._live = self._batch = None
         return Watch(stop)
 
     def _reset(self, module: nn.Module, args: Any) -> None:
         self._live = None
+        first = args[0] if args else None
+        self._batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
 
     def _saw(self, module: nn.Module, args: Any, output: Any) -> None:
         own = _own(module, self._live or _DEFAULT)
@@ -233,7 +236,19 @@ class UnitLayout:
             return last
         return 1
 
+    def axes(self, name: str, t: torch.Tensor) -> tuple[int, int]:
+        """``(batch axis, units axis)`` of ``t``: the batch is on dim 1 of a sequence-first output
+        ``(T, N, D)`` (``batch_first=False`` attention and RNNs), seen while watching a forward
+        whose input has ``N`` rows; else on dim 0."""
+        units = self.axis(name, t)
+        batch = self._batch
+        if batch is not None and t.dim() >= 3 and units != 1 and t.shape[0] != batch and t.shape[1] == batch:
+            return 1, units
+        return 0, units
+
     def first(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """``t`` with the units on dim 1 (a view)."""
-        axis = self.axis(name, t)
-        return t if axis == 1 else t.movedim(axis, 1)
+        """``t`` with the batch on dim 0 and the units on dim 1 (a view)."""
+        batch, units = self.axes(name, t)
+        if batch == 1:
+            return t.movedim((1, units), (0, 1))
+        return t if units == 1 else t.movedim(units, 1)

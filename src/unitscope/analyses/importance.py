@@ -109,14 +109,14 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
     total: dict[str, torch.Tensor] = {}
     per_class: dict[int, dict[str, torch.Tensor]] = {}
     units = UnitLayout(model)
-    axes: dict[str, int] = {}  # decided in the forward, where the module's place is known
+    axes: dict[str, tuple[int, int]] = {}  # (batch, units), decided in the forward
     modules = dict(model.named_modules())
     handles: list[Any] = []
     kept, seen, start = [], 0, 0
     try:
         for name in layers:
             def record(m: nn.Module, a: Any, o: Any, name: str = name) -> None:
-                axes[name] = units.axis(name, o if torch.is_tensor(o) else o[0])
+                axes[name] = units.axes(name, o if torch.is_tensor(o) else o[0])
             handles.append(modules[name].register_forward_hook(record))
         handles.append(units.watch(list(layers)))
         for item in batches(data, batch_size):
@@ -132,7 +132,7 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
                 continue
             yk = y[idx].cpu()
             for layer, r in rel.items():
-                r = r[idx].double().movedim(axes.get(layer, 1), 1)
+                r = r.movedim(axes.get(layer, (0, 1)), (0, 1))[idx].double()
                 r = r.sum(tuple(range(2, r.dim()))) if r.dim() > 2 else r
                 r = r.abs().cpu() if absolute else r.cpu()  # absolute: sums of |r| per input
                 total[layer] = total.get(layer, 0) + r.sum(0)
