@@ -38,7 +38,8 @@ class TinyViT(nn.Module):
 
 def _raw(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     box = {}
-    handle = dict(model.named_modules())[name].register_forward_hook(lambda m, a, o: box.update(o=o.detach()))
+    handle = dict(model.named_modules())[name].register_forward_hook(
+        lambda m, a, o: box.update(o=(o if torch.is_tensor(o) else o[0]).detach()))
     try:
         with torch.no_grad():
             model(x)
@@ -334,3 +335,30 @@ def test_sequence_first_layers_keep_one_row_per_input():
     run = unitscope.analyze(net, ArrayDataset(x, torch.zeros(5, dtype=torch.int64)), layers=layers,
                             progress=False, device="cpu")
     assert (run.table("moments").groupby("layer")["count"].first() == 5).all()
+
+
+def test_sequence_first_comes_from_batch_first_not_from_sizes():
+    """A GRU with batch_first=False inside a model of (N, T, F) inputs: rows are inputs also when
+    N == T, and a batch_first=True encoder on a (T, N, F) input is not flipped by sizes."""
+    class SeqGRU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.drop = nn.GRU(6, 8), nn.Dropout(0.0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.rnn(x.transpose(0, 1))[0]).mean(0)
+
+    torch.manual_seed(0)
+    net = SeqGRU().eval()
+    for n in (5, 7):  # 7: as many inputs as time steps
+        x = torch.randn(n, 7, 6)
+        with unitscope.capture(net, ["rnn", "drop"], reduce="mean") as acts, torch.no_grad():
+            net(x)
+        for name in ("rnn", "drop"):
+            torch.testing.assert_close(acts[name], _raw(net, name, x).mean(0), rtol=0, atol=0)
+
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(7, 5, 8)  # the encoder's own (N=7, T=5) view
+    with unitscope.capture(layer, "linear2", reduce="mean") as acts, torch.no_grad():
+        layer(x)
+    torch.testing.assert_close(acts["linear2"], _raw(layer, "linear2", x).mean(1), rtol=0, atol=0)

@@ -16,7 +16,7 @@ takes dim 1. A 2-D output ``(N, D)`` has its units on dim 1 either way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,8 @@ class _Layout:
     fixed: bool  # the module itself fixes the layout (no guessing from the shape)
     ndim: int | None = None  # the defining module's output dimensions, where its type fixes them
     size: int | None = None  # values per input of the defining module's output (seen in a forward)
+    seq_first: bool = False  # inputs on dim 1: (T, N, D) of batch_first=False attention and RNNs
+    says_batch: bool = False  # the module's own batch_first says so (else inherited)
 
 
 _DEFAULT = _Layout(last=False, count=None, fixed=False)
@@ -78,7 +80,25 @@ def _permute_dims(module: nn.Module) -> list[int] | None:
 
 
 def _own(module: nn.Module, before: _Layout) -> _Layout | None:
-    """The layout ``module`` fixes by itself, given the layout of its input; None if it fixes none."""
+    """The layout ``module`` fixes by itself, given the layout of its input; None if it fixes none.
+
+    A module with a ``batch_first`` attribute (attention, RNNs, transformer layers) says where its
+    inputs are; a last-axis layer (``Linear``, ``LayerNorm``) keeps them where they were.
+    """
+    own = _own_units(module, before)
+    batch_first = getattr(module, "batch_first", None)
+    if isinstance(batch_first, bool):
+        if own is None:  # a transformer layer: a container that fixes its layout
+            count = getattr(getattr(module, "self_attn", None), "embed_dim", None)
+            own = _Layout(True, count if isinstance(count, int) else None, True)
+        return replace(own, seq_first=not batch_first, says_batch=True)
+    if own is not None and own.last and own.fixed:
+        return replace(own, seq_first=before.seq_first)
+    return own
+
+
+def _own_units(module: nn.Module, before: _Layout) -> _Layout | None:
+    """Where ``module`` puts its units, given the layout of its input; None if it does not say."""
     if isinstance(module, nn.LayerNorm) and type(module).forward is not nn.LayerNorm.forward:
         # a subclass with its own forward (torchvision's LayerNorm2d normalises channels-first):
         # its unit count is known, its layout is read off the output
@@ -159,29 +179,28 @@ class UnitLayout:
         if own is not None:
             after = self._own[name] = own
         elif after.fixed or after is not before:
-            after = _Layout(after.last, after.count, False, after.ndim)  # follows what ran before it
+            after = replace(after, fixed=False)  # follows what ran before it
         self._layouts[name] = after
         return after
 
     def watch(self, names: Sequence[str] | None = None) -> Watch:
         """Follow the execution order in the forwards to come; returns the handle that stops it.
 
-        A pre-hook on the model records each forward's batch size (see :meth:`axes`). The global
-        hook that follows the layouts is only needed for the modules of ``names`` (default: all)
-        that define no layout of their own.
+        A pre-hook on the model records each forward's batch size (see :meth:`axes`); ``names``
+        is accepted for the callers' sake and does not change what is watched.
         """
-        handles = [self.model.register_forward_pre_hook(self._reset)]
-        if names is None or not all(n in self._own and self._own[n].fixed for n in names):
-            modules = dict(self.model.named_modules())
-            watched = {id(modules[name]) for name in self._own}
+        modules = dict(self.model.named_modules())
+        watched = {id(modules[name]) for name in self._own}
 
-            def saw(module: nn.Module, args: Any, output: Any) -> None:
-                if id(module) in watched:
-                    self._saw(module, args, output)
+        def saw(module: nn.Module, args: Any, output: Any) -> None:
+            if id(module) in watched:
+                self._saw(module, args, output)
 
-            # one global hook, not a hook per module: torch's fused transformer path is switched
-            # off by any hook on a submodule of the layer
-            handles.append(nn.modules.module.register_module_forward_hook(saw))
+        # one global hook, not a hook per module: torch's fused transformer path is switched off
+        # by any hook on a submodule of the layer. Global hooks run before a module's own, so a
+        # layer's capture hook sees the layout the layer itself just set.
+        handles = [self.model.register_forward_pre_hook(self._reset),
+                   nn.modules.module.register_module_forward_hook(saw)]
 
         def stop() -> None:
             while handles:
@@ -202,7 +221,7 @@ class UnitLayout:
             seen = isinstance(out, torch.Tensor) and out.dim() > 0
             ndim = out.dim() if seen else own.ndim
             size = out[0].numel() if seen else None
-            self._live = _Layout(own.last, own.count, True, ndim, size)
+            self._live = replace(own, fixed=True, ndim=ndim, size=size)
 
     def axis(self, name: str, t: torch.Tensor) -> int:
         """The axis of ``t`` (module ``name``'s output) that holds the units: 1 or ``t.dim() - 1``.
@@ -238,13 +257,24 @@ class UnitLayout:
 
     def axes(self, name: str, t: torch.Tensor) -> tuple[int, int]:
         """``(batch axis, units axis)`` of ``t``: the batch is on dim 1 of a sequence-first output
-        ``(T, N, D)`` (``batch_first=False`` attention and RNNs), seen while watching a forward
-        whose input has ``N`` rows; else on dim 0."""
+        ``(T, N, D)``, where a ``batch_first=False`` attention, RNN or transformer layer put it,
+        and on dim 0 otherwise.
+
+        Layers after such a module keep its layout, unless the forward's batch size (read from the
+        model's input) shows the inputs back on dim 0 (a functional ``transpose(0, 1)``); the size
+        alone decides nothing, so a batch as long as the sequence does not flip a layer.
+        """
         units = self.axis(name, t)
-        batch = self._batch
-        if batch is not None and t.dim() >= 3 and units != 1 and t.shape[0] != batch and t.shape[1] == batch:
-            return 1, units
-        return 0, units
+        if t.dim() < 3 or units == 1:
+            return 0, units
+        own = self._own.get(name)
+        layout = self._live or own or self._layouts.get(name, _DEFAULT)
+        if not layout.seq_first:
+            return 0, units
+        n = self._batch
+        if not layout.says_batch and n is not None and t.shape[0] == n and t.shape[1] != n:
+            return 0, units
+        return 1, units
 
     def first(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` with the batch on dim 0 and the units on dim 1 (a view)."""
