@@ -8,9 +8,13 @@ site can move them to dim 1 first (a view, no copy) and treat the other axes as 
 
 Modules that fix the layout (``Linear``: last; ``Conv2d``: first; ``Permute``: wherever it sends
 the units) say it themselves. Any other module (an activation, dropout, a container) follows the
-module defined before it, whose unit count then picks the axis: ``GELU`` after ``Linear(·, 3072)``
-on ``(N, 197, 3072)`` takes the last axis, a container that permutes back to ``(N, C, H, W)``
-takes dim 1. A 2-D output ``(N, D)`` has its units on dim 1 either way.
+last layout-fixing module that ran before it in the forward (while :meth:`UnitLayout.watch` is
+on; the one defined before it otherwise), whose unit count then picks the axis: ``GELU`` after
+``Linear(·, 3072)`` on ``(N, 197, 3072)`` takes the last axis, a container that permutes back to
+``(N, C, H, W)`` takes dim 1. A 2-D output ``(N, D)`` has its units on dim 1 either way.
+
+Attention, RNN and transformer layers with ``batch_first=False`` also put their inputs on dim 1,
+``(T, N, D)``; :meth:`UnitLayout.axes` says so for them, and for no other layer.
 """
 
 from __future__ import annotations
