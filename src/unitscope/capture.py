@@ -178,8 +178,8 @@ class Capture:
     ``outputs[reduction_name][key]`` holds the reduced output of module ``key`` from the most
     recent forward of ``model``, with the units on dim 1: an output whose units are on its last
     axis (a ``Linear`` on tokens ``(N, T, D)``, a channels-last block) is seen as ``(N, D, T)``
-    (see :class:`unitscope.units.UnitLayout`). ``key`` is the module name; with ``calls="all"`` the second and
-    later calls of a module within one forward are keyed ``name#1``, ``name#2``.
+    (see :class:`unitscope.units.UnitLayout`). ``key`` is the module name; with ``calls="all"``
+    the second and later calls of a module within one forward are keyed ``name#1``, ``name#2``.
 
     Args:
         model: the network; a pre-hook on it marks the start of each forward.
