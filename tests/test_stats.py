@@ -584,6 +584,8 @@ def _dist_worker(rank: int, world: int, init_file: str, out_prefix: str) -> None
             if rank == 0:
                 feed(lonely, x, 0)
             accs[f"{kind}_lonely"] = lonely.sync()
+        for acc in accs.values():  # fed outside inference mode: later in-place updates must work
+            assert not any(t.is_inference() for t in acc.state_dict().values() if torch.is_tensor(t))
         save_states(f"{out_prefix}{rank}.safetensors", accs)
     finally:
         dist.destroy_process_group()
