@@ -125,7 +125,7 @@ def _own_units(module: nn.Module, before: _Layout) -> _Layout | None:
 
 
 class Watch:
-    """What :meth:`UnitLayout.watch` returns: ``remove()`` (or a call) stops the watching."""
+    """What :meth:`UnitLayout.watch` returns: a hook handle whose ``remove()`` stops the watching."""
 
     def __init__(self, stop: Callable[[], None]) -> None:
         self._stop = stop
@@ -133,8 +133,6 @@ class Watch:
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
         self._stop()
-
-    __call__ = remove
 
 
 class UnitLayout:
@@ -160,30 +158,31 @@ class UnitLayout:
         self.model = model
         self._layouts: dict[str, _Layout] = {}
         self._own: dict[str, _Layout] = {}  # the modules that define a layout (or a unit count)
+        # unit counts of the fixed layers inside each module (itself included), last-axis and
+        # dim-1 ones: a module that calls its layers' weights functionally (torchvision's Swin V2
+        # attention) runs none of them as modules
+        self._inner: dict[str, tuple[set[int], set[int]]] = {}
         self._live: _Layout | None = None
         self._walk(model, "", _DEFAULT)
-        # unit counts of the layers inside each module, by layout: a module that calls its layers'
-        # weights functionally (torchvision's Swin V2 attention) runs none of them as modules
-        by_module = {m: n for n, m in model.named_modules()}
-        self._inner: dict[str, tuple[set[int], set[int]]] = {}
-        for name, module in model.named_modules():
-            last, first = set(), set()
-            for sub in module.modules():
-                own = self._own.get(by_module.get(sub, ""))
-                if own is not None and own.fixed and own.count is not None:
-                    (last if own.last else first).add(own.count)
-            self._inner[name] = (last, first)
 
     def _walk(self, module: nn.Module, name: str, before: _Layout) -> _Layout:
         own = _own(module, before)
         after = before
+        inner_last: set[int] = set()
+        inner_first: set[int] = set()
         for child_name, child in module.named_children():
-            after = self._walk(child, f"{name}.{child_name}" if name else child_name, after)
+            child_key = f"{name}.{child_name}" if name else child_name
+            after = self._walk(child, child_key, after)
+            inner_last |= self._inner[child_key][0]
+            inner_first |= self._inner[child_key][1]
         if own is not None:
             after = self._own[name] = own
+            if own.fixed and own.count is not None:
+                (inner_last if own.last else inner_first).add(own.count)
         elif after.fixed or after is not before:
             after = replace(after, fixed=False, seq_first=False)  # follows what ran before it
         self._layouts[name] = after
+        self._inner[name] = (inner_last, inner_first)
         return after
 
     def watch(self, names: Sequence[str] | None = None) -> Watch:

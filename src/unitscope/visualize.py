@@ -261,14 +261,13 @@ class _ObjectiveHooks:
             self.by_layer.setdefault(t.layer, []).append((i, t))
         self.model, self.objective, self.n = model, objective, len(targets)
         self.units = UnitLayout(model)
-        self.unwatch: Callable[[], None] = lambda: None  # set on entering
         self.values: dict[int, torch.Tensor] = {}
         self.handles: list[Any] = []
 
     def __enter__(self) -> _ObjectiveHooks:
         modules = dict(self.model.named_modules())
         try:
-            self.unwatch = self.units.watch(list(self.by_layer))
+            self.handles.append(self.units.watch(list(self.by_layer)))
             for layer in self.by_layer:
                 self.handles.append(modules[layer].register_forward_hook(self._hook(layer)))
         except BaseException:
@@ -282,7 +281,6 @@ class _ObjectiveHooks:
     def remove(self) -> None:
         while self.handles:
             self.handles.pop().remove()
-        self.unwatch()
 
     def _hook(self, layer: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:

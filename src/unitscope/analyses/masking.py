@@ -69,15 +69,14 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor | Sequence[int]]) -> 
             shape[axis] = -1
             return out * factors.view(shape)
         return hook
-    unwatch = units.watch(list(masks))
     try:
+        handles.append(units.watch(list(masks)))
         for name, m in masks.items():
             handles.append(modules[name].register_forward_hook(hook_for(name, m)))
         yield
     finally:
         for h in handles:
             h.remove()
-        unwatch()
 
 
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -89,16 +89,15 @@ def truncated_forward(model: nn.Module, layer: str, x: torch.Tensor,
         box["out"] = select(t) if select is not None else t.detach().clone()
         raise StopForward
 
-    handle = module.register_forward_hook(hook)
-    unwatch = units.watch([layer])
+    handles = [module.register_forward_hook(hook), units.watch([layer])]
     try:
         with torch.inference_mode():
             model(x)
     except StopForward:
         pass
     finally:
-        handle.remove()
-        unwatch()
+        for h in handles:
+            h.remove()
     if "out" not in box:
         raise UnreachableLayerError(
             f"layer {layer!r} ({type(module).__name__}) never ran in the forward of "

@@ -353,11 +353,8 @@ def projected_accuracy(model: nn.Module, train_data: Dataset, test_data: Dataset
                 ks.append(k)
                 widths.append(int(s.cov.shape[0]))
                 handles.append(modules[key].register_forward_hook(_projector(s.mean, p, units, key)))
-            unwatch = units.watch(list(stats))
-            try:
-                m = evaluate(model, test_data, batch_size=batch_size, device=dev)
-            finally:
-                unwatch()
+            handles.append(units.watch(list(stats)))
+            m = evaluate(model, test_data, batch_size=batch_size, device=dev)
         finally:
             for h in handles:
                 h.remove()

@@ -149,8 +149,8 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
                     shapes[name] = (tuple(args[0].shape[1:]), tuple(output.shape[1:]), width)
             return hook
 
-        unwatch = units.watch()
         try:
+            handles.append(units.watch())
             for name, module in model.named_modules():
                 if name:
                     handles.append(module.register_forward_hook(make(name)))
@@ -162,7 +162,6 @@ def layer_info(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
         finally:
             for h in handles:
                 h.remove()
-            unwatch()
     rows = []
     for name, module in model.named_modules():
         if not name:
