@@ -225,9 +225,8 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     pass_s = time.perf_counter() - t0
 
     if synced:
-        with torch.inference_mode():  # the states are inference tensors, written in place
-            for a in analyses:
-                a.sync()
+        for a in analyses:
+            a.sync()
     t1 = time.perf_counter()
     counts = _total_nonfinite(nonfinite, synced)
     for layer, count in counts.items():

@@ -400,8 +400,7 @@ def sensitivity(model: nn.Module, data: Any,
             if bar is not None:
                 bar.close()
     if world > 1:
-        with torch.inference_mode():  # the states are inference tensors, written in place
-            a.sync()
+        a.sync()
         start, stop = 0, total
     manifest = _manifest(model, data, a, names, dev, (start, stop), total, time.perf_counter() - t0,
                          shard, config, world)
