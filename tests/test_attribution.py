@@ -144,6 +144,8 @@ def test_target_out_of_range_is_a_clear_error_and_leaves_no_hooks(digits_model):
             attribute(digits_model, x, [-1, 2], method=method)
     with pytest.raises(AttributionError, match="3 entries for 2 inputs"):
         attribute(digits_model, x, [1, 2, 3])
+    with pytest.raises(AttributionError, match="class indices"):
+        attribute(digits_model, x, 1.7)  # not cut to class 1
     with pytest.raises(AttributionError, match="unknown attribution method"):
         attribute(digits_model, x, 1, method="lime")
     with pytest.raises(AttributionError, match="unknown LRP rule set"):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unitscope.coverage.base import CRITERIA, criterion, pack_rows, topk_mask
+from unitscope.coverage.base import CRITERIA, criterion, nan_to, nonfinite_to, pack_rows, topk_mask
 from unitscope.coverage.cluster import CC
 from unitscope.coverage.neuron import KMNC, NBC, NC, SNAC, TKNC, TKNP
 from unitscope.coverage.surprise import DSC, LSC, MDSC
@@ -379,6 +379,32 @@ def test_topk_properties():
     assert layered.layer_values() == {"a": 2.0, "b": 1.0} and layered.value() == 3.0
 
 
+def _topk_reference(row: list[float], k: int) -> list[bool]:
+    """The k largest non-NaN values by (value desc, index asc); NaN ranks as -inf and is never kept."""
+    key = [(-(-math.inf if math.isnan(v) else v), i) for i, v in enumerate(row)]
+    chosen = {i for _, i in sorted(key)[:k]} if k < len(row) else set(range(len(row)))
+    return [i in chosen and not math.isnan(v) for i, v in enumerate(row)]
+
+
+def test_topk_mask_matches_a_sorted_reference_with_ties_nan_and_inf():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(200):
+        units = int(torch.randint(1, 9, (1,), generator=g))
+        pool = torch.tensor([0.0, -0.0, 1.0, 1.0, 2.0, math.inf, -math.inf, math.nan])
+        v = pool[torch.randint(0, len(pool), (6, units), generator=g)]
+        for k in (1, 2, 3, units, units + 1):
+            want = [_topk_reference(row, k) for row in v.tolist()]
+            assert topk_mask(v, k).tolist() == want, (trial, k, v)
+
+
+def test_nonfinite_helpers_replace_exactly_what_they_say():
+    t = torch.tensor([1.0, math.nan, math.inf, -math.inf, -2.0])
+    assert nonfinite_to(t, 7.0).tolist() == [1.0, 7.0, 7.0, 7.0, -2.0]
+    assert nonfinite_to(t, math.inf).tolist() == [1.0, math.inf, math.inf, math.inf, -2.0]
+    assert nan_to(t, -math.inf).tolist() == [1.0, -math.inf, math.inf, -math.inf, -2.0]
+    assert t[1].isnan()  # copies, the input is untouched
+
+
 def test_cc_properties():
     x = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [5.0, 5.0]])
     assert CC(threshold=0.0).update(x) == 3.0  # distinct vectors
@@ -583,3 +609,13 @@ def test_cc_infinite_threshold_keeps_one_representative_per_layer():
     for bad in (math.nan, -1.0, -math.inf):
         with pytest.raises(ValueError, match=r"threshold must be >= 0"):
             CC(threshold=bad)
+
+
+def test_lsc_too_few_inputs_names_the_rule_that_needs_them():
+    one = (torch.tensor([[0.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="Scott's bandwidth"):
+        LSC().fit(*one).surprise(*one)
+    with pytest.raises(ValueError, match="per-class variance filter"):  # an isotropic KDE needs no covariance
+        LSC(bandwidth=1.0).fit(*one).surprise(*one)
+    with pytest.raises(ValueError, match="more varied training inputs or lower min_var$"):
+        LSC(bandwidth=1.0, var_scope="global").fit(*one).surprise(*one)

@@ -358,3 +358,57 @@ def test_drop_zeros_gives_a_dead_unit_one_centroid():
     idc = IDC(m=2, drop_zeros=True).fit(dead, units=[0, 1])
     assert idc.centroids[("layer", 0)].tolist() == [0.0]
     assert len(idc.centroids[("layer", 1)]) >= 2
+
+
+def test_groups_beyond_int64_combinations_keep_every_covered_cell():
+    # 64 units with 2 clusters each: 2**64 combinations, more than one int64 key can number
+    torch.manual_seed(0)
+    acts = torch.randn(1000, 64)
+    idc = IDC(m=64, k=2).fit(acts, relevance=torch.ones(64))
+    assert idc.combinations(0) == 2 ** 64
+    idc.update(acts[:400])
+    idc.update(acts[400:])
+    cells = {tuple(row) for row in (acts >= torch.stack(
+        [idc.centroids[("layer", u)].mean() for u in range(64)])).tolist()}
+    assert idc.covered(0) == len(cells) == 1000  # every input reached a cell of its own
+    again = IDC(m=64, k=2).fit(acts, relevance=torch.ones(64))
+    again.update(acts[:700])
+    shard = IDC(m=64, k=2).fit(acts, relevance=torch.ones(64))
+    shard.update(acts[700:])
+    again.merge(shard)
+    assert again.covered(0) == 1000
+    back = IDC(m=64, k=2)
+    back.load_state_dict(idc.state_dict())
+    assert back.covered(0) == 1000 and back.value() == idc.value()
+
+
+def test_a_one_word_key_set_saved_flat_still_loads():
+    acts = torch.randn(50, 30)
+    idc = IDC(m=30, k=2).fit(acts, relevance=torch.ones(30))  # 2**30 > the bitmap limit: a key set
+    idc.update(acts[:20])
+    state = idc.state_dict()
+    assert state["covered.0"].shape == (idc.covered(0), 1)
+    state["covered.0"] = state["covered.0"].reshape(-1)  # the layout of states saved before
+    old = IDC(m=30, k=2)
+    old.load_state_dict(state)
+    old.update(acts[20:])
+    idc.update(acts[20:])
+    assert old.covered(0) == idc.covered(0)
+
+
+def test_abs_sum_refuses_a_signed_summed_relevance():
+    acts = torch.randn(2, 3)
+    summed = torch.tensor([[1.0, -5.0, 0.5], [1.0, 1.0, 0.5]]).sum(0)  # |Σr| = 4 is not Σ|r| = 6
+    with pytest.raises(ValueError, match="not a sum of absolute values"):
+        IDC(m=1, k=1, importance="abs_sum").fit(acts, relevance=summed)
+    kept = IDC(m=1, k=1, importance="abs_sum").fit(acts, relevance=torch.tensor([2.0, 10.0, 1.0]))
+    assert kept.groups[0]["units"] == [("layer", 1)]
+
+
+def test_update_refuses_negative_or_fractional_classes():
+    idc = IDC(m=1, k=2).fit(torch.randn(50, 3), relevance=torch.randn(50, 3),
+                            classes=torch.arange(50) % 2)
+    with pytest.raises(ValueError, match=">= 0"):
+        idc.clone().update(torch.randn(4, 3), torch.full((4,), -1))
+    with pytest.raises(ValueError, match="integer class indices"):
+        idc.clone().update(torch.randn(4, 3), torch.rand(4) * 2)

@@ -119,7 +119,7 @@ def check_target(target: Any, output: torch.Tensor) -> torch.Tensor:
     """The target class of every input as an int64 tensor (N,); None means the predicted class.
 
     Raises:
-        AttributionError: a target outside ``[0, classes)`` or of the wrong length.
+        AttributionError: a target that is not integer, outside ``[0, classes)`` or of the wrong length.
     """
     n, classes = output.shape[0], output.shape[-1]
     if output.dim() != 2:
@@ -127,7 +127,12 @@ def check_target(target: Any, output: torch.Tensor) -> torch.Tensor:
                                f"got {tuple(output.shape)}")
     if target is None:
         return output.detach().argmax(dim=1)
-    t = torch.as_tensor(target, device=output.device).long().reshape(-1)
+    t = torch.as_tensor(target, device=output.device)
+    if torch.is_floating_point(t) or torch.is_complex(t) or t.dtype == torch.bool:
+        raise AttributionError(f"target must be class indices (int), got {t.dtype} "
+                               f"{t.reshape(-1)[:4].tolist()}; pass int(target) or target.long() if the "
+                               "values are whole classes")
+    t = t.long().reshape(-1)
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:

@@ -308,33 +308,36 @@ class Criterion(Accumulator):
             raise TypeError(f"{name}.{verb}() takes a tensor (n, units) or a dict of them by layer "
                             f"name, got {type(acts).__name__}")
         out: dict[str, torch.Tensor] = {}
+        rows = -1
         for layer, t in acts.items():
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}.{verb}(): layer {layer!r} is a {type(t).__name__}, not a tensor")
             if t.dim() < 2:
                 raise ValueError(f"{name}.{verb}(): layer {layer!r} has shape {tuple(t.shape)}; expected "
                                  "(n, units) or (n, channels, *spatial); use t[None] for one input")
+            if rows not in (-1, t.shape[0]):
+                sizes = sorted({int(v.shape[0]) for v in acts.values() if isinstance(v, torch.Tensor)})
+                raise ValueError(f"{name}.{verb}(): the layers hold different numbers of inputs {sizes}")
+            rows = t.shape[0]
             if not torch.is_floating_point(t):
                 t = t.float()
-            out[str(layer)] = self._prepare(t.detach()) if t.shape[0] else t.new_zeros(0, t.shape[1])
-        n = {t.shape[0] for t in out.values()}
-        if len(n) > 1:
-            raise ValueError(f"{name}.{verb}(): the layers hold different numbers of inputs {sorted(n)}")
+            out[str(layer)] = self._prepare(t.detach()) if rows else t.new_zeros(0, t.shape[1])
         if not self._layers:
             self._layers = list(out)
             self._units = {k: int(t.shape[1]) for k, t in out.items()}
             self._st = {k: {} for k in out}
-            return out if n != {0} else {}
-        if set(out) != set(self._layers):
+            return out if rows else {}
+        if out.keys() != self._units.keys():
             raise ValueError(f"{name}.{verb}(): got layers {sorted(out)} but this criterion was built on "
                              f"{sorted(self._layers)}; pass the same layers as in fit()/the first update")
-        bad = {k: (int(t.shape[1]), self._units[k]) for k, t in out.items() if t.shape[1] != self._units[k]}
-        if bad:
-            detail = ", ".join(f"{k}: {a} units, expected {b}" for k, (a, b) in bad.items())
+        if any(t.shape[1] != self._units[k] for k, t in out.items()):
+            detail = ", ".join(f"{k}: {int(t.shape[1])} units, expected {self._units[k]}"
+                               for k, t in out.items() if t.shape[1] != self._units[k])
             raise ValueError(f"{name}.{verb}(): shape mismatch with fit ({detail}); capture the same layers "
                              "with the same reduction for fit and update")
-        ordered = {k: out[k] for k in self._layers}
-        return ordered if n != {0} else {}
+        if not rows:
+            return {}
+        return out if list(out) == self._layers else {k: out[k] for k in self._layers}
 
     def _fitted_classes(self) -> int:
         """How many classes the profile holds (criteria with class-wise profiles override it)."""
@@ -425,12 +428,12 @@ def criterion(spec: str | Criterion, **options: Any) -> Criterion:
 # ---------------------------------------------------------------------- small tensor helpers
 def nan_to(t: torch.Tensor, value: float) -> torch.Tensor:
     """``t`` with NaN replaced by ``value`` (a copy); ``±inf`` is kept (for rankings)."""
-    return t.masked_fill(torch.isnan(t), value)
+    return torch.nan_to_num(t, nan=value, posinf=math.inf, neginf=-math.inf)
 
 
 def nonfinite_to(t: torch.Tensor, value: float) -> torch.Tensor:
     """``t`` with NaN and ``±inf`` replaced by ``value`` (a copy), so they stay out of a min or max."""
-    return t.masked_fill(~torch.isfinite(t), value)
+    return torch.nan_to_num(t, nan=value, posinf=value, neginf=value)  # one pass, no isfinite mask
 
 
 def topk_mask(v: torch.Tensor, k: int) -> torch.Tensor:
@@ -450,12 +453,10 @@ def topk_mask(v: torch.Tensor, k: int) -> torch.Tensor:
     nan = torch.isnan(v)
     if k >= v.shape[1]:
         return ~nan
-    w = nan_to(v, -math.inf)
-    kth = w.topk(k, dim=1).values[:, -1:]
-    gt = w > kth
-    eq = w == kth
-    need = k - gt.sum(1, keepdim=True)
-    return (gt | (eq & (eq.cumsum(1) <= need))) & ~nan
+    # a stable descending sort keeps equal values in index order, so its first k columns are the
+    # k largest with ties to the smaller index; NaN sorts last as -inf and is masked out after
+    order = nan_to(v, -math.inf).sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(nan).scatter_(1, order, True) & ~nan
 
 
 #: bit j of a 64-unit word has weight 2**j; bit 63 wraps to the sign bit (two's complement)

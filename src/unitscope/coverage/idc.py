@@ -52,6 +52,8 @@ from ..stats.base import Accumulator, MergeError
 
 SINGLE = "layer"
 BITMAP_LIMIT = 2 ** 24
+#: the largest radix product one int64 word of a combination key holds
+WORD_LIMIT = 2 ** 62
 
 Acts = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -148,6 +150,20 @@ def cluster_1d(values: torch.Tensor, k: int | None = None, k_range: tuple[int, i
     if best is None:
         return torch.tensor([float(v.mean())], dtype=torch.float64), float("nan")
     return _sorted_unique(best.cluster_centers_[:, 0]), best_score
+
+
+def _as_keys(cov: torch.Tensor) -> torch.Tensor:
+    """A covered state as saved: a bitmap stays as it is; a set of keys becomes ``(keys, words)``
+    (states saved before keys had several words hold a flat vector of one-word keys)."""
+    return cov.reshape(-1, 1) if cov.dtype != torch.bool and cov.dim() == 1 else cov
+
+
+def _union_keys(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The distinct ``(keys, words)`` rows of two sets of combination keys."""
+    if a.shape[1:] != b.shape[1:]:
+        raise MergeError(f"IDC: combination keys of {a.shape[1]} and {b.shape[1]} words; fit once and "
+                         "clone() the IDC to every shard")
+    return torch.unique(torch.cat([a, b]), dim=0)
 
 
 def _sorted_unique(c: np.ndarray) -> torch.Tensor:
@@ -376,8 +392,6 @@ class IDC(Accumulator):
             if r.shape[-1] != self._units[layer]:
                 raise ValueError(f"IDC.fit(): relevance of {layer!r} has {r.shape[-1]} units, the "
                                  f"activations {self._units[layer]}")
-            if self.importance == "abs_sum":
-                r = r.abs()
             if r.dim() == 1:
                 if classes is not None:
                     raise ValueError("IDC.fit(classes=...) needs per-input relevance (n, units)")
@@ -387,9 +401,17 @@ class IDC(Accumulator):
                     if rc is None or rc.shape != r.shape:
                         raise ValueError(f"IDC.fit(): class_relevance[{c}] needs layer {layer!r} with "
                                          f"{r.shape[0]} units")
-                    rows.append(rc.double().abs() if self.importance == "abs_sum" else rc.double())
+                    rows.append(rc.double())
                 out[layer] = torch.stack(rows)
+                if self.importance == "abs_sum" and bool((out[layer] < 0).any()):
+                    # |Σ r| is not Σ |r|: a summed relevance with a negative entry cannot be the latter
+                    raise ValueError(f"IDC(importance='abs_sum'): the summed relevance of {layer!r} has "
+                                     "negative entries, so it is not a sum of absolute values; pass "
+                                     "per-input relevance (n, units), or sums of |relevance| (as "
+                                     "unit_relevance(absolute=True) gives)")
                 continue
+            if self.importance == "abs_sum":
+                r = r.abs()
             if per_class is not None:
                 raise ValueError("IDC.fit(class_relevance=...) goes with summed relevance (units,)")
             if r.shape[0] != n:
@@ -456,24 +478,31 @@ class IDC(Accumulator):
         for g in range(len(self.groups)):
             total = self.combinations(g)
             self._covered.append(torch.zeros(total, dtype=torch.bool) if total <= BITMAP_LIMIT
-                                 else torch.zeros(0, dtype=torch.int64))
+                                 else torch.zeros(0, self._words(g), dtype=torch.int64))
             self._seen.append(0)
 
-    def _ids(self, g: int, layers: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mixed-radix combination id of every input for group ``g`` (-1 where a value is NaN or inf)."""
+    def _ids(self, g: int, layers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Combination keys of every input for group ``g``, ``(n, words)`` int64, and which are valid.
+
+        A key is the mixed-radix number of the inputs' clusters, split over as many int64 words
+        as the group's |INCC| needs (each word below 2^62), so no key wraps around however many
+        units and clusters a group has. An input with a NaN or inf value in the group is invalid.
+        """
         group = self.groups[g]
         n = next(iter(layers.values())).shape[0]
-        ids = torch.zeros(n, dtype=torch.int64)
-        radix = 1
-        bad = torch.zeros(n, dtype=torch.bool)
+        words, word, radix = [], torch.zeros(n, dtype=torch.int64), 1
+        ok = torch.ones(n, dtype=torch.bool)
         for layer, unit in group["units"]:
             v = layers[layer][:, unit].cpu()
             c = self.centroids[(layer, unit)]
-            ids += assign(v, c) * radix
-            bad |= ~torch.isfinite(v)
+            if radix * len(c) > WORD_LIMIT:
+                words.append(word)
+                word, radix = torch.zeros(n, dtype=torch.int64), 1
+            word += assign(v, c) * radix
+            ok &= torch.isfinite(v)
             radix *= len(c)
-        ids[bad] = -1
-        return ids
+        words.append(word)
+        return torch.stack(words, 1), ok
 
     def update(self, acts: Acts, classes: torch.Tensor | None = None) -> float:
         """Fold test activations in; return the gain in :meth:`value` (never negative).
@@ -494,22 +523,30 @@ class IDC(Accumulator):
         if has_classes and classes is None:
             raise ValueError("this IDC has per-class groups (fitted with classes=): pass the test inputs' "
                              "classes to update(acts, classes)")
-        cls = None if classes is None else torch.as_tensor(classes).long().reshape(-1).cpu()
-        if cls is not None and len(cls) != n:
-            raise ValueError(f"IDC.update(): classes has {len(cls)} entries for {n} inputs")
+        cls = None
+        if classes is not None:
+            cls = torch.as_tensor(classes).reshape(-1).cpu()
+            if len(cls) != n:
+                raise ValueError(f"IDC.update(): classes has {len(cls)} entries for {n} inputs")
+            if torch.is_floating_point(cls) or torch.is_complex(cls) or cls.dtype == torch.bool:
+                raise ValueError(f"IDC.update(): classes must be integer class indices, got {cls.dtype}")
+            if len(cls) and int(cls.min()) < 0:
+                raise ValueError(f"IDC.update(): classes must be >= 0, got {int(cls.min())}")
+            cls = cls.long()
         before = self.value()
         self._start()
         for g, group in enumerate(self.groups):
-            ids = self._ids(g, layers)
+            ids, ok = self._ids(g, layers)
             if group["class"] >= 0:
-                ids = ids[cls == group["class"]]
-            self._seen[g] += int(ids.numel())
-            ids = ids[ids >= 0]
+                mine = cls == group["class"]
+                ids, ok = ids[mine], ok[mine]
+            self._seen[g] += int(ids.shape[0])
+            ids = ids[ok]
             cov = self._covered[g]
-            if cov.dtype == torch.bool:
-                cov[ids] = True
+            if cov.dtype == torch.bool:  # |INCC| <= BITMAP_LIMIT: one word
+                cov[ids[:, 0]] = True
             else:
-                self._covered[g] = torch.unique(torch.cat([cov, ids]))
+                self._covered[g] = _union_keys(cov, ids)
         return self.value() - before
 
     def propose(self, acts: Acts, classes: torch.Tensor | None = None) -> IDC:
@@ -536,7 +573,17 @@ class IDC(Accumulator):
         if not self._covered:
             return 0
         cov = self._covered[g]
-        return int(cov.sum()) if cov.dtype == torch.bool else int(cov.numel())
+        return int(cov.sum()) if cov.dtype == torch.bool else int(cov.shape[0])
+
+    def _words(self, g: int) -> int:
+        """int64 words per combination key of group ``g`` (see :meth:`_ids`)."""
+        words, radix = 1, 1
+        for unit in self.groups[g]["units"]:
+            count = len(self.centroids[unit])
+            if radix * count > WORD_LIMIT:
+                words, radix = words + 1, 1
+            radix *= count
+        return words
 
     def group_value(self, g: int) -> float:
         """IDC of group ``g``: covered / |INCC|."""
@@ -615,7 +662,7 @@ class IDC(Accumulator):
             self.silhouette[(la, int(u))] = float(sil)
             pos += count
         if meta["started"]:
-            self._covered = [state[f"covered.{g}"].clone() for g in range(len(self.groups))]
+            self._covered = [_as_keys(state[f"covered.{g}"].clone()) for g in range(len(self.groups))]
             self._seen = list(meta["seen"])
 
     def clone(self) -> IDC:
@@ -645,7 +692,7 @@ class IDC(Accumulator):
             if cov.dtype == torch.bool:
                 self._covered[g] = self._covered[g] | cov
             else:
-                self._covered[g] = torch.unique(torch.cat([self._covered[g], cov]))
+                self._covered[g] = _union_keys(self._covered[g], cov)
             self._seen[g] += other._seen[g]
         return self
 

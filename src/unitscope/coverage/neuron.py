@@ -375,12 +375,21 @@ class NBC(_RangeCriterion):
         return {"margin": self.margin}
 
     def _bounds(self, layer: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        st = self._st[layer]
-        lo, hi = st["lo"].to(device), st["hi"].to(device)
-        if self.margin:
-            width = self.margin * self.std()[layer].to(device)
-            lo, hi = lo - width, hi + width
-        return lo, hi
+        """The corners' ``(lo, hi)``, cached per layer (the profile is frozen while testing).
+
+        A unit with no finite training value has ``hi = -inf`` (``lo = +inf``), which no value
+        may exceed: its bounds are set to ``+inf`` (``-inf``) here, so no value covers them.
+        """
+        key = ("bounds", layer, str(device))
+        if key not in self._cache:
+            st = self._st[layer]
+            lo, hi = st["lo"].to(device), st["hi"].to(device)
+            if self.margin:
+                width = self.margin * self.std()[layer].to(device)
+                lo, hi = lo - width, hi + width
+            self._cache[key] = (torch.where(torch.isfinite(lo), lo, -math.inf),
+                                torch.where(torch.isfinite(hi), hi, math.inf))
+        return self._cache[key]
 
     def _start(self) -> None:
         for layer in self._layers:
@@ -393,9 +402,9 @@ class NBC(_RangeCriterion):
             st = self._st[layer]
             v = t.double()
             lo, hi = self._bounds(layer, t.device)
-            st["upper"] = st["upper"].to(t.device) | ((v > hi) & torch.isfinite(hi)).any(0)
+            st["upper"] = st["upper"].to(t.device) | (v > hi).any(0)
             if "lower" in self._corners:
-                st["lower"] = st["lower"].to(t.device) | ((v < lo) & torch.isfinite(lo)).any(0)
+                st["lower"] = st["lower"].to(t.device) | (v < lo).any(0)
 
     def _merge_covered(self, other: Criterion) -> None:
         for layer in self._layers:

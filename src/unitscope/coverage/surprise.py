@@ -123,9 +123,10 @@ class _Surprise(Criterion):
             else:
                 keep = overall >= self.min_var
             if not bool(keep.any()):
+                hint = ("fit on more varied training inputs or lower min_var" if self.var_scope != "class"
+                        else "fit on more training inputs per class, lower min_var or use var_scope='global'")
                 raise ValueError(f"{type(self).__name__}: every unit has a training variance below "
-                                 f"min_var={self.min_var} (var_scope={self.var_scope!r}); fit on more "
-                                 "training inputs per class, lower min_var or use var_scope='global'")
+                                 f"min_var={self.min_var} (var_scope={self.var_scope!r}); {hint}")
             self._cache["mask"] = keep
         return self._cache["mask"]
 
@@ -422,7 +423,11 @@ class LSC(_StoredTraces):
         """Constructor arguments."""
         return {**super().config(), "bandwidth": self.bandwidth, "ridge": self.ridge}
 
-    _estimator = "a KDE with Scott's bandwidth (or pass bandwidth=<float>)"
+    @property
+    def _estimator(self) -> str:  # type: ignore[override]
+        if self.bandwidth == "scott":  # Scott's factor needs a class covariance, whatever the filter
+            return "a KDE with Scott's bandwidth (or pass bandwidth=<float> and var_scope='global')"
+        return _Surprise._estimator
 
     def _check_memory(self) -> None:
         classes = torch.unique(self._sh["train_classes"]).numel()
