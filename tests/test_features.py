@@ -107,6 +107,19 @@ def test_stale_store_is_an_error_unless_overwrite(digits_test, tmp_path):
     np.testing.assert_allclose(s.features("conv1")[:], _pool(b, digits_test), rtol=1e-5, atol=1e-6)
 
 
+def test_a_store_whose_first_batch_failed_does_not_block_the_corrected_call(tmp_path):
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(64, 3))
+    labels = torch.zeros(10, dtype=torch.long)
+    with pytest.raises(RuntimeError):  # one channel for a three-channel conv: the first forward fails
+        extract_features(model, TensorDataset(torch.randn(10, 1, 6, 6), labels), ["0"], 2, out=tmp_path)
+    good = TensorDataset(torch.randn(10, 3, 6, 6), labels)
+    store = extract_features(model, good, ["0"], 2, out=tmp_path)
+    assert store.complete and store.features("0").shape == (10, 16)
+
+
 def _pool(model, data):
     full = _full(model, data, "conv1")
     return torch.nn.functional.adaptive_avg_pool2d(full, 2).reshape(len(full), -1).numpy()

@@ -99,3 +99,18 @@ def test_attention_is_counted_and_its_own_parameters_have_a_row():
     assert table["parameters"].sum() == sum(p.numel() for p in layer.parameters())
     assert table["flops"].sum() == 22080
     assert layer.training  # the model's mode is left as it was
+
+
+def test_tied_weights_count_once_so_the_rows_add_up_to_the_model():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x))
+
+    table = flops(Tied(), (4,))
+    assert table["parameters"].tolist() == [20, 4]  # a: weight + bias; b: its own bias only
+    assert table["parameters"].sum() == flops_total(Tied(), (4,))["parameters"] == 24

@@ -153,10 +153,24 @@ def test_non_convergence_is_flagged(digits_feats, caplog):
     tr, te = digits_feats
     with caplog.at_level(logging.WARNING, logger="unitscope.analyses.probes"):
         t = fit_probes(tr, te, ["relu2"], max_iter=3, cache=None, model_acc=0.9)
-    assert not t.converged.any()
+    assert not t.converged.any() and (t.stop == "max_iter").all()
     assert "did not converge" in caplog.text
     r = fit_logreg(tr.features("relu2", as_tensor=True), tr.labels(), max_iter=3)
-    assert not r.converged and r.n_iter <= 3
+    assert not r.converged and r.n_iter <= 3 and r.stop == "max_iter"
+
+
+def test_stop_says_whether_the_gradient_test_or_a_stalled_objective_ended_the_fit():
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    exact = fit_logreg(x, y, dtype=torch.float64, tol=1e-6)  # a tiny problem reaches the tolerance
+    assert exact.converged and exact.stop == "gradient"
+    # features scaled by 1e4 make the float32 objective flat at its resolution long before the
+    # gradient in the fitting coordinates falls to 1e-12: a stop on 'no change', still converged
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(300, 40, generator=g)
+    labels = (wide[:, :3] @ torch.randn(3, 4, generator=g)).argmax(1)
+    flat = fit_logreg(wide * 1e4, labels, tol=1e-12)
+    assert flat.converged and flat.stop == "no change"
 
 
 def test_fit_logreg_bad_input():

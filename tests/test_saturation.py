@@ -29,6 +29,33 @@ CASES = [  # spectrum, delta, textbook k, delve k (spec 1.4 and 1.8)
 ]
 
 
+def test_delta_one_is_the_numerical_rank_under_both_rules():
+    for rule in ("textbook", "delve"):
+        assert intrinsic_dimension(torch.ones(100, dtype=torch.float64), 1.0, rule=rule) == 100
+        spectrum = torch.tensor([0.6, 0.39, 0.01, 0.0], dtype=torch.float64)
+        assert intrinsic_dimension(spectrum, 1.0, rule=rule) == 3
+
+
+def test_projection_at_delta_one_keeps_the_model_under_both_rules():
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    import unitscope
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    with torch.no_grad():  # the smallest direction (variance 0.01) alone decides the class
+        model[0].weight.copy_(torch.diag(torch.tensor([0.6, 0.39, 0.01]).sqrt()))
+        model[0].bias.zero_()
+        model[1].weight.copy_(torch.tensor([[0.0, 0.0, -100.0], [0.0, 0.0, 100.0]]))
+        model[1].bias.zero_()
+    x = torch.randn(2000, 3, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(x, (x[:, 2] > 0).long())
+    for rule in ("textbook", "delve"):
+        table = unitscope.projected_accuracy(model, data, data, ["0"], deltas=[1.0], rule=rule, device="cpu")
+        row = table[~table["baseline"]].iloc[0]
+        assert row["sum_k"] == 3 and row["test_acc"] == table[table["baseline"]]["test_acc"].item() == 1.0
+
+
 @pytest.mark.parametrize(("spectrum", "delta", "textbook", "delve"), CASES)
 def test_exact_spectra(spectrum, delta, textbook, delve):
     vals = torch.tensor(spectrum, dtype=torch.float64)

@@ -248,6 +248,10 @@ def _prepare(root: Path, meta: dict[str, Any], overwrite: bool) -> int:
             return meta["n"] if old.get("complete") else int(old["written"])
         diff = [k for k in ("model", "data", "layers", "downsample", "n", "calls")
                 if old.get(k, "error" if k == "calls" else None) != meta.get(k)]
+        if not old.get("written"):  # a store whose first batch never landed holds nothing to keep
+            log.info("replacing the empty feature store %s (its first batch was never written)", root)
+            shutil.rmtree(root)
+            return 0
         if not overwrite:
             raise StaleFeaturesError(
                 f"the feature store {root} was extracted with a different {', '.join(diff) or 'format'} "

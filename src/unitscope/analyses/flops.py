@@ -111,8 +111,11 @@ def flops(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1) -
     """
     per_module, _ = _count(model, input_shape, batch_size)
     rows = []
+    counted: set[int] = set()  # a parameter shared by two modules (tied weights) counts in the first
     for name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
+        mine = [p for p in module.parameters(recurse=False) if id(p) not in counted]
+        counted.update(id(p) for p in mine)
+        own = sum(p.numel() for p in mine)
         children = list(module.named_children())
         if children and not own:  # a container: its leaves have the rows
             continue

@@ -44,7 +44,7 @@ __all__ = ["COLUMNS", "check_options", "fit_probes", "probes"]
 
 #: the columns of the table :func:`probes` returns
 COLUMNS = ["layer", "position", "train_acc", "test_acc", "relative_test_acc", "objective", "converged",
-           "grad_max", "n_iter", "features", "cached"]
+           "stop", "grad_max", "n_iter", "features", "cached"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -96,7 +96,8 @@ def probes(model: nn.Module, train_data: Dataset, test_data: Dataset, layers: La
         C: inverse L2 strength, as sklearn's ``C``.
         dtype: the fitting precision, ``torch.float32`` or ``torch.float64``.
         max_iter: L-BFGS iterations at most per probe.
-        tol: gradient tolerance (largest absolute entry).
+        tol: gradient tolerance: the largest absolute entry of the gradient in the fitting
+            (centred, scaled) coordinates; the table's ``stop`` says whether a fit ended on it.
         batch_size: items per forward during extraction.
         device: where extraction and fits run.
         overwrite: recompute stale feature stores (see :func:`unitscope.features.extract_features`).
@@ -230,8 +231,9 @@ def _row(probe: dict[str, Any], y_train: torch.Tensor, y_test: torch.Tensor, mod
     train_acc = accuracy(probe["train"].to(dev), y_train, w, b)
     return {"layer": layer, "position": pos, "train_acc": train_acc, "test_acc": test_acc,
             "relative_test_acc": test_acc / model_acc if model_acc else float("nan"),
-            "objective": res.objective, "converged": res.converged, "grad_max": res.grad_max,
-            "n_iter": res.n_iter, "features": int(probe["train"].shape[1]), "cached": probe["cached"]}
+            "objective": res.objective, "converged": res.converged, "stop": res.stop,
+            "grad_max": res.grad_max, "n_iter": res.n_iter, "features": int(probe["train"].shape[1]),
+            "cached": probe["cached"]}
 
 
 #: the most feature values (all probes' matrices together) held at once and fitted in one L-BFGS run
@@ -302,8 +304,8 @@ def _load(cache: str | Path, key: str) -> tuple[LogRegResult | None, bool]:
         meta = json.loads(info.read_text())
         return LogRegResult(weight=tensors["weight"], bias=tensors["bias"],
                             objective=float(meta["objective"]), converged=bool(meta["converged"]),
-                            n_iter=int(meta["n_iter"]),
-                            grad_max=float(meta["grad_max"])), True
+                            n_iter=int(meta["n_iter"]), grad_max=float(meta["grad_max"]),
+                            stop=str(meta.get("stop", ""))), True
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         log.warning("ignoring the unreadable cached probe %s (%s); refitting", path, exc)
         return None, False
@@ -318,6 +320,6 @@ def _save(cache: str | Path, key: str, res: LogRegResult, about: dict[str, Any])
     save_file({"weight": res.weight.contiguous().cpu(), "bias": res.bias.contiguous().cpu()}, str(tmp))
     os.replace(tmp, root / f"{key}.safetensors")
     meta = {**about, "objective": res.objective, "converged": res.converged, "n_iter": res.n_iter,
-            "grad_max": res.grad_max}
+            "grad_max": res.grad_max, "stop": res.stop}
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, root / f"{key}.json")

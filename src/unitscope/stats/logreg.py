@@ -47,7 +47,12 @@ class LogRegResult:
         objective: the objective value at the solution (see :func:`objective`).
         converged: ``True`` when L-BFGS stopped on a tolerance before ``max_iter``.
         n_iter: L-BFGS iterations taken.
-        grad_max: the largest absolute gradient entry at the solution.
+        grad_max: the largest absolute gradient entry at the solution (raw feature coordinates).
+        stop: why the fit ended: ``"gradient"`` (the largest gradient entry in the fitting
+            coordinates is below ``tol``), ``"no change"`` (the objective or the step stopped
+            changing first: in float32 often at the resolution of float32, with ``grad_max``
+            above ``tol``) or ``"max_iter"`` (``converged`` is False); ``""`` when unknown (a
+            probe cached by an older version).
     """
 
     weight: torch.Tensor
@@ -56,6 +61,7 @@ class LogRegResult:
     converged: bool
     n_iter: int
     grad_max: float
+    stop: str = ""
 
 
 def _as_xy(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
@@ -315,6 +321,8 @@ def _fit_batch(x: torch.Tensor, onehot: torch.Tensor, lam: float, dtype: torch.d
     evals = int(opt.state[theta].get("func_evals", 0))
     converged = n_iter < max_iter and evals < max_eval
     with torch.no_grad():
+        _, gw, gb = _loss_grad(x_fit, onehot, theta[:, :, :d], theta[:, :, d], lam, penalty=q)
+        stationary = torch.maximum(gw.abs().amax((1, 2)), gb.abs().amax(1)) <= tol  # the fitting coordinates
         w = theta[:, :, :d].detach().clone()
         b = theta[:, :, d].detach().clone()
         if precondition:
@@ -322,6 +330,7 @@ def _fit_batch(x: torch.Tensor, onehot: torch.Tensor, lam: float, dtype: torch.d
             b -= torch.bmm(w, mu.transpose(1, 2)).squeeze(2)
         loss, gw, gb = _loss_grad(x, onehot, w, b, lam)
         gmax = torch.maximum(gw.abs().amax((1, 2)), gb.abs().amax(1))
+    stops = ["max_iter" if not converged else "gradient" if bool(ok) else "no change" for ok in stationary]
     return [LogRegResult(weight=w[j].clone(), bias=b[j].clone(), objective=float(loss[j]),
-                         converged=converged, n_iter=n_iter, grad_max=float(gmax[j]))
+                         converged=converged, n_iter=n_iter, grad_max=float(gmax[j]), stop=stops[j])
             for j in range(x.shape[0])]

@@ -39,6 +39,8 @@ def intrinsic_dimension(eigvals: torch.Tensor, delta: float = 0.99, rule: str = 
         eigvals: eigenvalues in descending order (see :func:`eigenvalues`).
         delta: threshold in (0, 1].
         rule: ``"textbook"`` (smallest k with c_k ≥ δ, compared against δ − 1e-12) or ``"delve"``.
+            With δ = 1 both give the numerical rank (eigenvalues above 1e-12 of the largest): delve's
+            own rule would drop one of d equal directions even there.
 
     Returns:
         k; 0 for a dead layer (all eigenvalues zero).
@@ -56,9 +58,11 @@ def intrinsic_dimension(eigvals: torch.Tensor, delta: float = 0.99, rule: str = 
     total = eigvals.sum()
     if total <= 0:
         return 0
+    if delta >= 1:  # spec 1.4, for either rule: the numerical rank, every direction with variance
+        return int((eigvals > _TOL * eigvals[0]).sum())
     cum = eigvals.cumsum(0) / total
     if rule == "textbook":
-        return int((cum < delta - _TOL).sum()) + 1 if delta < 1 else int((eigvals > _TOL * eigvals[0]).sum())
+        return int((cum < delta - _TOL).sum()) + 1
     m = int((cum < delta).sum())
     if m == 0:
         return 1
