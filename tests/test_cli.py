@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,12 +153,27 @@ def test_demo_quick_writes_runs_and_reports(quick_demo):
         page = (tmp_path / name / "report.html").read_text()
         assert page.count("data:image/png;base64,") >= 6 and "<section id='saturation'>" in page
         assert "http://" not in page and "https://" not in page
+        assert "time: samples" not in page and "pass: samples" in page  # a count, not seconds
+    # the run's config and manifest say what made every table: the pass, then the demo's steps
+    manifest = json.loads((tmp_path / "digits-cnn" / "manifest.json").read_text())
+    config = manifest["config"]
+    assert config["experiment"] == "demo" and config["pass"]["experiment"] == "analyze"
+    assert {"moments", "saturation"} | set(manifest["added_tables"]) == set(tables)
+    assert {"probes", "receptive_field", "saturation_epochs"} <= set(manifest["added_tables"])
+    assert 'reproduce = "unitscope demo --quick"' in (tmp_path / "digits-cnn" / "config.toml").read_text()
     history = json.loads((tmp_path / "training" / "digits-cnn" / "history.json").read_text())
     assert history[-1]["epoch"] == 3
     # a second demo reuses the finished trainings (checkpoints) instead of training again
     stamp = (tmp_path / "training" / "shapes-cnn" / "epoch-002.pt").stat().st_mtime_ns
     assert main(["-q", "demo", "--quick", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "training" / "shapes-cnn" / "epoch-002.pt").stat().st_mtime_ns == stamp
+
+
+def test_demo_refuses_a_folder_of_other_files_before_any_work(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("keep")
+    assert main(["-q", "demo", "--quick", "--out", str(tmp_path)]) == 1
+    assert "not the demo's (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow
@@ -204,3 +220,25 @@ def test_mosaics_command_draws_chosen_units(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["relu3_1.png", "relu3_5.png"]
     assert main(["mosaics", str(target), "relu3:99"]) == 1
     assert "relu3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "runs"), [("moments.toml", 1), ("grid.toml", 4)])
+def test_the_shipped_configs_run(name, runs, tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / name
+    assert main(["-q", "run", str(config), "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*/*/manifest.json"))) == runs
+
+
+def test_the_shipped_training_config_trains(tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "train.toml"
+    quick = ["--set", "epochs=1", "--set", "lr=5e-3"]
+    assert main(["-q", "train", str(config), *quick, "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*/*/weights.pt"))) == 1
+
+
+def test_error_lines_show_a_key_errors_text_not_its_repr(capsys):
+    from unitscope.cli import error_line
+
+    text = "the topk table has no layer 'conv1'"
+    assert error_line(KeyError(text)) == text
+    assert error_line(ValueError("plain")) == "plain"

@@ -19,11 +19,11 @@ log = logging.getLogger("unitscope")
 
 EXAMPLES = {
     "layers": "examples:\n  unitscope layers digits-cnn\n  unitscope layers digits-cnn --all",
-    "run": ("examples:\n  unitscope run configs/moments.toml\n"
-            "  unitscope run grid.toml --run-id try2 --set seed=[0,1,2]\n"
-            "  torchrun --nproc_per_node 2 -m unitscope run grid.toml"),
-    "train": ("examples:\n  unitscope train train.toml\n"
-              "  unitscope train grid.toml --set 'lr=[1e-3,3e-3]' --run-id lr-sweep"),
+    "run": ("examples:\n  unitscope run configs/moments.toml          # configs/ of the repository\n"
+            "  unitscope run configs/grid.toml --run-id try2 --set seed=[0,1,2]\n"
+            "  torchrun --nproc_per_node 2 -m unitscope run configs/grid.toml"),
+    "train": ("examples:\n  unitscope train configs/train.toml\n"
+              "  unitscope train configs/train.toml --set 'lr=[1e-3,3e-3]' --set epochs=3 --run-id lr-sweep"),
     "merge": ("examples:\n  unitscope merge runs/a/shard0 runs/a/shard1 --out runs/a/merged"),
     "report": ("examples:\n  unitscope report runs/demo/digits-cnn     # one run\n"
                "  unitscope report runs/grid                 # every run of a grid, and an index"),
@@ -113,13 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         _maybe_init_distributed()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        print("interrupted: rerun the same command to resume from the work saved so far", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
+
+
+def error_line(exc: BaseException) -> str:
+    """The message of ``exc`` for the one error line: a ``KeyError``'s own text, not its repr."""
+    if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__ and len(exc.args) == 1:
+        return str(exc.args[0])
+    return str(exc)
 
 
 def _maybe_init_distributed() -> None:

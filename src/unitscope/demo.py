@@ -74,6 +74,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
     from .train import train
 
     t0 = time.perf_counter()
+    check_demo_out(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     for name, (dataset, full, short, quick_data) in RECIPES.items():
@@ -105,6 +106,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
                       config={"experiment": "analyze", "model": name, "weights": str(weights),
                               "dataset": dataset, "split": "test", "layers": layers,
                               "analyses": ["moments", "saturation"], "dataset_options": data_options})
+        from_pass = set(run.tables)
         if (ckpt_dir / "saturation_epochs.parquet").is_file():
             run.tables["saturation_epochs"] = pd.read_parquet(ckpt_dir / "saturation_epochs.parquet")
         run.tables["saturation_projection"] = projected_accuracy(
@@ -122,6 +124,7 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
                 part(ctx)
                 log.info("%s: %s part of the demo in %.1f s", name, family.__name__.rsplit(".", 1)[-1],
                          time.perf_counter() - t2)
+        describe_demo_run(run, name, quick, sorted(set(run.tables) - from_pass))
         run.save(run_dir)
         reports.append(write_report(run_dir))
         log.info("report: %s", reports[-1])
@@ -129,3 +132,42 @@ def run_demo(out: Path, quick: bool = False, progress: bool = True) -> list[Path
     log.info("index of the demo's runs: %s", reports[-1])
     log.info("demo finished in %.1f s", time.perf_counter() - t0)
     return reports
+
+
+#: what ``unitscope demo`` writes into its output directory (besides hidden save directories)
+DEMO_ENTRIES = frozenset({*RECIPES, *(f"{name}.pt" for name in RECIPES), "training", "probes", "report.html"})
+
+
+def check_demo_out(out: Path) -> None:
+    """Refuse an output directory that holds anything but an earlier demo's files, before any work.
+
+    An earlier (or interrupted) demo's directory is fine: the demo resumes there and replaces its
+    runs. Anything else is somebody's files, which the demo would mix its own with.
+    """
+    from .results import RunError
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunError(f"{out} exists and is a file; choose another --out for the demo")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in DEMO_ENTRIES and not p.name.startswith("."))  # hidden: saves
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise RunError(f"{out} holds files that are not the demo's ({shown}); choose another --out or an "
+                       "empty directory")
+
+
+def describe_demo_run(run: Any, name: str, quick: bool, added: list[str]) -> None:
+    """Make a demo run's config and manifest say what made it.
+
+    The pass (moments and saturation) is an ``analyze`` experiment that ``unitscope run`` could
+    repeat; the other tables come from the demo's own steps. So the config becomes the demo's
+    (``experiment = "demo"``, reproduced by ``unitscope demo``), keeps the pass's config under
+    ``pass``, and lists the added tables; the manifest lists them under ``added_tables``.
+    """
+    config = run.manifest.get("config") or {}
+    run.manifest["config"] = {"experiment": "demo", "model": name, "quick": quick,
+                              "reproduce": "unitscope demo" + (" --quick" if quick else ""),
+                              "added_tables": added, "pass": config}
+    run.manifest["added_tables"] = added

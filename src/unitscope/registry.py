@@ -19,8 +19,9 @@ class UnknownNameError(KeyError):
 class Registry(Generic[T]):
     """Maps names to builders: ``@registry.register("name")`` adds one, ``registry["name"]`` finds it."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plural: str | None = None) -> None:
         self.kind = kind
+        self.plural = plural or f"{kind}s"
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -39,7 +40,7 @@ class Registry(Generic[T]):
             close = difflib.get_close_matches(name, list(self._items), n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}.{hint} Known {self.kind}s: {', '.join(sorted(self._items))}"
+                f"unknown {self.kind} {name!r}.{hint} Known {self.plural}: {', '.join(sorted(self._items))}"
             ) from None
 
     def __contains__(self, name: Any) -> bool:

@@ -200,9 +200,11 @@ def _run_page(run: Run) -> str:
             "device / world size": f"{m['device']} / {m['world_size']}",
             "seed": m["seed"],
         })
-    for key, value in m.get("timings", {}).items():
-        timed = f"{value:.2f} s" if isinstance(value, (int, float)) else value
-        facts[f"time: {key.removesuffix('_s')}"] = timed
+    for key, value in m.get("timings", {}).items():  # seconds end in _s; the rest are counts
+        if key.endswith("_s") and isinstance(value, (int, float)):
+            facts[f"time: {key.removesuffix('_s')}"] = f"{value:.2f} s"
+        else:
+            facts[f"pass: {key.replace('_', ' ')}"] = value
     facts.update({"versions": ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
                   "created": m.get("created", "")})
     sections = [a.name for a in run.analyses]

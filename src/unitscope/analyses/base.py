@@ -19,7 +19,7 @@ from ..capture import LayerSpec, Reduction
 from ..registry import Registry
 from ..stats.base import Accumulator
 
-ANALYSES: Registry = Registry("analysis")
+ANALYSES: Registry = Registry("analysis", "analyses")
 
 
 @dataclass
