@@ -3,6 +3,7 @@ exactness of the local (pruned, cropped) sweep, and bad input."""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import pytest
@@ -130,11 +131,13 @@ def test_window_sum_unit_rf_is_exactly_the_window_grown_by_the_occluder(local):
     assert torch.equal(arrays["conv:0:mask"].bool(), square)
     assert table["rf_size_empirical"][0] == side and bool(table["centred"][0])
     assert table["rf_size"][0] == B and table["ratio"][0] == pytest.approx(side / B)
-    # the constant unit: every map is zero, no RF
+    # the constant unit: every map is zero, no RF (NaN, not a field of size 0), so the layer's mean
+    # is that of the unit with a field
     assert torch.nan_to_num(arrays["conv:1"]).abs().max() == 0
-    assert table["rf_size_empirical"][1] == 0
+    assert math.isnan(table["rf_size_empirical"][1]) and math.isnan(table["ratio"][1])
     summary = summarize_layers(table)
-    assert summary["rf_size_empirical"][0] == pytest.approx(side / 2)
+    assert summary["rf_size_empirical"][0] == side and summary["no_field"][0] == 1
+    assert summary["units"][0] == 2 and summary["ratio"][0] == pytest.approx(side / B)
 
 
 def test_window_sum_threshold_mask_inside_support():

@@ -232,6 +232,15 @@ def test_masking_hooks_and_identity_cases(cnn, shapes64):
     # with relu3 silenced nothing reaches relu4: the output is the batch-norm/bias path only
     assert torch.allclose(off, off[:1].expand_as(off))
     assert hook_counts(cnn) == 0
+    from unitscope.capture import LayerError
+
+    bad = (({"relu3": [64]}, ValueError, r"units \[64\] of layer 'relu3' are out of range"),
+           ({"relu3": torch.ones(63)}, ValueError, "63 factors for its 64 units"),
+           ({"relu33": [0]}, LayerError, "relu3"))
+    for masks, error, message in bad:
+        with pytest.raises(error, match=message), torch.inference_mode(), masked(cnn, masks):
+            cnn(x)
+    assert hook_counts(cnn) == 0
     table = _fake_table({"relu3": 64, "relu4": 64, "fc": 4})
     kept = guided_masking(cnn, shapes64, table, fraction=0.25, alpha=1.0, samples=16, random_repeats=2,
                           augment=["hflip", ("brightness", (0.5, 1.5))])

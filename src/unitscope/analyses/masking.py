@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..capture import resolve_layers
 from ..models.modes import restores_model
 from ..units import UnitLayout
 
@@ -54,16 +55,27 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor | Sequence[int]]) -> 
         True
     """
     modules = dict(model.named_modules())
+    unknown = [name for name in masks if name not in modules]
+    if unknown:
+        resolve_layers(model, unknown)  # raises LayerError with the close names
     units = UnitLayout(model)
     handles = []
 
     def hook_for(name: str, m: torch.Tensor | Sequence[int]) -> Any:
         def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
             axis = units.axis(name, out)
+            count = out.shape[axis]
             if isinstance(m, torch.Tensor):
+                if m.numel() != count:
+                    raise ValueError(f"the mask of layer {name!r} has {m.numel()} factors for its "
+                                     f"{count} units")
                 factors = m.to(out.device, out.dtype)
             else:
-                factors = torch.ones(out.shape[axis], device=out.device, dtype=out.dtype)
+                bad = [int(i) for i in m if not 0 <= int(i) < count]
+                if bad:
+                    raise ValueError(f"units {bad} of layer {name!r} are out of range: it has {count} units "
+                                     f"(0..{count - 1})")
+                factors = torch.ones(count, device=out.device, dtype=out.dtype)
                 factors[list(m)] = 0
             shape = [1] * out.dim()
             shape[axis] = -1

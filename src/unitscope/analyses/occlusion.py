@@ -546,7 +546,9 @@ class EmpiricalRF:
         maps: ``(U, 2H−1, 2W−1)`` float64 averages (NaN where no image covers a pixel).
         counts: ``(U, 2H−1, 2W−1)`` int64, how many images cover each pixel.
         masks: ``(U, 2H−1, 2W−1)`` bool thresholded RF (the component at the centre).
-        sizes: ``(U,)`` float64 ``√area`` of the masks in pixels.
+        sizes: ``(U,)`` float64 ``√area`` of the masks in pixels; NaN for a unit whose averaged
+            map has no positive value (occlusion never changed it, e.g. a dead unit): it has no
+            field, which is not a field of size 0.
         centred: ``(U,)`` bool: the centre is above the threshold, so the mask is the component
             at the centre (the spec's definition). False: the centre is below it and the mask is
             the component at the map's peak instead, an off-centre field to read with care.
@@ -596,6 +598,7 @@ def average_centred(canvas: torch.Tensor, valid: torch.Tensor, group: torch.Tens
     chosen = torch.where(at_centre > 0, at_centre, at_peak)
     masks = (labels == chosen[:, None, None]) & (chosen[:, None, None] > 0)
     sizes = masks.flatten(1).sum(1).to(torch.float64).sqrt()
+    sizes = torch.where(peak > 0, sizes, torch.nan)
     return EmpiricalRF(maps=maps, counts=counts, masks=masks, sizes=sizes, centred=at_centre > 0)
 
 
@@ -665,6 +668,11 @@ def empirical_receptive_fields(model: nn.Module, data: Any, layer: str, units: l
     canvas, valid = centre_maps(result.maps, centres)
     group = torch.arange(len(units)).repeat_interleave(k)
     erf = average_centred(canvas, valid, group, threshold)
+    fieldless = [int(u) for u, size in zip(units, erf.sizes.tolist()) if math.isnan(size)]
+    if fieldless:
+        log.warning("units %s of %s: occluding their top images never changed them (a dead or "
+                    "constant unit), so they have no empirical RF (NaN, left out of the layer's mean)",
+                    fieldless, layer)
     table = pd.DataFrame({
         "layer": layer, "unit": [int(u) for u in units], "images": k,
         "rf_size_empirical": erf.sizes.numpy(), "rf_area": erf.masks.flatten(1).sum(1).numpy(),
@@ -685,10 +693,15 @@ def _item_x(item: Any) -> torch.Tensor:
 
 
 def summarize_layers(table: pd.DataFrame) -> pd.DataFrame:
-    """Per layer: units, mean and std of the empirical RF size, the analytic size, their ratio."""
+    """Per layer: units, mean and std of the empirical RF size, the analytic size, their ratio.
+
+    Units without a field (``rf_size_empirical`` NaN) are left out of the mean and std and
+    counted in ``no_field``.
+    """
     g = table.groupby("layer", sort=False)
     out = pd.DataFrame({
         "units": g["unit"].count(),
+        "no_field": g["rf_size_empirical"].apply(lambda v: int(v.isna().sum())),
         "rf_size_empirical": g["rf_size_empirical"].mean(),
         "rf_size_empirical_std": g["rf_size_empirical"].std(ddof=0),
         "rf_size": g["rf_size"].first(),
