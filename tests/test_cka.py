@@ -160,6 +160,19 @@ def test_bad_input_is_a_clear_error():
         LinearCKA(paired=True).update([torch.randn(5, 2)], [torch.randn(6, 2)])
     with pytest.raises(ValueError, match="estimator"):
         linear_cka(x, x, "debiased")
+    with pytest.raises(ValueError, match="at least 2 inputs"):
+        linear_cka(torch.randn(1, 3), torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("estimator", ["biased", "unbiased"])
+def test_float32_features_with_a_large_offset_give_the_float64_value(estimator):
+    g = torch.Generator().manual_seed(0)
+    x = 300 + torch.randn(64, 4096, generator=g)  # p·q > n²: the Gram route
+    y = x + 0.3 * torch.randn(64, 4096, generator=g)
+    want = linear_cka(x.double(), y.double(), estimator)
+    assert float(linear_cka(x, y, estimator)) == pytest.approx(float(want), abs=1e-9)
+    assert float(rbf_cka(x, y, estimator=estimator)) == pytest.approx(
+        float(rbf_cka(x.double(), y.double(), estimator=estimator)), abs=1e-9)
 
 
 # ------------------------------------------------------------------------------- accumulators
@@ -336,6 +349,12 @@ def test_short_batch_for_unbiased_is_an_error_or_skipped(digits_model, digits_te
     acc = again.analysis("cka").accumulators["cka"]
     assert acc.skipped == 2 and acc.merge(acc.clone()).skipped == 4
 
+    # every batch too short: an error that says so, not a matrix of NaN
+    with pytest.raises(ValueError, match="every batch was too short.*batch size of at least 4"):
+        unitscope.analyze(digits_model, torch.utils.data.Subset(digits_test, range(6)),
+                          layers=["relu1", "fc"], batch_size=1, progress=False,
+                          analyses=[CKA(estimator="unbiased")])
+
 
 def test_cka_between_averages_random_epochs(digits_model, digits_test):
     other = copy.deepcopy(digits_model)
@@ -348,6 +367,11 @@ def test_cka_between_averages_random_epochs(digits_model, digits_test):
     assert len(set(r.values)) == 3 and r.mean == pytest.approx(np.mean(r.values))
     again = cka_between(digits_model, fresh, digits_test, "conv2", n_iters=2, batch_size=32, epochs=3)
     assert again.values == r.values
+
+    fresh.train()
+    fresh.conv2.eval()  # a mixed mode: every module's own flag comes back
+    cka_between(digits_model, fresh, digits_test, "conv2", n_iters=1, batch_size=8, epochs=1)
+    assert fresh.training and not fresh.conv2.training and fresh.conv1.training
 
 
 def test_heatmap_figure(digits_model, digits_test):

@@ -125,6 +125,38 @@ def test_same_seed_same_image_other_seed_other_image():
     assert not torch.equal(a.images, c.images)
 
 
+def test_a_callable_transform_drawing_from_torchs_generator_is_seeded_too():
+    def jitter(img: torch.Tensor) -> torch.Tensor:  # draws from torch's global generator
+        dy, dx = (int(v) for v in torch.randint(-2, 3, (2,)))
+        return torch.roll(img, (dy, dx), (2, 3))
+
+    net = small_net()
+    runs = []
+    for caller_seed in (1, 2):  # whatever state the caller's generator is in
+        torch.manual_seed(caller_seed)
+        runs.append(visualize(net, ["2:0"], size=16, steps=8, seed=3, transforms=jitter, device="cpu"))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    other = visualize(net, ["2:0"], size=16, steps=8, seed=4, transforms=jitter, device="cpu")
+    assert torch.equal(runs[0].images, runs[1].images)
+    assert not torch.equal(runs[0].images, other.images)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_runs_inside_a_callers_no_grad_or_inference_mode(context):
+    net = small_net()
+    free = visualize(net, ["2:0"], size=16, steps=3, device="cpu")
+    with context():
+        inside = visualize(net, ["2:0"], size=16, steps=3, device="cpu")
+    assert torch.equal(free.images, inside.images)
+
+
+def test_a_tuple_of_targets_is_several_targets():
+    assert visualize(small_net(), ("2:0", "2:4"), size=16, steps=2, device="cpu").images.shape[0] == 2
+    assert visualize(small_net(), ("2", 4), size=16, steps=2, device="cpu").images.shape[0] == 1
+
+
 def test_targets_in_one_batch_do_not_interact():
     # without random transforms, image 0 of a batch equals the image of the same target alone
     alone = visualize(small_net(), ["2:1"], size=16, steps=15, transforms="none", device="cpu")
@@ -171,6 +203,8 @@ def test_bad_targets_are_clear_errors():
         visualize(net, ["conv9:0"], size=16, steps=2)
     with pytest.raises(ValueError, match="direction tensor"):
         visualize(net, ["0:1"], size=16, steps=2, objective="direction")
+    with pytest.raises(ValueError, match="has 5 entries but the layer has 6 channels"):
+        visualize(net, [("2", torch.ones(6)), ("2", torch.ones(5))], size=16, steps=2, objective="direction")
 
 
 def test_nan_stops_the_run_with_a_clear_error():

@@ -107,3 +107,29 @@ def test_switching_weights_and_back_restores_outputs_bit_for_bit(tmp_path):
     with pytest.raises(WeightsError, match="key 'conv1.weight' is missing"):
         unitscope.switch_weights(a, nn.Linear(2, 2).state_dict())
     assert model_fingerprint(a) == fingerprint
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_set_weights_addresses_the_output_channel_of_a_transposed_conv(groups):
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(4, 6, 3, groups=groups)  # weight (4, 6 / groups, 3, 3)
+    x = torch.randn(2, 4, 5, 5)
+    before = conv(x).detach()
+    unitscope.set_weights(nn.Sequential(conv), "0:4", 0.0)
+    after = conv(x).detach()
+    assert after[:, 4].abs().max() == 0  # the unit is silenced
+    others = [c for c in range(6) if c != 4]
+    assert torch.equal(after[:, others], before[:, others])  # and no other unit changed
+    with pytest.raises(IndexError, match="6 units; unit 6"):
+        unitscope.set_weights(nn.Sequential(conv), "0:6", 0.0)
+    donor = nn.ConvTranspose2d(4, 6, 3, groups=groups)
+    unitscope.set_weights(nn.Sequential(conv), "0:1", nn.Sequential(donor))
+    torch.testing.assert_close(conv(x)[:, 1], donor(x)[:, 1])
+
+
+def test_set_weights_refuses_a_target_with_an_empty_unit():
+    model = unitscope.load_model("digits-cnn")
+    before = model.conv1.weight.detach().clone()
+    with pytest.raises(ValueError, match="names no unit"):
+        unitscope.set_weights(model, "conv1:", 0.0)
+    assert torch.equal(model.conv1.weight, before)

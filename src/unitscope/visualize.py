@@ -194,7 +194,8 @@ class _Target:
 def _parse_targets(model: nn.Module, targets: Sequence[Any], objective: str) -> list[_Target]:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: use one of {', '.join(OBJECTIVES)}")
-    if isinstance(targets, (str, tuple)):
+    single = isinstance(targets, tuple) and len(targets) == 2 and isinstance(targets[1], (int, torch.Tensor))
+    if isinstance(targets, str) or single:  # one target, not a sequence of them
         targets = [targets]
     if not targets:
         raise ValueError("name at least one target, e.g. 'conv1:3' (layer:channel)")
@@ -229,10 +230,11 @@ def _values(act: torch.Tensor, targets: list[tuple[int, _Target]], objective: st
     idx = torch.tensor([i for i, _ in targets], device=act.device)
     if objective.startswith("direction"):
         sub = act[idx]  # a copy (advanced indexing): later in-place ops cannot change it
+        for _, t in targets:
+            if t.vector.numel() != sub.shape[1]:
+                raise ValueError(f"direction for layer {layer!r} has {t.vector.numel()} entries but the "
+                                 f"layer has {sub.shape[1]} channels")
         v = torch.stack([t.vector for _, t in targets]).to(sub)
-        if v.shape[1] != sub.shape[1]:
-            raise ValueError(f"direction for layer {layer!r} has {v.shape[1]} entries but the layer has "
-                             f"{sub.shape[1]} channels")
         v = v.view(*v.shape, *([1] * (sub.dim() - 2)))
         if objective == "direction":
             per_pos = (sub * v).sum(1)
@@ -356,6 +358,18 @@ def visualize(model: nn.Module, targets: Sequence[Any], size: int | None = None,
     size = _positive("size", size, shape[-1] if shape else 224)
     input_hw = tuple(shape[1:]) if shape else None
     dev = resolve_device(device)
+    # gradients are needed even inside a caller's no_grad or inference_mode: the image parameters
+    # must be made, and the steps run, with autograd on
+    with torch.inference_mode(False), torch.enable_grad():
+        return _optimise(model, parsed, targets, thresholds, channels, size, input_hw, dev, param,
+                         decorrelate, transforms, objective, lr, seed, progress, preprocess)
+
+
+def _optimise(model: nn.Module, parsed: list[_Target], targets: Sequence[Any], thresholds: list[int],
+              channels: int, size: int, input_hw: tuple[int, ...] | None, dev: torch.device, param: str,
+              decorrelate: bool, transforms: Any, objective: str, lr: float, seed: int, progress: bool,
+              preprocess: Any) -> Visualization:
+    """The Adam steps of :func:`visualize` (autograd on), from checked arguments."""
     gen = torch.Generator().manual_seed(seed)
     image = ImageParam(len(parsed), channels, size, param, decorrelate, generator=gen).to(dev)
     transform = _transforms(transforms, size)
@@ -363,7 +377,11 @@ def visualize(model: nn.Module, targets: Sequence[Any], size: int | None = None,
     optimizer = torch.optim.Adam(image.parameters(), lr=lr)
     trace = torch.zeros(thresholds[-1], len(parsed))
     snapshots: dict[int, torch.Tensor] = {}
-    with preserved(model):
+    fork = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    # a callable transform that draws from torch's global generator draws from one seeded here
+    # (and the caller's state is restored)
+    with preserved(model), torch.random.fork_rng(devices=fork):
+        torch.manual_seed(seed)
         model.eval().to(dev)
         bar = _bar(thresholds[-1], progress)
         try:

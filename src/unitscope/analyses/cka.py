@@ -90,6 +90,7 @@ class CKA(Analysis):
         self.other_layers = other_layers
         self.sigma, self.median_fraction, self.short_batches = sigma, median_fraction, short_batches
         self.resolved = {k: list(v) for k, v in (resolved or {}).items()}
+        self._warned_short = False
         self.paired = other is not None or bool(self.resolved.get("y"))
         self._new_accumulator()  # validates kernel and estimator now, not at the first batch
 
@@ -113,6 +114,7 @@ class CKA(Analysis):
     def start(self, keys: list[str]) -> None:
         """Resolve the other model's layers and create the single accumulator (unless resuming)."""
         self.resolved["x"] = list(keys)
+        self._warned_short = False
         if self.other is not None:
             spec = self.other_layers if self.other_layers is not None else list(keys)
             self.resolved["y"] = resolve_layers(self.other, spec)
@@ -130,8 +132,11 @@ class CKA(Analysis):
                 raise ValueError(f"a batch of {m} inputs is too small for the unbiased CKA estimator (it "
                                  f"needs at least {MIN_UNBIASED}); change batch_size so no short last batch "
                                  "remains, or pass short_batches='skip'")
-            log.warning("CKA: skipping a batch of %d inputs (the unbiased estimator needs at least %d)",
-                        m, MIN_UNBIASED)
+            if not self._warned_short:  # once per pass: the table's 'skipped' counts them all
+                log.warning("CKA: skipping batches of fewer than %d inputs (the unbiased estimator needs "
+                            "at least %d; first: a batch of %d); the table's 'skipped' counts their inputs",
+                            MIN_UNBIASED, MIN_UNBIASED, m)
+                self._warned_short = True
             xs = [acts[k] for k in self.resolved["x"]]
             ys = [xs[0]] * len(self.resolved["y"]) if self.paired else None  # only the count is kept
             self.accumulators[KEY].update_grams(xs, ys)
@@ -280,8 +285,7 @@ def cka_between(model_a: nn.Module, model_b: nn.Module, data: Any, layer: str, n
     dev = resolve_device(device)
     layer_b = other_layer or layer
     values = []
-    states = [(m, m.training, next(m.parameters()).device) for m in (model_a, model_b)]
-    try:
+    with preserved(model_a), preserved(model_b):  # every module's mode and the devices
         for m in (model_a, model_b):
             m.eval().to(dev)
         for e in range(epochs):
@@ -300,9 +304,6 @@ def cka_between(model_a: nn.Module, model_b: nn.Module, data: Any, layer: str, n
             else:
                 value = rbf_cka(xa, xb, estimator=estimator)
             values.append(float(value))
-    finally:
-        for m, training, old in states:
-            m.train(training).to(old)
     t = torch.tensor(values, dtype=torch.float64)
     return CKABetween(mean=float(t.mean()), std=float(t.std()) if len(values) > 1 else 0.0,
                       values=values, n=n)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,6 +110,9 @@ def _parse_target(model: nn.Module, target: str) -> tuple[str, nn.Module, int | 
         resolve_layers(model, layer)  # raises with the closest names
         raise LayerError(f"{layer!r} is a pattern; set_weights takes one exact layer name")
     if not unit:
+        if target.endswith(":"):
+            raise ValueError(f"{target!r} names no unit; pass {layer!r} for the whole layer or "
+                             f"'{layer}:<unit>' for one unit")
         return layer, modules[layer], None
     try:
         index = int(unit)
@@ -123,8 +127,8 @@ def set_weights(model: nn.Module, target: str, source: nn.Module | float | torch
 
     Args:
         model: the model to change.
-        target: ``"layer"`` or ``"layer:unit"`` (unit = output channel / feature, index 0 of the
-            weight and bias).
+        target: ``"layer"`` or ``"layer:unit"`` (unit = output channel / feature: index 0 of the
+            weight and bias, dim 1 of a transposed convolution's weight).
         source: a model of the same architecture (the same layer is copied from it), a number
             (every addressed value is set to it) or a tensor of the addressed shape.
         mode: ``"both"``, ``"weight"`` or ``"bias"``. With ``"both"``, a tensor ``source`` must fit
@@ -166,25 +170,26 @@ def set_weights(model: nn.Module, target: str, source: nn.Module | float | torch
                             f"{type(source).__name__}") from None
     # every value is checked and converted first, so an error leaves the model unchanged
     with torch.no_grad():
-        writes = [_planned_write(target, layer, name, params, unit, mode, source, src_module)
+        index = None if unit is None else _unit_index(module, unit, layer)
+        writes = [_planned_write(target, layer, name, params, index, mode, source, src_module)
                   for name in params]
         for dest, value in writes:
             dest.copy_(value)
 
 
-def _planned_write(target: str, layer: str, name: str, params: dict[str, torch.Tensor], unit: int | None,
-                   mode: str, source: torch.Tensor | nn.Module, src_module: nn.Module | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def _planned_write(target: str, layer: str, name: str, params: dict[str, torch.Tensor],
+                   unit: dict[str, Any] | None, mode: str, source: torch.Tensor | nn.Module,
+                   src_module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(destination, value)`` of one parameter, the value already cast and expanded to fit."""
     param = params[name]
-    dest = param if unit is None else _unit_slice(param, unit, layer)
+    dest = param if unit is None else param[unit[name]]
     if src_module is not None:
         value = getattr(src_module, name, None)
         if not isinstance(value, torch.Tensor) or value.shape != param.shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
             raise WeightsError(f"source layer {layer!r}.{name} has shape {got}, "
                                f"the model's is {tuple(param.shape)}; nothing was changed")
-        value = value if unit is None else value[unit]
+        value = value if unit is None else value[unit[name]]
     else:
         assert isinstance(source, torch.Tensor)
         value = source
@@ -201,17 +206,35 @@ def _shape_message(target: str, name: str, dest: torch.Tensor, value: torch.Tens
     msg = (f"{target} {name} has shape {tuple(dest.shape)}, the value has {tuple(value.shape)}; "
            "nothing was changed")
     if mode == "both":
-        fits = [n for n, p in params.items() if (p.shape if unit is None else p.shape[1:]) == value.shape]
+        fits = [n for n, p in params.items()
+                if (p.shape if unit is None else p[unit[n]].shape) == value.shape]
         if fits:
             msg += (f". A tensor with mode='both' must fit the weight and the bias; to set only the "
                     f"{fits[0]}, pass mode={fits[0]!r}")
     return msg
 
 
-def _unit_slice(param: torch.Tensor, unit: int, layer: str) -> torch.Tensor:
-    if not -param.shape[0] <= unit < param.shape[0]:
-        raise IndexError(f"layer {layer!r} has {param.shape[0]} units; unit {unit} does not exist")
-    return param[unit]
+def _unit_index(module: nn.Module, unit: int, layer: str) -> dict[str, Any]:
+    """Where output unit ``unit`` sits in the module's ``weight`` and ``bias``.
+
+    Index 0 of both for most layers. A transposed convolution keeps its output channels on dim 1
+    of the weight, ``(in_channels, out_channels / groups, *kernel)``: unit ``u`` of group ``g``
+    is column ``u mod (out / groups)`` of that group's input rows.
+    """
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        count = module.out_channels
+        per_group, rows = count // module.groups, module.in_channels // module.groups
+    else:
+        ref = weight if isinstance(weight, torch.Tensor) else getattr(module, "bias", None)
+        count = ref.shape[0]
+    if not -count <= unit < count:
+        raise IndexError(f"layer {layer!r} has {count} units; unit {unit} does not exist")
+    unit %= count
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        group = unit // per_group
+        return {"weight": (slice(group * rows, (group + 1) * rows), unit % per_group), "bias": unit}
+    return {"weight": unit, "bias": unit}
 
 
 def switch_weights(model: nn.Module, state: Mapping[str, torch.Tensor] | str | Path | nn.Module
