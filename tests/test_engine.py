@@ -288,3 +288,17 @@ def test_tf32_switch_for_cuda_is_restored_after_an_error():
     with tf32_allowed(True, "cuda"):
         assert read() in ("tf32", True)
     assert read() == before
+
+
+def test_an_analysis_object_serves_one_pass_only(digits_model, digits_test):
+    moments = unitscope.Moments()
+    run = unitscope.analyze(digits_model, digits_test, layers="fc", analyses=[moments], progress=False)
+    assert run.table("moments")["count"].iloc[0] == 360
+    with pytest.raises(ValueError, match="pass a new one for every pass"):  # it would count 720
+        unitscope.analyze(digits_model, digits_test, layers="fc", analyses=[moments], progress=False)
+    assert run.table("moments")["count"].iloc[0] == 360
+
+
+def test_calls_all_is_refused_by_analyze_not_silently_reduced_to_the_first_call(digits_model, digits_test):
+    with pytest.raises(ValueError, match=r"calls='all'\) is not supported"):
+        unitscope.analyze(digits_model, digits_test, layers="fc", calls="all", progress=False)

@@ -155,3 +155,31 @@ def test_shapes_cnn_reaches_95_percent():
                     unitscope.load_dataset("shapes", "test"), epochs=6, lr=3e-3, batch_size=64,
                     scheduler="cosine", seed=0)
     assert history[-1]["test_acc"] >= 0.95, history
+
+
+def test_a_refused_checkpoint_leaves_the_model_as_it_was(tmp_path):
+    from unitscope.train import CheckpointError
+
+    data = torch.utils.data.Subset(unitscope.load_dataset("digits", "train"), range(64))
+    train(unitscope.load_model("digits-cnn"), data, epochs=2, device="cpu", checkpoint_dir=tmp_path)
+    model = unitscope.load_model("digits-cnn")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="lr differ"):
+        train(model, data, epochs=2, lr=0.1, device="cpu", checkpoint_dir=tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    other = unitscope.load_model("shapes-cnn")
+    kept = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="Missing key"):  # the message names the keys
+        train(other, data, epochs=2, device="cpu", checkpoint_dir=tmp_path)
+    assert all(torch.equal(kept[k], v) for k, v in other.state_dict().items())
+
+
+def test_fewer_epochs_than_trained_load_that_epochs_weights(tmp_path):
+    data = torch.utils.data.Subset(unitscope.load_dataset("digits", "train"), range(64))
+    model = unitscope.load_model("digits-cnn")
+    train(model, data, epochs=2, device="cpu", checkpoint_dir=tmp_path)
+    first = torch.load(tmp_path / "epoch-001.pt", weights_only=True)["model"]
+    again = unitscope.load_model("digits-cnn")
+    history = train(again, data, epochs=1, device="cpu", checkpoint_dir=tmp_path)
+    assert len(history) == 1
+    assert all(torch.equal(first[k], v) for k, v in again.state_dict().items())

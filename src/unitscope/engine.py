@@ -112,8 +112,9 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
         num_workers: DataLoader worker processes.
         seed: seeds torch for anything random in the pass; recorded in the manifest.
         progress: show a tqdm bar (rank 0 only).
-        calls: what to do with a module called several times in one forward (see
-            :class:`unitscope.capture.Capture`).
+        calls: what to do with a module called several times in one forward: ``"error"``,
+            ``"first"`` or ``"last"`` (see :class:`unitscope.capture.Capture`; ``"all"`` is refused,
+            since an analysis keeps one state per layer).
         shard: ``(i, k)`` runs only the i-th of k contiguous shards, without a process group; the
             shards' run directories are combined later with ``unitscope merge``. By default the
             shard comes from an initialised ``torch.distributed`` group (``torchrun``).
@@ -139,6 +140,9 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     _check_analyses(analyses)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if calls == "all":  # each later call would need accumulators of its own, which a pass does not make
+        raise ValueError("analyze(calls='all') is not supported: the analyses keep one state per layer; "
+                         "pass calls='first' or calls='last', or select a module that runs once per forward")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1 batch (or None: every 30 seconds), "
                          f"got {checkpoint_every}")
@@ -171,6 +175,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     state_file = partial / f"rank{rank}-of{world}.safetensors" if partial else None
     done, resumed_nonfinite = _resume(analyses, state_file, run_key) if state_file else (0, {})
     for i, a in enumerate(analyses):
+        a._passed = True  # from here on its state belongs to this pass (see _check_analyses)
         a.start(keys_of[i])
         a.to(dev)
 
@@ -258,6 +263,10 @@ def _check_analyses(analyses: list[Analysis]) -> None:
         if not isinstance(a, Analysis):
             raise TypeError(f"analyses must be unitscope analyses (e.g. unitscope.Moments()), got "
                             f"{type(a).__name__}")
+        if getattr(a, "_passed", False):  # its accumulators hold that pass, and its Run shares them
+            raise ValueError(f"this {type(a).__name__} analysis already went through an analyze() call, "
+                             "whose Run holds its results; pass a new one for every pass (to resume an "
+                             f"interrupted pass, pass new ones with the same out=)")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"analysis {dup[0]!r} is given twice; run it once with all its layers")

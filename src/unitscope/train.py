@@ -174,7 +174,7 @@ def train(model: nn.Module, train_data: Dataset, test_data: Dataset | None = Non
     start = 1
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
-        start, history = _resume(ckpt_dir, model, opt, sched, identity, callbacks)
+        start, history = _resume(ckpt_dir, model, opt, sched, identity, callbacks, epochs)
         if start > epochs:
             log.info("training in %s finished %d epochs already; not repeated", ckpt_dir, start - 1)
             model.eval()
@@ -303,27 +303,51 @@ def _save_checkpoint(directory: Path, epoch: int, model: nn.Module, opt: torch.o
 
 
 def _resume(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
-            identity: dict[str, Any], callbacks: Sequence[Callback] = ()) -> tuple[int, list[dict[str, Any]]]:
+            identity: dict[str, Any], callbacks: Sequence[Callback] = (),
+            epochs: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """Load the checkpoint to continue from: the latest, or epoch ``epochs`` when more were trained.
+
+    The checkpoint is read and its settings compared before anything is loaded, and a load that
+    fails part-way puts the model, optimiser and random state back, so a refused checkpoint
+    leaves the caller's model as it was.
+    """
     found = checkpoints(directory)
     if not found:
         return 1, []
     epoch, path = found[-1]
+    if epochs is not None and epoch > epochs:  # a longer training finished here: stop at `epochs`
+        wanted = dict(found).get(epochs)
+        if wanted is None:
+            raise CheckpointError(f"{directory} holds checkpoints up to epoch {epoch} but none of epoch "
+                                  f"{epochs}; train for {epoch} epochs or use another output directory")
+        epoch, path = epochs, wanted
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_first_lines(exc)}); it was not "
+                              "overwritten. Delete it to resume from the epoch before, or use another "
+                              "output directory") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("identity") != identity:
+        old = ckpt.get("identity", {}) if isinstance(ckpt, dict) else {}
+        diff = sorted(k for k in identity if old.get(k) != identity[k])
+        raise CheckpointError(f"the checkpoints in {directory} belong to a training with other "
+                              f"settings ({', '.join(diff)} differ); use another output directory")
+    saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(),
+             torch.get_rng_state(), sched.state_dict() if sched is not None else None)
+    try:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if sched is not None and ckpt["scheduler"] is not None:
             sched.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
     except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-            "it was not overwritten. Delete it to resume from the epoch before, or use another "
-            "output directory") from exc
-    if ckpt.get("identity") != identity:
-        diff = sorted(k for k in identity if ckpt.get("identity", {}).get(k) != identity[k])
-        raise CheckpointError(f"the checkpoints in {directory} belong to a training with other "
-                              f"settings ({', '.join(diff)} differ); use another output directory")
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+        torch.set_rng_state(saved[2])
+        if sched is not None:
+            sched.load_state_dict(saved[3])
+        raise CheckpointError(f"checkpoint {path} does not fit this training ({_first_lines(exc)}); "
+                              "the model was left as it was; use another output directory") from exc
     states = ckpt.get("callbacks") or []
     if len(states) == len(callbacks):  # the same callbacks, in order, as when it was saved
         for cb, cb_state in zip(callbacks, states):
@@ -335,3 +359,9 @@ def _resume(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched
                     len(callbacks), epoch + 1)
     log.info("resuming from %s (epoch %d)", path, epoch)
     return epoch + 1, list(ckpt["history"])
+
+
+def _first_lines(exc: BaseException) -> str:
+    """``Type: message`` of ``exc``, its non-empty lines joined, cut to 240 characters."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text[:240]}"
