@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 
@@ -169,10 +170,10 @@ def test_float32_features_with_a_large_offset_give_the_float64_value(estimator):
     g = torch.Generator().manual_seed(0)
     x = 300 + torch.randn(64, 4096, generator=g)  # p·q > n²: the Gram route
     y = x + 0.3 * torch.randn(64, 4096, generator=g)
-    want = linear_cka(x.double(), y.double(), estimator)
-    assert float(linear_cka(x, y, estimator)) == pytest.approx(float(want), abs=1e-9)
+    want = linear_cka(x.double(), y.double(), estimator)  # the product in float32 gave 0.75 for 0.92
+    assert float(linear_cka(x, y, estimator)) == pytest.approx(float(want), abs=1e-5)
     assert float(rbf_cka(x, y, estimator=estimator)) == pytest.approx(
-        float(rbf_cka(x.double(), y.double(), estimator=estimator)), abs=1e-9)
+        float(rbf_cka(x.double(), y.double(), estimator=estimator)), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------- accumulators
@@ -336,7 +337,7 @@ def test_models_that_see_different_input_sizes_are_an_error(digits_model, digits
     assert hook_counts(other) == 0
 
 
-def test_short_batch_for_unbiased_is_an_error_or_skipped(digits_model, digits_test, tmp_path):
+def test_short_batch_for_unbiased_is_an_error_or_skipped(digits_model, digits_test, tmp_path, caplog):
     data = torch.utils.data.Subset(digits_test, range(34))  # batches of 16, 16 and 2
     with pytest.raises(ValueError, match="at least 4"):
         unitscope.analyze(digits_model, data, layers="fc", batch_size=16, progress=False,
@@ -349,11 +350,13 @@ def test_short_batch_for_unbiased_is_an_error_or_skipped(digits_model, digits_te
     acc = again.analysis("cka").accumulators["cka"]
     assert acc.skipped == 2 and acc.merge(acc.clone()).skipped == 4
 
-    # every batch too short: an error that says so, not a matrix of NaN
-    with pytest.raises(ValueError, match="every batch was too short.*batch size of at least 4"):
-        unitscope.analyze(digits_model, torch.utils.data.Subset(digits_test, range(6)),
-                          layers=["relu1", "fc"], batch_size=1, progress=False,
-                          analyses=[CKA(estimator="unbiased")])
+    # every batch too short: NaN, with a warning that says why (a small shard of a pass is valid)
+    with caplog.at_level(logging.WARNING, logger="unitscope.stats.cka"):
+        short = unitscope.analyze(digits_model, torch.utils.data.Subset(digits_test, range(6)),
+                                  layers=["relu1", "fc"], batch_size=1, progress=False,
+                                  analyses=[CKA(estimator="unbiased")])
+    assert short.table("cka")["cka"].isna().all()
+    assert "every batch was too short" in caplog.text and "batch size of at least 4" in caplog.text
 
 
 def test_cka_between_averages_random_epochs(digits_model, digits_test):

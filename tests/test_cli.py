@@ -157,7 +157,15 @@ def test_demo_quick_writes_runs_and_reports(quick_demo):
     # the run's config and manifest say what made every table: the pass, then the demo's steps
     manifest = json.loads((tmp_path / "digits-cnn" / "manifest.json").read_text())
     config = manifest["config"]
-    assert config["experiment"] == "demo" and config["pass"]["experiment"] == "analyze"
+    assert config["experiment"] == "demo" and config["pass_experiment"] == "analyze"
+    assert config["dataset"] == "digits" and config["weights"].endswith("digits-cnn.pt")  # mosaics read them
+    import tempfile
+
+    for name in ("digits-cnn", "shapes-cnn"):
+        top = unitscope.load_run(tmp_path / name).tables.get("topk")
+        if top is not None:  # the portraits part ranked images: the mosaics command draws them
+            unit = f"{top['layer'].iloc[0]}:{int(top['unit'].iloc[0])}"
+            assert main(["-q", "mosaics", str(tmp_path / name), unit, "--out", tempfile.mkdtemp()]) == 0
     assert {"moments", "saturation"} | set(manifest["added_tables"]) == set(tables)
     assert {"probes", "receptive_field", "saturation_epochs"} <= set(manifest["added_tables"])
     assert 'reproduce = "unitscope demo --quick"' in (tmp_path / "digits-cnn" / "config.toml").read_text()

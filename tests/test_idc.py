@@ -412,3 +412,8 @@ def test_update_refuses_negative_or_fractional_classes():
         idc.clone().update(torch.randn(4, 3), torch.full((4,), -1))
     with pytest.raises(ValueError, match="integer class indices"):
         idc.clone().update(torch.randn(4, 3), torch.rand(4) * 2)
+
+
+def test_an_empty_update_with_empty_classes_is_a_no_op():
+    idc = IDC(m=1, k=2).fit(torch.randn(50, 3), relevance=torch.randn(50, 3), classes=torch.arange(50) % 2)
+    assert idc.update(torch.zeros(0, 3), []) == 0.0

@@ -236,7 +236,7 @@ def test_masking_hooks_and_identity_cases(cnn, shapes64):
 
     bad = (({"relu3": [64]}, ValueError, r"units \[64\] of layer 'relu3' are out of range"),
            ({"relu3": torch.ones(63)}, ValueError, "63 factors for its 64 units"),
-           ({"relu33": [0]}, LayerError, "relu3"))
+           ({"relu33": [0]}, LayerError, "relu3"), ({"relu*": [0]}, LayerError, "exact layer names"))
     for masks, error, message in bad:
         with pytest.raises(error, match=message), torch.inference_mode(), masked(cnn, masks):
             cnn(x)

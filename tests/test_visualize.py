@@ -154,7 +154,9 @@ def test_runs_inside_a_callers_no_grad_or_inference_mode(context):
 
 def test_a_tuple_of_targets_is_several_targets():
     assert visualize(small_net(), ("2:0", "2:4"), size=16, steps=2, device="cpu").images.shape[0] == 2
-    assert visualize(small_net(), ("2", 4), size=16, steps=2, device="cpu").images.shape[0] == 1
+    one = visualize(small_net(), ("2", 4), size=16, steps=2, device="cpu")
+    assert one.images.shape[0] == 1 and one.targets == [("2", 4)]
+    assert visualize(small_net(), "2:4", size=16, steps=2, device="cpu").targets == ["2:4"]
 
 
 def test_targets_in_one_batch_do_not_interact():

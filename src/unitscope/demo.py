@@ -161,13 +161,14 @@ def check_demo_out(out: Path) -> None:
 def describe_demo_run(run: Any, name: str, quick: bool, added: list[str]) -> None:
     """Make a demo run's config and manifest say what made it.
 
-    The pass (moments and saturation) is an ``analyze`` experiment that ``unitscope run`` could
-    repeat; the other tables come from the demo's own steps. So the config becomes the demo's
-    (``experiment = "demo"``, reproduced by ``unitscope demo``), keeps the pass's config under
-    ``pass``, and lists the added tables; the manifest lists them under ``added_tables``.
+    The pass (moments and saturation) is an ``analyze`` experiment; the other tables come from
+    the demo's own steps. So the config keeps the pass's keys (model, weights, dataset, split:
+    what ``unitscope mosaics`` reads), says ``experiment = "demo"`` (reproduced by ``unitscope
+    demo``; the pass's type is ``pass_experiment``) and lists the added tables, as the manifest
+    does under ``added_tables``.
     """
-    config = run.manifest.get("config") or {}
-    run.manifest["config"] = {"experiment": "demo", "model": name, "quick": quick,
-                              "reproduce": "unitscope demo" + (" --quick" if quick else ""),
-                              "added_tables": added, "pass": config}
+    config = dict(run.manifest.get("config") or {})
+    run.manifest["config"] = {**config, "experiment": "demo", "pass_experiment": config.get("experiment"),
+                              "quick": quick, "reproduce": "unitscope demo" + (" --quick" if quick else ""),
+                              "added_tables": added}
     run.manifest["added_tables"] = added

@@ -191,12 +191,16 @@ class _Target:
     vector: torch.Tensor | None
 
 
+def _as_list(targets: Any) -> list[Any]:
+    """The targets as a list: a string or one ``(layer, channel | tensor)`` pair is one target."""
+    single = isinstance(targets, tuple) and len(targets) == 2 and isinstance(targets[1], (int, torch.Tensor))
+    return [targets] if isinstance(targets, str) or single else list(targets)
+
+
 def _parse_targets(model: nn.Module, targets: Sequence[Any], objective: str) -> list[_Target]:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: use one of {', '.join(OBJECTIVES)}")
-    single = isinstance(targets, tuple) and len(targets) == 2 and isinstance(targets[1], (int, torch.Tensor))
-    if isinstance(targets, str) or single:  # one target, not a sequence of them
-        targets = [targets]
+    targets = _as_list(targets)
     if not targets:
         raise ValueError("name at least one target, e.g. 'conv1:3' (layer:channel)")
     parsed = []
@@ -381,7 +385,9 @@ def _optimise(model: nn.Module, parsed: list[_Target], targets: Sequence[Any], t
     # a callable transform that draws from torch's global generator draws from one seeded here
     # (and the caller's state is restored)
     with preserved(model), torch.random.fork_rng(devices=fork):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # only the generators fork_rng restores
+        if fork:
+            torch.cuda.default_generators[fork[0]].manual_seed(seed)
         model.eval().to(dev)
         bar = _bar(thresholds[-1], progress)
         try:
@@ -408,7 +414,7 @@ def _optimise(model: nn.Module, parsed: list[_Target], targets: Sequence[Any], t
         finally:
             bar.close()
     return Visualization(images=snapshots[thresholds[-1]], snapshots=snapshots, trace=trace,
-                         targets=list(targets))
+                         targets=_as_list(targets))
 
 
 def _positive(name: str, value: Any, default: int) -> int:

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..capture import resolve_layers
+from ..capture import LayerError, resolve_layers
 from ..models.modes import restores_model
 from ..units import UnitLayout
 
@@ -58,6 +58,7 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor | Sequence[int]]) -> 
     unknown = [name for name in masks if name not in modules]
     if unknown:
         resolve_layers(model, unknown)  # raises LayerError with the close names
+        raise LayerError(f"masked() takes exact layer names, got the pattern(s) {unknown}")
     units = UnitLayout(model)
     handles = []
 

@@ -528,7 +528,8 @@ class IDC(Accumulator):
             cls = torch.as_tensor(classes).reshape(-1).cpu()
             if len(cls) != n:
                 raise ValueError(f"IDC.update(): classes has {len(cls)} entries for {n} inputs")
-            if torch.is_floating_point(cls) or torch.is_complex(cls) or cls.dtype == torch.bool:
+            numeric = torch.is_floating_point(cls) or torch.is_complex(cls) or cls.dtype == torch.bool
+            if len(cls) and numeric:  # an empty list is float to torch, and fine
                 raise ValueError(f"IDC.update(): classes must be integer class indices, got {cls.dtype}")
             if len(cls) and int(cls.min()) < 0:
                 raise ValueError(f"IDC.update(): classes must be >= 0, got {int(cls.min())}")

@@ -65,13 +65,13 @@ def _check_unbiased_size(n: int) -> None:
 
 # ------------------------------------------------------------------------------- Gram matrices
 def gram_linear(x: torch.Tensor) -> torch.Tensor:
-    """Linear-kernel Gram ``X Xᵀ`` of ``(n, *features)`` (flattened), in float64.
+    """Linear-kernel Gram ``X Xᵀ`` of ``(n, *features)`` (flattened), returned in float64.
 
-    The features are cast to float64 before the product: a float32 product of features with a
-    large common offset loses the small centred part that CKA measures.
+    The product is taken in the features' precision. For CKA, prefer :func:`centred_linear_gram`:
+    a float32 product of features with a large common offset loses the small centred part.
     """
-    x = as_matrix(x).to(torch.float64)
-    return x @ x.T
+    x = as_matrix(x)
+    return (x @ x.T).to(torch.float64)
 
 
 def gram_rbf(x: torch.Tensor, sigma: float | None = None, median_fraction: float = 1.0) -> torch.Tensor:
@@ -84,7 +84,7 @@ def gram_rbf(x: torch.Tensor, sigma: float | None = None, median_fraction: float
             squared distances, zero diagonal included.
         median_fraction: the fraction of the median distance (their ``threshold``; 0.5 in their demo).
     """
-    return rbf_from_linear(centred_linear_gram(as_matrix(x).to(torch.float64)), sigma, median_fraction)
+    return rbf_from_linear(centred_linear_gram(as_matrix(x)), sigma, median_fraction)
 
 
 def rbf_from_linear(g: torch.Tensor, sigma: float | None = None,
@@ -190,12 +190,12 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, estimator: str = "biased") -> t
     n = x.shape[0]
     if unbiased:
         _check_unbiased_size(n)
-    x = x.to(torch.float64)  # centred in float64 first: a common offset must not swamp the rest
+    if x.shape[1] * y.shape[1] >= n * n:  # centred before the product: an offset must not swamp the rest
+        return cka_from_grams(centred_linear_gram(x), centred_linear_gram(y), estimator)
+    x = x.to(torch.float64)
     y = y.to(torch.float64)
     x = x - x.mean(0)
     y = y - y.mean(0)
-    if x.shape[1] * y.shape[1] >= n * n:
-        return cka_from_grams(x @ x.T, y @ y.T, estimator)
 
     def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         value = (b.T @ a).square().sum()
@@ -566,11 +566,12 @@ class MinibatchCKA(Accumulator):
         """The ``(layers_x, layers_y)`` CKA matrix, float64 (``(layers, layers)`` when not paired)."""
         self._require_initialized()
         s = self._states
-        if self.count == 0 and self.skipped > 0:  # NaN everywhere, the diagonal included, otherwise
+        if self.count == 0 and self.skipped > 0:  # NaN everywhere, the diagonal included: say why
+            # a warning, not an error: a shard of a few inputs is valid and its merge may not be
             least = MIN_UNBIASED if self.unbiased else 2
-            raise ValueError(f"every batch was too short for the {self.estimator} estimator (it needs at "
-                             f"least {least} inputs per batch; {self.skipped} inputs were in shorter "
-                             f"batches); use a batch size of at least {least}")
+            log.warning("CKA: every batch was too short for the %s estimator (it needs at least %d inputs "
+                        "per batch; %d inputs were in shorter batches), so every value is NaN; use a batch "
+                        "size of at least %d", self.estimator, least, self.skipped, least)
         return _ratio(s["hsic_xy"], s["hsic_xx"], s["hsic_yy"])
 
 
