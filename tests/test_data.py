@@ -7,6 +7,7 @@ import math
 import pickle
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,25 @@ def test_image_folder_loads_resizes_and_labels(tmp_path):
                                                                   -0.406 / 0.225]))
     with pytest.raises(DatasetError, match="normalize must be 'imagenet' or None, got 'cifar'"):
         unitscope.load_dataset("image-folder", "test", root=root, normalize="cifar")
+
+
+def test_image_folder_scales_16_bit_and_float_grey_images_by_their_range(tmp_path):
+    from unitscope.data.registry import DatasetError
+
+    (tmp_path / "a").mkdir()
+    grey = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)  # 0..252
+    Image.fromarray(grey).save(tmp_path / "a" / "8bit.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "a" / "16bit.png")  # the same, 16-bit
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "a" / "float.tif")
+    data = unitscope.load_dataset("image-folder", "test", root=tmp_path, size=8)
+    by_name = {Path(p).name: data[i][0] for i, (p, _) in enumerate(data.samples)}
+    for name in ("16bit.png", "float.tif"):  # PIL's RGB conversion made the 16-bit one almost white
+        torch.testing.assert_close(by_name[name], by_name["8bit.png"], atol=1e-6, rtol=0)
+    Image.fromarray(grey.astype(np.float32) * 10).save(tmp_path / "a" / "wide.tif")
+    wide = unitscope.load_dataset("image-folder", "test", root=tmp_path, size=8)
+    index = [Path(p).name for p, _ in wide.samples].index("wide.tif")
+    with pytest.raises(DatasetError, match=r"wide.tif is a F image with values in \[0, 2520\]"):
+        wide[index]
 
 
 def test_image_folder_fingerprint_follows_the_files_not_the_location(tmp_path):

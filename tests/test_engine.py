@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pandas as pd
@@ -302,3 +303,14 @@ def test_an_analysis_object_serves_one_pass_only(digits_model, digits_test):
 def test_calls_all_is_refused_by_analyze_not_silently_reduced_to_the_first_call(digits_model, digits_test):
     with pytest.raises(ValueError, match=r"calls='all'\) is not supported"):
         unitscope.analyze(digits_model, digits_test, layers="fc", calls="all", progress=False)
+
+
+def test_inputs_are_cast_to_the_models_floating_dtype(digits_model, digits_test):
+    items = [digits_test[i][0] for i in range(8)]
+    want = unitscope.analyze(digits_model, items, layers="fc", progress=False).table("moments")
+    doubles = unitscope.analyze(digits_model, [x.double() for x in items], layers="fc",
+                                progress=False).table("moments")  # numpy-style float64 data
+    pd.testing.assert_frame_equal(want, doubles)
+    wide = copy.deepcopy(digits_model).double()  # a float64 model gets its float32 data in float64
+    got = unitscope.analyze(wide, items, layers="fc", progress=False).table("moments")
+    assert (got["mean"] - want["mean"]).abs().max() < 1e-5

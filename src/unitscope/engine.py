@@ -32,7 +32,7 @@ from .analyses.base import Analysis, Batch
 from .analyses.moments import Moments
 from .capture import Capture, LayerSpec, StopForward, resolve_layers
 from .data.arrays import dataset_fingerprint
-from .models.info import forward_checked
+from .models.info import forward_checked, probe_dtype_device
 from .models.modes import preserved, tf32_allowed
 from .models.registry import model_fingerprint
 from .results import Run, check_replaceable
@@ -187,6 +187,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
         for m in {id(m): m for a in analyses for m in a.models()}.values():
             others.enter_context(preserved(m))  # a second model (CKA's other) goes back too
         model.eval().to(dev)
+        dtype, _ = probe_dtype_device(model)  # float64 data for a float32 model (numpy arrays), etc.
         first = start + done * batch_size
         subset = Subset(data, range(first, stop))
         loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -201,7 +202,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
                     x, y = _unpack(item)
                     if batches == done:
                         _check_input(model, x)
-                    x = x.to(dev, non_blocking=True)
+                    x = x.to(dev, dtype=dtype if dtype is not None else x.dtype, non_blocking=True)
                     y = y.to(dev, non_blocking=True) if y is not None else None
                     index = torch.arange(offset, offset + len(x), device=dev)
                     output = _forward(model, x)

@@ -8,6 +8,7 @@ unitscope looked and how to fetch the data on a machine with network.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,37 @@ from .registry import SPLITS, DatasetError, DatasetNotFoundError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZE = ("imagenet", None)
+
+
+def load_image(path: str) -> Any:
+    """An image as RGB: a PIL image for 8-bit modes, a float ``(3, H, W)`` tensor in [0, 1] otherwise.
+
+    PIL's RGB conversion clips 16-bit and 32-bit grey images to 255 (a 16-bit scan becomes almost
+    white), so those are scaled by their type's range here: ``I;16`` by 65535, ``I`` (32-bit
+    integers, as some 16-bit files open) by 65535 when its values fit 16 bits, ``F`` (float) as
+    it is when it lies in [0, 1]. Other ranges are an error that names the file.
+    """
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        if not (img.mode.startswith("I") or img.mode == "F"):
+            return img.convert("RGB")
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        mode = img.mode
+    if mode.startswith("I;16"):
+        a = a / 65535.0
+    elif mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:
+        a = a / 65535.0
+    elif not (mode == "F" and a.size and 0.0 <= a.min() and a.max() <= 1.0):
+        low, high = (float(a.min()), float(a.max())) if a.size else (math.nan, math.nan)
+        raise DatasetError(f"image-folder: {path} is a {mode} image with values in [{low:g}, {high:g}], "
+                           "which has no standard [0, 1] scale; save it as 8- or 16-bit, or as float in "
+                           "[0, 1]")
+    grey = torch.from_numpy(a.astype(np.float32))
+    return grey.expand(3, *grey.shape).clone()
 
 
 def _is_image(path: str) -> bool:
@@ -55,7 +87,8 @@ class ImageFolderDataset(ImageFolder):
 
     ``image`` is float32 ``(3, size, size)`` in [0, 1] (or normalised), ``label`` an int64 index into
     ``classes`` (the subfolder names, sorted). The shorter side is resized to ``size`` (antialiased),
-    then the centre ``size``×``size`` is cut. Images of any mode are converted to RGB.
+    then the centre ``size``×``size`` is cut. Images of any mode are converted to RGB in
+    [0, 1] (16-bit and float grey images by their own range, see :func:`load_image`).
 
     The folder is ``root/<split>`` when it exists, else ``root`` itself for either split (so a plain
     ``root/<class>/<image>`` folder serves both splits; a root holding only ``train/`` is an error for
@@ -102,7 +135,8 @@ class ImageFolderDataset(ImageFolder):
         if normalize == "imagenet":
             steps.append(v2.Normalize(IMAGENET_MEAN, IMAGENET_STD))
         try:
-            super().__init__(str(folder), transform=v2.Compose(steps), is_valid_file=_is_image)
+            super().__init__(str(folder), transform=v2.Compose(steps), is_valid_file=_is_image,
+                             loader=load_image)
         except FileNotFoundError as e:  # torchvision: some class folder has no image
             raise DatasetError(f"image-folder: {folder} has class subfolders without images ({e}); every "
                                f"class folder needs at least one image with an accepted extension: {exts}. "
