@@ -37,7 +37,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     out = tmp_path / "run"
     mp.spawn(_analyze_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
     two = unitscope.load_run(out)
-    assert two.manifest["world_size"] == 2
+    assert two.manifest["world_size"] == 2 and two.manifest["timings"]["samples"] == 360  # every rank's
     torch.manual_seed(0)
     model = unitscope.load_model("digits-cnn")
     one = unitscope.analyze(model, unitscope.load_dataset("digits", "test"), layers=["relu*", "fc"],
@@ -110,3 +110,22 @@ def test_torchrun_cli_two_ranks(tmp_path):
     if run.manifest["model"]["fingerprint"] == one.manifest["model"]["fingerprint"]:
         assert_tables_close(table, one.table("moments"))
     assert isinstance(table, pd.DataFrame)
+
+
+def _mismatch_worker(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # a different random model on each rank
+        model = unitscope.load_model("digits-cnn")
+        try:
+            unitscope.analyze(model, unitscope.load_dataset("digits", "test"), layers="fc", progress=False)
+        except unitscope.InputError as exc:
+            Path(out, f"rank{rank}.txt").write_text(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_models_are_refused(tmp_path):
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):  # every rank stops, with the same message
+        assert "model on rank(s) [1] differs from rank 0's" in (tmp_path / f"rank{rank}.txt").read_text()

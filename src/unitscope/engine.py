@@ -170,6 +170,8 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     needs_output = any(a.needs_output for a in analyses)
 
     fingerprints = {"model": model_fingerprint(model), "data": dataset_fingerprint(data)}
+    if synced:
+        _check_same_everywhere(fingerprints, world)
     run_key = _run_key(fingerprints, analyses, keys_of, batch_size, start, stop, seed)
     partial = Path(f"{out}.partial") if out is not None else None
     state_file = partial / f"rank{rank}-of{world}.safetensors" if partial else None
@@ -233,6 +235,11 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     if synced:
         for a in analyses:
             a.sync()
+        total = torch.tensor([samples], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total)  # the manifest counts every rank's inputs, not rank 0's
+        samples = int(total)
     t1 = time.perf_counter()
     counts = _total_nonfinite(nonfinite, synced)
     for layer, count in counts.items():
@@ -271,6 +278,24 @@ def _check_analyses(analyses: list[Analysis]) -> None:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"analysis {dup[0]!r} is given twice; run it once with all its layers")
+
+
+def _check_same_everywhere(fingerprints: dict[str, str], world: int) -> None:
+    """Refuse a distributed pass whose ranks hold different models or data.
+
+    Each rank streams its own shard, so a model built with random weights and no common seed (or
+    a dataset generated differently) on some rank would be mixed into the result without a word.
+    """
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, fingerprints)
+    for what in ("model", "data"):
+        differ = [r for r, fp in enumerate(gathered) if fp[what] != gathered[0][what]]
+        if differ:
+            fix = ("seed the model the same way on every rank (torch.manual_seed before building it) "
+                   "or load its weights from a file" if what == "model"
+                   else "build the same dataset on every rank")
+            raise InputError(f"the {what} on rank(s) {differ} differs from rank 0's (fingerprints "
+                             f"differ); {fix}")
 
 
 def _check_input(model: nn.Module, x: torch.Tensor) -> None:
