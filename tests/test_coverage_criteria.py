@@ -380,9 +380,9 @@ def test_topk_properties():
 
 
 def _topk_reference(row: list[float], k: int) -> list[bool]:
-    """The k largest non-NaN values by (value desc, index asc); NaN ranks as -inf and is never kept."""
-    key = [(-(-math.inf if math.isnan(v) else v), i) for i, v in enumerate(row)]
-    chosen = {i for _, i in sorted(key)[:k]} if k < len(row) else set(range(len(row)))
+    """The k largest non-NaN values by (value desc, index asc); NaN ranks below -inf and is never kept."""
+    key = [(math.isnan(v), -(-math.inf if math.isnan(v) else v), i) for i, v in enumerate(row)]
+    chosen = {i for *_, i in sorted(key)[:k]} if k < len(row) else set(range(len(row)))
     return [i in chosen and not math.isnan(v) for i, v in enumerate(row)]
 
 
@@ -395,6 +395,10 @@ def test_topk_mask_matches_a_sorted_reference_with_ties_nan_and_inf():
         for k in (1, 2, 3, units, units + 1):
             want = [_topk_reference(row, k) for row in v.tolist()]
             assert topk_mask(v, k).tolist() == want, (trial, k, v)
+
+
+def test_topk_mask_gives_a_slot_to_a_real_minus_inf_before_a_nan():
+    assert topk_mask(torch.tensor([[math.nan, -math.inf, 1.0]]), 2).tolist() == [[False, True, True]]
 
 
 def test_nonfinite_helpers_replace_exactly_what_they_say():

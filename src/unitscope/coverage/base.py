@@ -440,7 +440,7 @@ def topk_mask(v: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean ``(n, units)`` mask of the ``k`` largest values of every row.
 
     Ties are broken deterministically: among equal values the smaller unit index wins. NaN is
-    never selected; with ``k >= units`` every non-NaN unit is.
+    never selected and ranks below ``-inf``; with ``k >= units`` every non-NaN unit is.
 
     Example:
         >>> topk_mask(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), 2).tolist()
@@ -454,8 +454,11 @@ def topk_mask(v: torch.Tensor, k: int) -> torch.Tensor:
     if k >= v.shape[1]:
         return ~nan
     # a stable descending sort keeps equal values in index order, so its first k columns are the
-    # k largest with ties to the smaller index; NaN sorts last as -inf and is masked out after
-    order = nan_to(v, -math.inf).sort(dim=1, descending=True, stable=True).indices[:, :k]
+    # k largest with ties to the smaller index. NaN goes to the end first (a stable sort on the NaN
+    # flag), so a real -inf still ranks above it, and it is masked out after
+    last = nan.to(torch.uint8).sort(dim=1, stable=True).indices
+    values = nan_to(v, -math.inf).gather(1, last)
+    order = last.gather(1, values.sort(dim=1, descending=True, stable=True).indices[:, :k])
     return torch.zeros_like(nan).scatter_(1, order, True) & ~nan
 
 
