@@ -329,6 +329,15 @@ def test_analysis_merges_shards_and_reloads(digits_model, digits_test, tmp_path,
     assert list(merged.table("cka").layer_x.unique()) == ["relu1", "relu2", "relu3"]
 
 
+def test_the_other_model_gets_the_batch_in_its_own_dtype(digits_model, digits_test):
+    data = torch.utils.data.Subset(digits_test, range(64))
+    same = unitscope.analyze(digits_model, data, layers="fc", progress=False,
+                             analyses=[CKA(other=copy.deepcopy(digits_model))]).table("cka")
+    wide = unitscope.analyze(digits_model, data, layers="fc", progress=False,
+                             analyses=[CKA(other=copy.deepcopy(digits_model).double())]).table("cka")
+    assert same["cka"].iloc[0] == pytest.approx(1.0) and wide["cka"].iloc[0] == pytest.approx(1.0)
+
+
 def test_models_that_see_different_input_sizes_are_an_error(digits_model, digits_test):
     other = unitscope.load_model("shapes-cnn")
     with pytest.raises(ValueError, match="different input sizes"):

@@ -202,9 +202,10 @@ def test_image_folder_scales_16_bit_and_float_grey_images_by_their_range(tmp_pat
     Image.fromarray(grey).save(tmp_path / "a" / "8bit.png")
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "a" / "16bit.png")  # the same, 16-bit
     Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "a" / "float.tif")
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "a" / "int32.tif")  # 8-bit values, mode I
     data = unitscope.load_dataset("image-folder", "test", root=tmp_path, size=8)
     by_name = {Path(p).name: data[i][0] for i, (p, _) in enumerate(data.samples)}
-    for name in ("16bit.png", "float.tif"):  # PIL's RGB conversion made the 16-bit one almost white
+    for name in ("16bit.png", "float.tif", "int32.tif"):  # PIL's RGB made the 16-bit one almost white
         torch.testing.assert_close(by_name[name], by_name["8bit.png"], atol=1e-6, rtol=0)
     Image.fromarray(grey.astype(np.float32) * 10).save(tmp_path / "a" / "wide.tif")
     wide = unitscope.load_dataset("image-folder", "test", root=tmp_path, size=8)

@@ -298,6 +298,12 @@ def test_an_analysis_object_serves_one_pass_only(digits_model, digits_test):
     with pytest.raises(ValueError, match="pass a new one for every pass"):  # it would count 720
         unitscope.analyze(digits_model, digits_test, layers="fc", analyses=[moments], progress=False)
     assert run.table("moments")["count"].iloc[0] == 360
+    fresh = unitscope.Moments()
+    with pytest.raises(InputError):  # a pass that fails before any batch is folded in ...
+        unitscope.analyze(digits_model, [torch.zeros(1, 16, 16)] * 4, layers="fc", analyses=[fresh],
+                          progress=False)
+    again = unitscope.analyze(digits_model, digits_test, layers="fc", analyses=[fresh], progress=False)
+    assert again.table("moments")["count"].iloc[0] == 360  # ... leaves the analysis usable
 
 
 def test_calls_all_is_refused_by_analyze_not_silently_reduced_to_the_first_call(digits_model, digits_test):

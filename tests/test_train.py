@@ -183,3 +183,7 @@ def test_fewer_epochs_than_trained_load_that_epochs_weights(tmp_path):
     history = train(again, data, epochs=1, device="cpu", checkpoint_dir=tmp_path)
     assert len(history) == 1
     assert all(torch.equal(first[k], v) for k, v in again.state_dict().items())
+    cosine = {"device": "cpu", "scheduler": "cosine", "checkpoint_dir": tmp_path / "cosine"}
+    train(unitscope.load_model("digits-cnn"), data, epochs=2, **cosine)
+    with pytest.raises(CheckpointError, match="learning-rate schedule"):  # epoch 1 of a 2-epoch cosine
+        train(unitscope.load_model("digits-cnn"), data, epochs=1, **cosine)

@@ -177,7 +177,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
     state_file = partial / f"rank{rank}-of{world}.safetensors" if partial else None
     done, resumed_nonfinite = _resume(analyses, state_file, run_key) if state_file else (0, {})
     for i, a in enumerate(analyses):
-        a._passed = True  # from here on its state belongs to this pass (see _check_analyses)
+        a._passed = done > 0  # resumed states belong to this pass (see _check_analyses)
         a.start(keys_of[i])
         a.to(dev)
 
@@ -213,6 +213,7 @@ def analyze(model: nn.Module, data: Dataset, layers: LayerSpec | None = None,
                     for red, store in cap.outputs.items():
                         _count_nonfinite(store, nonfinite[red])
                     for a, red in zip(analyses, reds):
+                        a._passed = True  # it holds data of this pass now: a second pass may not reuse it
                         a.update(cap.outputs[red], batch)
                     offset += len(x)
                     samples += len(x)

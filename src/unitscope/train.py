@@ -316,6 +316,12 @@ def _resume(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched
         return 1, []
     epoch, path = found[-1]
     if epochs is not None and epoch > epochs:  # a longer training finished here: stop at `epochs`
+        if epochs < 1:
+            return 1, []
+        if sched is not None:  # its epoch `epochs` ran on the longer schedule: not an `epochs` training
+            raise CheckpointError(f"{directory} holds a {epoch}-epoch training with a learning-rate "
+                                  f"schedule; its epoch-{epochs} weights are not those of a {epochs}-epoch "
+                                  "training with that schedule; use another output directory")
         wanted = dict(found).get(epochs)
         if wanted is None:
             raise CheckpointError(f"{directory} holds checkpoints up to epoch {epoch} but none of epoch "

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..capture import Capture, LayerSpec, Reduction, make_reduction, resolve_layers
+from ..models.info import probe_dtype_device
 from ..models.modes import preserved
 from ..stats.base import Accumulator
 from ..stats.cka import MIN_UNBIASED, LinearCKA, MinibatchCKA, centred_linear_gram, linear_cka, rbf_cka
@@ -165,6 +166,9 @@ class CKA(Analysis):
         param = next(other.parameters(), None)
         if param is not None and param.device != x.device:
             other.to(x.device)
+        dtype, _ = probe_dtype_device(other)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)  # the batch comes in the analysed model's dtype, not necessarily the other's
         cap = Capture(other, self.resolved["y"], {"r": self.reduce}, stop=True)
         # flags only: the other model stays on the batch's device for the next batches
         with preserved(other, device=False):

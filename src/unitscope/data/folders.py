@@ -30,9 +30,10 @@ def load_image(path: str) -> Any:
     """An image as RGB: a PIL image for 8-bit modes, a float ``(3, H, W)`` tensor in [0, 1] otherwise.
 
     PIL's RGB conversion clips 16-bit and 32-bit grey images to 255 (a 16-bit scan becomes almost
-    white), so those are scaled by their type's range here: ``I;16`` by 65535, ``I`` (32-bit
-    integers, as some 16-bit files open) by 65535 when its values fit 16 bits, ``F`` (float) as
-    it is when it lies in [0, 1]. Other ranges are an error that names the file.
+    white), so those are scaled by their type's range here: ``I;16`` by 65535; ``I`` (32-bit
+    integers) by 255 when its values fit 8 bits (as PIL read them) and by 65535 when they fit 16;
+    ``F`` (float) as it is when it lies in [0, 1] (NaN aside). Other ranges are an error that
+    names the file.
     """
     from PIL import Image
 
@@ -47,9 +48,9 @@ def load_image(path: str) -> Any:
     if mode.startswith("I;16"):
         a = a / 65535.0
     elif mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:
-        a = a / 65535.0
-    elif not (mode == "F" and a.size and 0.0 <= a.min() and a.max() <= 1.0):
-        low, high = (float(a.min()), float(a.max())) if a.size else (math.nan, math.nan)
+        a = a / (255.0 if a.max() <= 255 else 65535.0)  # 8-bit values as PIL's RGB conversion read them
+    elif not (mode == "F" and a.size and 0.0 <= np.nanmin(a) and np.nanmax(a) <= 1.0):
+        low, high = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (math.nan, math.nan)
         raise DatasetError(f"image-folder: {path} is a {mode} image with values in [{low:g}, {high:g}], "
                            "which has no standard [0, 1] scale; save it as 8- or 16-bit, or as float in "
                            "[0, 1]")
