@@ -138,6 +138,22 @@ def test_shards_merged_equal_one_pass_and_batch_size_does_not_matter(cnn, shapes
     assert len(ref["sensitivity"]) == (64 + 4) * 4
 
 
+def test_a_sensitivity_analysis_serves_one_run_and_a_float64_model_works(cnn, shapes64):
+    import copy
+
+    from unitscope.analyses.sensitivity import Sensitivity
+
+    kw = dict(layers=["fc"], bootstrap=4, device="cpu")
+    a = Sensitivity(["hue", "brightness"], n=8, layers=["fc"], bootstrap=4)
+    first = sensitivity(cnn, shapes64, analysis=a, **kw)
+    with pytest.raises(ValueError, match="already went through a sensitivity"):  # would fold twice
+        sensitivity(cnn, shapes64, analysis=a, **kw)
+    wide = sensitivity(copy.deepcopy(cnn).double(), shapes64, ["hue", "brightness"], n=8, **kw)
+    for col in ("S1", "ST"):  # the same indices up to float32 rounding of the model's outputs
+        np.testing.assert_allclose(first.table("sensitivity")[col], wide.table("sensitivity")[col], atol=1e-3,
+                                   equal_nan=True)
+
+
 def test_saved_shards_merge_offline(cnn, shapes64, tmp_path):
     from unitscope.results import merge_runs
 

@@ -323,7 +323,8 @@ def sensitivity(model: nn.Module, data: Any,
         ['brightness', 'hflip', 'image']
     """
     from ..data.arrays import dataset_fingerprint
-    from ..engine import _checkpoint, _resume, _run_key, resolve_device, shard_range
+    from ..engine import _check_same_everywhere, _checkpoint, _resume, _run_key, resolve_device, shard_range
+    from ..models.info import probe_dtype_device
     from ..models.registry import model_fingerprint
     from ..results import Run
 
@@ -333,6 +334,9 @@ def sensitivity(model: nn.Module, data: Any,
         analysis = Sensitivity(variables, n=n, layers=layers, reduce=reduce, second_order=second_order,
                                bootstrap=bootstrap, seed=seed)
     a = analysis
+    if getattr(a, "_passed", False):  # its accumulators hold that design's evaluations
+        raise ValueError("this Sensitivity analysis already went through a sensitivity() call; pass a new "
+                         "one (or none: one is built from the arguments) for every run")
     if len(data) == 0:
         raise ValueError("the dataset is empty: sensitivity needs images to augment")
     names = resolve_layers(model, a.layers if a.layers is not None else layers)
@@ -342,6 +346,7 @@ def sensitivity(model: nn.Module, data: Any,
     if shard is None and dist.is_available() and dist.is_initialized():
         world = dist.get_world_size()  # under torchrun each rank evaluates its own range, then sync
         start, stop = shard_range(total, dist.get_rank(), world)
+        _check_same_everywhere({"model": model_fingerprint(model), "data": dataset_fingerprint(data)}, world)
     else:
         start, stop = shard_range(total, *(shard or (0, 1)))
     d = len(a.groups)
@@ -359,10 +364,12 @@ def sensitivity(model: nn.Module, data: Any,
         fingerprints = {"model": model_fingerprint(model), "data": dataset_fingerprint(data)}
         run_key = _run_key(fingerprints, [a], {0: names}, chunk, start, stop, a.seed)
         done, _ = _resume([a], ckpt, run_key)  # base samples already folded in
+    a._passed = done > 0
     a.to(dev)
     with preserved(model), tf32_allowed(tf32, dev):  # flags, device and TF32 switches come back
         model.eval()
         model.to(dev)
+        dtype, _ = probe_dtype_device(model)  # augmented float32 images into a float64 or half model
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -376,9 +383,10 @@ def sensitivity(model: nn.Module, data: Any,
                     hi = min(lo + chunk, stop)
                     x = _augmented(a.augmenter, data, design.rows(a.groups, lo, hi), dev)
                     with contextlib.suppress(StopForward):  # raised only with calls='first'
-                        model(x)
+                        model(x.to(dtype) if dtype is not None else x)
                     c = hi - lo
                     consistent = False
+                    a._passed = True
                     for key in names:
                         y = cap.outputs["r"][key]
                         y = y.reshape(c, per_base, *y.shape[1:])
