@@ -291,7 +291,7 @@ def test_tf32_switch_for_cuda_is_restored_after_an_error():
     assert read() == before
 
 
-def test_an_analysis_object_serves_one_pass_only(digits_model, digits_test):
+def test_an_analysis_object_serves_one_pass_only(digits_model, digits_test, tmp_path):
     moments = unitscope.Moments()
     run = unitscope.analyze(digits_model, digits_test, layers="fc", analyses=[moments], progress=False)
     assert run.table("moments")["count"].iloc[0] == 360
@@ -304,6 +304,18 @@ def test_an_analysis_object_serves_one_pass_only(digits_model, digits_test):
                           progress=False)
     again = unitscope.analyze(digits_model, digits_test, layers="fc", analyses=[fresh], progress=False)
     assert again.table("moments")["count"].iloc[0] == 360  # ... leaves the analysis usable
+    # an analysis that holds finished passes (loaded, merged, or of an empty shard) is refused too
+    from unitscope.results import load_analysis_states
+
+    saved = run.save(tmp_path / "run")
+    loaded = load_analysis_states(saved / "states" / "moments.safetensors")
+    merged = unitscope.Moments().merge(unitscope.load_run(saved).analysis("moments"))
+    empty = unitscope.Moments()
+    unitscope.analyze(digits_model, torch.utils.data.Subset(digits_test, range(2)), layers="fc", shard=(3, 4),
+                      analyses=[empty], progress=False)
+    for used in (loaded, merged, empty):
+        with pytest.raises(ValueError, match="pass a new one"):
+            unitscope.analyze(digits_model, digits_test, layers="fc", analyses=[used], progress=False)
 
 
 def test_calls_all_is_refused_by_analyze_not_silently_reduced_to_the_first_call(digits_model, digits_test):

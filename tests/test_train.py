@@ -184,6 +184,15 @@ def test_fewer_epochs_than_trained_load_that_epochs_weights(tmp_path):
     assert len(history) == 1
     assert all(torch.equal(first[k], v) for k, v in again.state_dict().items())
     cosine = {"device": "cpu", "scheduler": "cosine", "checkpoint_dir": tmp_path / "cosine"}
-    train(unitscope.load_model("digits-cnn"), data, epochs=2, **cosine)
-    with pytest.raises(CheckpointError, match="learning-rate schedule"):  # epoch 1 of a 2-epoch cosine
-        train(unitscope.load_model("digits-cnn"), data, epochs=1, **cosine)
+    train(unitscope.load_model("digits-cnn"), data, epochs=3, **cosine)
+    with pytest.raises(CheckpointError, match="cosine schedule"):  # epoch 2 of a 3-epoch cosine
+        train(unitscope.load_model("digits-cnn"), data, epochs=2, **cosine)
+    # epoch 1 ran at the base rate whatever the schedule's length: its weights are a 1-epoch training's
+    fresh = unitscope.load_model("digits-cnn")
+    train(fresh, data, epochs=1, device="cpu", scheduler="cosine", checkpoint_dir=tmp_path / "one")
+    short = unitscope.load_model("digits-cnn")
+    train(short, data, epochs=1, **cosine)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in short.state_dict().items())
+    with pytest.raises(CheckpointError, match="scheduler differ"):  # settings first, then the schedule
+        train(unitscope.load_model("digits-cnn"), data, epochs=1, device="cpu", scheduler="cosine",
+              checkpoint_dir=tmp_path)  # tmp_path holds a training without a schedule

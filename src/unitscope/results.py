@@ -245,6 +245,7 @@ def load_analysis_states(path: str | Path) -> Analysis:
         raise RunError(f"{path} holds accumulator states but names no analysis")
     analysis = build_analysis(meta["analysis"], meta.get("config", {}))
     analysis.accumulators = accumulators
+    analysis._passed = True  # it holds a finished pass: analyze() must not add another to it
     return analysis
 
 

@@ -315,13 +315,10 @@ def _resume(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched
     if not found:
         return 1, []
     epoch, path = found[-1]
-    if epochs is not None and epoch > epochs:  # a longer training finished here: stop at `epochs`
+    shorter = epochs is not None and epoch > epochs  # a longer training finished here: stop at `epochs`
+    if shorter:
         if epochs < 1:
             return 1, []
-        if sched is not None:  # its epoch `epochs` ran on the longer schedule: not an `epochs` training
-            raise CheckpointError(f"{directory} holds a {epoch}-epoch training with a learning-rate "
-                                  f"schedule; its epoch-{epochs} weights are not those of a {epochs}-epoch "
-                                  "training with that schedule; use another output directory")
         wanted = dict(found).get(epochs)
         if wanted is None:
             raise CheckpointError(f"{directory} holds checkpoints up to epoch {epoch} but none of epoch "
@@ -338,6 +335,11 @@ def _resume(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched
         diff = sorted(k for k in identity if old.get(k) != identity[k])
         raise CheckpointError(f"the checkpoints in {directory} belong to a training with other "
                               f"settings ({', '.join(diff)} differ); use another output directory")
+    if shorter and identity.get("scheduler") == "cosine" and epochs > 1:
+        # a cosine schedule's length sets every epoch's rate after the first (a step schedule's does not)
+        raise CheckpointError(f"{directory} holds a longer training with a cosine schedule; its epoch-"
+                              f"{epochs} weights are not those of a {epochs}-epoch cosine training; use "
+                              "another output directory")
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(),
              torch.get_rng_state(), sched.state_dict() if sched is not None else None)
     try:

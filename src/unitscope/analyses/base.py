@@ -90,7 +90,11 @@ class Analysis:
         acc.update(act)
 
     def merge(self, other: Analysis) -> Analysis:
-        """Merge another analysis of the same kind (layer by layer); returns ``self``."""
+        """Merge another analysis of the same kind (layer by layer); returns ``self``.
+
+        The result holds finished passes, so ``analyze`` refuses to add another to it.
+        """
+        self._passed = True
         for key, acc in other.accumulators.items():
             if key in self.accumulators:
                 self.accumulators[key].merge(acc)

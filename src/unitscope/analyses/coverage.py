@@ -260,6 +260,7 @@ class Coverage(Analysis):
         """Merge the criteria of another shard; the curve keeps this shard's rows plus the merged end."""
         if not isinstance(other, Coverage):
             raise MergeError(f"cannot merge {type(other).__name__} into Coverage")
+        self._passed = True  # it holds finished passes now (see Analysis.merge)
         n_other = _seen(other)
         for k in other.names:
             mine = self.accumulators.get(k)

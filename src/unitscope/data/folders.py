@@ -31,7 +31,9 @@ def load_image(path: str) -> Any:
 
     PIL's RGB conversion clips 16-bit and 32-bit grey images to 255 (a 16-bit scan becomes almost
     white), so those are scaled by their type's range here: ``I;16`` by 65535; ``I`` (32-bit
-    integers) by 255 when its values fit 8 bits (as PIL read them) and by 65535 when they fit 16;
+    integers) by the bit depth a TIFF records when it is 8 or 16, and otherwise by 255 when its
+    values fit 8 bits (as PIL read them) and by 65535 when they fit 16, a guess from the image's
+    own maximum;
     ``F`` (float) as it is when it lies in [0, 1] (NaN aside). Other ranges are an error that
     names the file.
     """
@@ -45,10 +47,14 @@ def load_image(path: str) -> Any:
 
         a = np.asarray(img, dtype=np.float64)
         mode = img.mode
+        bits = getattr(img, "tag_v2", {}).get(258)  # a TIFF's BitsPerSample: the file says its range
+    bits = bits[0] if isinstance(bits, tuple) else bits
     if mode.startswith("I;16"):
         a = a / 65535.0
-    elif mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:
-        a = a / (255.0 if a.max() <= 255 else 65535.0)  # 8-bit values as PIL's RGB conversion read them
+    elif mode == "I" and bits in (8, 16) and a.size and a.min() >= 0 and a.max() < 2 ** bits:
+        a = a / (2.0 ** bits - 1)
+    elif mode == "I" and bits not in (8, 16) and a.size and a.min() >= 0 and a.max() <= 65535:
+        a = a / (255.0 if a.max() <= 255 else 65535.0)  # no 8/16-bit depth stored: guess, as PIL read it
     elif not (mode == "F" and a.size and 0.0 <= np.nanmin(a) and np.nanmax(a) <= 1.0):
         low, high = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (math.nan, math.nan)
         raise DatasetError(f"image-folder: {path} is a {mode} image with values in [{low:g}, {high:g}], "
