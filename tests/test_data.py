@@ -207,6 +207,11 @@ def test_image_folder_scales_16_bit_and_float_grey_images_by_their_range(tmp_pat
     by_name = {Path(p).name: data[i][0] for i, (p, _) in enumerate(data.samples)}
     for name in ("16bit.png", "float.tif", "int32.tif"):  # PIL's RGB made the 16-bit one almost white
         torch.testing.assert_close(by_name[name], by_name["8bit.png"], atol=1e-6, rtol=0)
+    from unitscope.data.folders import load_image
+
+    Image.fromarray(grey.astype(np.uint16)).save(tmp_path / "dark16.tif")  # a 16-bit TIFF of small values
+    torch.testing.assert_close(load_image(str(tmp_path / "dark16.tif"))[0],
+                               torch.from_numpy(grey / 65535.0).float())  # its depth, not its maximum
     Image.fromarray(grey.astype(np.float32) * 10).save(tmp_path / "a" / "wide.tif")
     wide = unitscope.load_dataset("image-folder", "test", root=tmp_path, size=8)
     index = [Path(p).name for p, _ in wide.samples].index("wide.tif")
