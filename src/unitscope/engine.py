@@ -275,9 +275,9 @@ def _check_analyses(analyses: list[Analysis]) -> None:
             raise TypeError(f"analyses must be unitscope analyses (e.g. unitscope.Moments()), got "
                             f"{type(a).__name__}")
         if getattr(a, "_passed", False):  # its accumulators hold that pass, and its Run shares them
-            raise ValueError(f"this {type(a).__name__} analysis already went through an analyze() call, "
-                             "whose Run holds its results; pass a new one for every pass (to resume an "
-                             f"interrupted pass, pass new ones with the same out=)")
+            raise ValueError(f"this {type(a).__name__} analysis already holds a pass (an analyze() call, "
+                             "a loaded run or a merge), whose Run shares its state; pass a new one for "
+                             "every pass (to resume an interrupted pass, pass new ones with the same out=)")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"analysis {dup[0]!r} is given twice; run it once with all its layers")
