@@ -478,7 +478,7 @@ class IDC(Accumulator):
         for g in range(len(self.groups)):
             total = self.combinations(g)
             self._covered.append(torch.zeros(total, dtype=torch.bool) if total <= BITMAP_LIMIT
-                                 else torch.zeros(0, self._words(g), dtype=torch.int64))
+                                 else torch.zeros(0, len(self._word_units(g)), dtype=torch.int64))
             self._seen.append(0)
 
     def _ids(self, g: int, layers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,20 +488,18 @@ class IDC(Accumulator):
         as the group's |INCC| needs (each word below 2^62), so no key wraps around however many
         units and clusters a group has. An input with a NaN or inf value in the group is invalid.
         """
-        group = self.groups[g]
         n = next(iter(layers.values())).shape[0]
-        words, word, radix = [], torch.zeros(n, dtype=torch.int64), 1
+        words = []
         ok = torch.ones(n, dtype=torch.bool)
-        for layer, unit in group["units"]:
-            v = layers[layer][:, unit].cpu()
-            c = self.centroids[(layer, unit)]
-            if radix * len(c) > WORD_LIMIT:
-                words.append(word)
-                word, radix = torch.zeros(n, dtype=torch.int64), 1
-            word += assign(v, c) * radix
-            ok &= torch.isfinite(v)
-            radix *= len(c)
-        words.append(word)
+        for units in self._word_units(g):
+            word, radix = torch.zeros(n, dtype=torch.int64), 1
+            for layer, unit in units:
+                v = layers[layer][:, unit].cpu()
+                c = self.centroids[(layer, unit)]
+                word += assign(v, c) * radix
+                ok &= torch.isfinite(v)
+                radix *= len(c)
+            words.append(word)
         return torch.stack(words, 1), ok
 
     def update(self, acts: Acts, classes: torch.Tensor | None = None) -> float:
@@ -576,15 +574,17 @@ class IDC(Accumulator):
         cov = self._covered[g]
         return int(cov.sum()) if cov.dtype == torch.bool else int(cov.shape[0])
 
-    def _words(self, g: int) -> int:
-        """int64 words per combination key of group ``g`` (see :meth:`_ids`)."""
-        words, radix = 1, 1
+    def _word_units(self, g: int) -> list[list[tuple[str, int]]]:
+        """Group ``g``'s units split into the int64 words of its combination keys (see :meth:`_ids`):
+        a word takes units while the product of their cluster counts stays at most ``WORD_LIMIT``."""
+        split, radix = [[]], 1
         for unit in self.groups[g]["units"]:
             count = len(self.centroids[unit])
             if radix * count > WORD_LIMIT:
-                words, radix = words + 1, 1
+                split, radix = [*split, []], 1
+            split[-1].append(unit)
             radix *= count
-        return words
+        return split
 
     def group_value(self, g: int) -> float:
         """IDC of group ``g``: covered / |INCC|."""
