@@ -282,7 +282,7 @@ def _callback_states(callbacks: Sequence[Any]) -> list[Any]:
                 torch.load(buffer, weights_only=True)
             except Exception as exc:
                 raise TypeError(f"{type(cb).__name__}.state_dict() returns values a checkpoint cannot "
-                                f"load safely ({str(exc).splitlines()[0][:120]}); return plain Python "
+                                f"load safely ({_first_lines(exc)}); return plain Python "
                                 "values (dict, list, int, float, str) or tensors") from None
         states.append(state)
     return states

@@ -221,20 +221,18 @@ def _unit_index(module: nn.Module, unit: int, layer: str) -> dict[str, Any]:
     of the weight, ``(in_channels, out_channels / groups, *kernel)``: unit ``u`` of group ``g``
     is column ``u mod (out / groups)`` of that group's input rows.
     """
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
     weight = getattr(module, "weight", None)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        count = module.out_channels
-        per_group, rows = count // module.groups, module.in_channels // module.groups
-    else:
-        ref = weight if isinstance(weight, torch.Tensor) else getattr(module, "bias", None)
-        count = ref.shape[0]
+    ref = weight if isinstance(weight, torch.Tensor) else getattr(module, "bias", None)
+    count = module.out_channels if transposed else ref.shape[0]
     if not -count <= unit < count:
         raise IndexError(f"layer {layer!r} has {count} units; unit {unit} does not exist")
     unit %= count
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        group = unit // per_group
-        return {"weight": (slice(group * rows, (group + 1) * rows), unit % per_group), "bias": unit}
-    return {"weight": unit, "bias": unit}
+    if not transposed:
+        return {"weight": unit, "bias": unit}
+    per_group, rows = count // module.groups, module.in_channels // module.groups
+    group = unit // per_group
+    return {"weight": (slice(group * rows, (group + 1) * rows), unit % per_group), "bias": unit}
 
 
 def switch_weights(model: nn.Module, state: Mapping[str, torch.Tensor] | str | Path | nn.Module
