@@ -313,6 +313,8 @@ class _ObjectiveHooks:
 
 
 # ------------------------------------------------------------------------------- the loop
+@torch.inference_mode(False)  # gradients even inside a caller's inference_mode or no_grad: the
+@torch.enable_grad()  # image parameters must be made, and the steps run, with autograd on
 def visualize(model: nn.Module, targets: Sequence[Any], size: int | None = None,
               steps: int | Sequence[int] = 512, param: str = "fft", decorrelate: bool = True,
               transforms: Any = "standard", objective: str = "channel", lr: float = 0.05, seed: int = 0,
@@ -362,18 +364,6 @@ def visualize(model: nn.Module, targets: Sequence[Any], size: int | None = None,
     size = _positive("size", size, shape[-1] if shape else 224)
     input_hw = tuple(shape[1:]) if shape else None
     dev = resolve_device(device)
-    # gradients are needed even inside a caller's no_grad or inference_mode: the image parameters
-    # must be made, and the steps run, with autograd on
-    with torch.inference_mode(False), torch.enable_grad():
-        return _optimise(model, parsed, targets, thresholds, channels, size, input_hw, dev, param,
-                         decorrelate, transforms, objective, lr, seed, progress, preprocess)
-
-
-def _optimise(model: nn.Module, parsed: list[_Target], targets: Sequence[Any], thresholds: list[int],
-              channels: int, size: int, input_hw: tuple[int, ...] | None, dev: torch.device, param: str,
-              decorrelate: bool, transforms: Any, objective: str, lr: float, seed: int, progress: bool,
-              preprocess: Any) -> Visualization:
-    """The Adam steps of :func:`visualize` (autograd on), from checked arguments."""
     gen = torch.Generator().manual_seed(seed)
     image = ImageParam(len(parsed), channels, size, param, decorrelate, generator=gen).to(dev)
     transform = _transforms(transforms, size)
