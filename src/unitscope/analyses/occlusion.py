@@ -701,7 +701,7 @@ def summarize_layers(table: pd.DataFrame) -> pd.DataFrame:
     g = table.groupby("layer", sort=False)
     out = pd.DataFrame({
         "units": g["unit"].count(),
-        "no_field": g["rf_size_empirical"].apply(lambda v: int(v.isna().sum())),
+        "no_field": g["unit"].count() - g["rf_size_empirical"].count(),  # count() leaves NaN out
         "rf_size_empirical": g["rf_size_empirical"].mean(),
         "rf_size_empirical_std": g["rf_size_empirical"].std(ddof=0),
         "rf_size": g["rf_size"].first(),
