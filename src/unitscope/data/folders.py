@@ -33,9 +33,8 @@ def load_image(path: str) -> Any:
     white), so those are scaled by their type's range here: ``I;16`` by 65535; ``I`` (32-bit
     integers) by the bit depth a TIFF records when it is 8 or 16, and otherwise by 255 when its
     values fit 8 bits (as PIL read them) and by 65535 when they fit 16, a guess from the image's
-    own maximum;
-    ``F`` (float) as it is when it lies in [0, 1] (NaN aside). Other ranges are an error that
-    names the file.
+    own maximum; ``F`` (float) as it is when it lies in [0, 1] (NaN aside). Other ranges are an
+    error that names the file.
     """
     from PIL import Image
 
